@@ -1,0 +1,3 @@
+from ashstream.cli import main
+
+main()

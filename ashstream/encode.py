@@ -1,0 +1,833 @@
+r"""Arrow arrays and record batches, and Python values, as Typst literals.
+
+Every literal form here was checked with the Typst compiler (0.15.1) by a round trip
+through ``typst.query``; ``tests/test_encode_roundtrip.py`` keeps checking it. The hot
+path (:func:`encode_array`, :func:`encode_rows`) is column-at-a-time ``pyarrow.compute``
+with no per-row Python; :func:`encode_value` applies the same rules to Python objects and
+agrees with the vectorised path byte for byte.
+
+Forms (see README.rst, "Typst values"):
+
+=============================  ==========================================================
+Arrow                          Typst
+=============================  ==========================================================
+null, null slot                ``none``
+bool                           ``true`` / ``false``
+int8..int64, uint8..uint64     ``-12``; int64 min as ``(-9223372036854775807 - 1)``;
+                               uint64 above int64 max as ``decimal("…")``
+float16/32/64                  shortest round-trip digits, always with ``.`` or ``e``:
+                               ``1.0``, ``-0.0``, ``1e+16``; ``float.nan``, ``float.inf``
+decimal32..256                 ``decimal("-12.50")``; see :class:`EncodeOptions` for values
+                               beyond Typst's decimal (mantissa < 2**96, scale <= 28)
+string (all layouts)           ``"…"`` with ``\\ \" \n \r \t`` and ``\u{1b}`` escapes
+binary (all layouts)           ``bytes((1, 255))``, ``bytes((7,))``, ``bytes(())``
+date32/64                      ``datetime(year: 2024, month: 2, day: 9)``
+timestamp (any unit, tz)       ``datetime(year:, month:, day:, hour:, minute:, second:)``,
+                               seconds floored, tz-aware values shown in the display zone
+time32/64                      ``datetime(hour:, minute:, second:)``, seconds floored
+duration                       ``duration(seconds: 5)``; sub-seconds as
+                               ``(duration(seconds: S) + duration(seconds: 1) / 1000000000 * NS)``
+month_day_nano_interval        ``(months: 1, days: 2, nanoseconds: 3)``
+list (all layouts)             ``()``, ``(x,)``, ``(a, b)``
+struct, map with string keys   ``("a": 1, "b": none)``, ``(:)`` when empty
+map with other keys            ``((key: 1, value: "one"),)``
+dictionary, run-end encoded    decoded, then as the value type
+=============================  ==========================================================
+
+Dates and times outside Typst's years -9999..9999 (or a time of day past 23:59:59) become
+``none`` and are counted in :class:`EncodeStats`.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import decimal
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ashstream.errors import EncodeError, UnsupportedTypeError
+
+__all__ = ["EncodeOptions", "EncodeStats", "encode_array", "encode_rows", "encode_value"]
+
+I64_MIN = -(2**63)
+I64_MAX = 2**63 - 1
+# A bare -9223372036854775808 is unary minus on a literal that overflows i64, which Typst
+# silently turns into a float.
+I64_MIN_LITERAL = "(-9223372036854775807 - 1)"
+# Typst's decimal is rust_decimal: a 96-bit mantissa and at most 28 fractional digits.
+DECIMAL_MAX_MANTISSA = 2**96 - 1
+DECIMAL_MAX_MANTISSA_TEXT = str(DECIMAL_MAX_MANTISSA)
+DECIMAL_MAX_SCALE = 28
+# Typst's datetime covers the proleptic Gregorian years -9999..9999, in epoch days:
+MIN_EPOCH_DAY = -4_371_587  # -9999-01-01
+MAX_EPOCH_DAY = 2_932_896  # 9999-12-31
+SECONDS_PER_DAY = 86_400
+UNITS_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+# C0 controls and DEL other than \t \n \r, which get \u{..} escapes so that emitted files
+# stay friendly to line-based tools (Typst itself would accept them raw).
+_OTHER_CONTROLS = [c for c in range(0x20) if c not in (9, 10, 13)] + [0x7F]
+_NEEDS_ESCAPE_RE = '[\\\\"\\x00-\\x1f\\x7f]'
+_OTHER_CONTROLS_RE = "[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f]"
+_DECIMAL_TYPES = {32: pa.decimal32, 64: pa.decimal64, 128: pa.decimal128, 256: pa.decimal256}
+_BYTE_TEXT = pa.array([str(b) for b in range(256)], pa.string())
+
+DecimalOverflow = Literal["float", "string", "error"]
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How to encode values that have more than one reasonable Typst form.
+
+    Attributes:
+        timezone: IANA zone in which tz-aware timestamps are shown; Typst datetimes carry
+            no zone, so they hold the wall-clock fields of this zone. Naive timestamps are
+            shown as they are.
+        decimal_overflow: what to emit for a decimal Typst cannot hold exactly (more than
+            28 fractional digits or a mantissa of 2**96 or more, e.g. DuckDB HUGEINT):
+            ``"float"`` (default) ``float("…")``, the nearest float; ``"string"`` the exact
+            digits as a string; ``"error"`` raise :class:`EncodeError`. The first two are
+            counted in :class:`EncodeStats`.
+    """
+
+    timezone: str = "UTC"
+    decimal_overflow: DecimalOverflow = "float"
+
+    def __post_init__(self) -> None:
+        try:
+            ZoneInfo(self.timezone)
+        except (ValueError, KeyError) as exc:  # ZoneInfoNotFoundError is a KeyError
+            raise EncodeError(
+                f"unknown time zone {self.timezone!r}: use an IANA name such as 'UTC' "
+                "or 'Europe/Berlin'"
+            ) from exc
+        if self.decimal_overflow not in ("float", "string", "error"):
+            raise EncodeError(
+                f"decimal_overflow must be 'float', 'string' or 'error', "
+                f"not {self.decimal_overflow!r}"
+            )
+
+
+@dataclass
+class EncodeStats:
+    """Values the encoder could not represent exactly, counted by (column, reason)."""
+
+    counts: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+
+    def add(self, column: str, reason: str, n: int) -> None:
+        if n:
+            self.counts[(column, reason)] += n
+
+    def merge(self, other: EncodeStats) -> None:
+        self.counts.update(other.counts)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def messages(self) -> list[str]:
+        """One line per (column, reason), for logs and run summaries."""
+        return [f"column {col!r}: {n} {reason}" for (col, reason), n in sorted(self.counts.items())]
+
+
+OUT_OF_RANGE = "value(s) outside Typst's datetime range became none"
+DECIMAL_INEXACT = "decimal(s) beyond Typst's decimal range written as float"
+DECIMAL_AS_STRING = "decimal(s) beyond Typst's decimal range written as string"
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def encode_array(
+    array: pa.Array | pa.ChunkedArray,
+    *,
+    options: EncodeOptions | None = None,
+    stats: EncodeStats | None = None,
+    name: str = "value",
+) -> pa.StringArray:
+    """Encode each element of ``array`` as a Typst literal; nulls become ``none``.
+
+    Args:
+        array: any supported Arrow array, chunked or not, sliced or not.
+        options: encoding choices; defaults to :class:`EncodeOptions()`.
+        stats: if given, receives counts of values that were not represented exactly.
+        name: the column name used in error messages.
+
+    Raises:
+        UnsupportedTypeError: the type has no Typst form (unions, extension types).
+        EncodeError: invalid UTF-8, duplicate keys, or a decimal beyond range with
+            ``decimal_overflow="error"``.
+    """
+    encoder = _ArrowEncoder(options or EncodeOptions(), stats)
+    return pc.fill_null(encoder.encode_column(array, name), "none")
+
+
+def encode_rows(
+    batch: pa.RecordBatch | pa.Table,
+    *,
+    options: EncodeOptions | None = None,
+    stats: EncodeStats | None = None,
+) -> pa.StringArray:
+    """Encode each row as a Typst dictionary literal keyed by the column names.
+
+    Keys are always quoted and in column order:
+    ``("id": 1, "name": "A \\"B\\"", "day": datetime(year: 2024, month: 2, day: 9))``.
+    Options, stats and errors are as for :func:`encode_array`.
+    """
+    encoder = _ArrowEncoder(options or EncodeOptions(), stats)
+    names = batch.schema.names
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise EncodeError(
+            f"column name {duplicate!r} appears twice; Typst dictionaries need unique keys. "
+            "Give the columns distinct names (e.g. with AS in SQL)."
+        )
+    columns = [encoder.encode_column(batch.column(i), n) for i, n in enumerate(names)]
+    return _join_dictionary(names, columns, batch.num_rows)
+
+
+def encode_value(obj: object, *, options: EncodeOptions | None = None) -> str:
+    """Encode a Python value (scalars, lists, tuples, dicts; Arrow scalars) as a literal.
+
+    The rules are those of :func:`encode_array`: ``encode_value(1.0) == "1.0"``,
+    ``encode_value([1]) == "(1,)"``, ``encode_value({"a": None}) == '("a": none)'``.
+    """
+    return _PythonEncoder(options or EncodeOptions()).encode(obj)
+
+
+# --------------------------------------------------------------------- Python values
+
+
+def quote_string(text: str) -> str:
+    """A Typst string literal for ``text``; the reference for the vectorised escaping."""
+    out = text.replace("\\", "\\\\").replace('"', '\\"')
+    out = out.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    for code in _OTHER_CONTROLS:
+        out = out.replace(chr(code), f"\\u{{{code:x}}}")
+    return f'"{out}"'
+
+
+def format_int(value: int) -> str:
+    if I64_MIN < value <= I64_MAX:
+        return str(value)
+    if value == I64_MIN:
+        return I64_MIN_LITERAL
+    return f'decimal("{value}")'  # beyond i64; exact while below 2**96 (checked by callers)
+
+
+def format_float(value: float, *, single: bool = False) -> str:
+    """Arrow's float text (shortest round-trip digits) with ``.0`` added to integral values.
+
+    Arrow writes plain digits for decimal exponents -7 < e < 10 and ``d.ddde+NN`` otherwise;
+    matching it keeps this function and the vectorised path byte-identical.
+    ``single`` formats the shortest digits of the float32 value.
+    """
+    if math.isnan(value):
+        return "float.nan"
+    if math.isinf(value):
+        return "float.inf" if value > 0 else "-float.inf"
+    sign = "-" if math.copysign(1.0, value) < 0 else ""
+    text = str(np.float32(abs(value))) if single else repr(abs(value))
+    mantissa, _, exp_text = text.partition("e")
+    int_part, _, frac_part = mantissa.partition(".")
+    digits = (int_part + frac_part).lstrip("0")
+    exponent = int(exp_text or 0) + len(int_part) - 1 - (len(int_part + frac_part) - len(digits))
+    digits = digits.rstrip("0")
+    if not digits:
+        return f"{sign}0.0"
+    if -7 < exponent < 10:
+        if exponent >= 0:
+            whole = digits[: exponent + 1].ljust(exponent + 1, "0")
+            frac = digits[exponent + 1 :] or "0"
+        else:
+            whole, frac = "0", "0" * (-exponent - 1) + digits
+        return f"{sign}{whole}.{frac}"
+    frac = f".{digits[1:]}" if len(digits) > 1 else ""
+    return f"{sign}{digits[0]}{frac}e{'+' if exponent > 0 else '-'}{abs(exponent)}"
+
+
+def format_decimal(value: decimal.Decimal, overflow: DecimalOverflow, column: str = "value") -> str:
+    if not value.is_finite():
+        return format_float(float(value))
+    text = format(value, "f")
+    if decimal_fits(text):
+        return f'decimal("{text}")'
+    return _decimal_fallback(text, overflow, column)
+
+
+def decimal_fits(text: str) -> bool:
+    """Whether Typst's decimal holds the plain decimal ``text`` exactly."""
+    int_part, _, frac_part = text.lstrip("-").partition(".")
+    mantissa = (int_part + frac_part).lstrip("0")
+    return len(frac_part) <= DECIMAL_MAX_SCALE and (
+        len(mantissa) < len(DECIMAL_MAX_MANTISSA_TEXT)
+        or (
+            len(mantissa) == len(DECIMAL_MAX_MANTISSA_TEXT)
+            and mantissa <= DECIMAL_MAX_MANTISSA_TEXT
+        )
+    )
+
+
+def _decimal_fallback(text: str, overflow: DecimalOverflow, column: str) -> str:
+    if overflow == "error":
+        raise EncodeError(
+            f"column {column!r}: decimal {text} is beyond Typst's decimal range (a mantissa "
+            f"below 2**96 and at most {DECIMAL_MAX_SCALE} fractional digits). Round or cast it "
+            "in SQL, or set decimal_overflow to 'float' or 'string'."
+        )
+    return f'float("{text}")' if overflow == "float" else f'"{text}"'
+
+
+def datetime_literal(year: int, month: int, day: int) -> str:
+    return f"datetime(year: {year}, month: {month}, day: {day})"
+
+
+def timestamp_literal(year: int, month: int, day: int, hour: int, minute: int, second: int) -> str:
+    return (
+        f"datetime(year: {year}, month: {month}, day: {day}, "
+        f"hour: {hour}, minute: {minute}, second: {second})"
+    )
+
+
+def time_literal(hour: int, minute: int, second: int) -> str:
+    return f"datetime(hour: {hour}, minute: {minute}, second: {second})"
+
+
+def duration_literal(seconds: int, nanoseconds: int) -> str:
+    """``seconds`` floored, ``0 <= nanoseconds < 10**9``: Typst durations take whole units."""
+    base = f"duration(seconds: {format_int(seconds)})"
+    if not nanoseconds:
+        return base
+    return f"({base} + duration(seconds: 1) / 1000000000 * {nanoseconds})"
+
+
+def interval_literal(months: int, days: int, nanoseconds: int) -> str:
+    return f"(months: {months}, days: {days}, nanoseconds: {format_int(nanoseconds)})"
+
+
+def sequence_literal(items: Sequence[str]) -> str:
+    if len(items) == 1:
+        return f"({items[0]},)"
+    return f"({', '.join(items)})"
+
+
+def dictionary_literal(pairs: Sequence[tuple[str, str]]) -> str:
+    if not pairs:
+        return "(:)"
+    return "(" + ", ".join(f"{quote_string(k)}: {v}" for k, v in pairs) + ")"
+
+
+class _PythonEncoder:
+    def __init__(self, options: EncodeOptions) -> None:
+        self.options = options
+        self.zone = ZoneInfo(options.timezone)
+
+    def encode(self, obj: object) -> str:
+        if obj is None:
+            return "none"
+        if isinstance(obj, pa.Scalar):
+            return encode_array(pa.array([obj], obj.type), options=self.options)[0].as_py()
+        if isinstance(obj, bool | np.bool_):
+            return "true" if obj else "false"
+        if isinstance(obj, int | np.integer):
+            value = int(obj)
+            if abs(value) > DECIMAL_MAX_MANTISSA:
+                return _decimal_fallback(str(value), self.options.decimal_overflow, "value")
+            return format_int(value)
+        if isinstance(obj, np.float32 | np.float16):
+            return format_float(float(obj), single=True)
+        if isinstance(obj, float | np.floating):
+            return format_float(float(obj))
+        if isinstance(obj, decimal.Decimal):
+            return format_decimal(obj, self.options.decimal_overflow)
+        if isinstance(obj, str):
+            return quote_string(obj)
+        if isinstance(obj, bytes | bytearray | memoryview):
+            return "bytes(" + sequence_literal([str(b) for b in bytes(obj)]) + ")"
+        if isinstance(obj, dt.datetime):
+            if obj.tzinfo is not None:
+                obj = obj.astimezone(self.zone)
+            return timestamp_literal(obj.year, obj.month, obj.day, obj.hour, obj.minute, obj.second)
+        if isinstance(obj, dt.date):
+            return datetime_literal(obj.year, obj.month, obj.day)
+        if isinstance(obj, dt.time):
+            return time_literal(obj.hour, obj.minute, obj.second)
+        if isinstance(obj, dt.timedelta):
+            seconds, micros = divmod(obj // dt.timedelta(microseconds=1), 1_000_000)
+            return duration_literal(seconds, micros * 1000)
+        if isinstance(obj, pa.MonthDayNano):
+            return interval_literal(obj.months, obj.days, obj.nanoseconds)
+        if isinstance(obj, Mapping):
+            if all(isinstance(k, str) for k in obj):
+                return dictionary_literal([(k, self.encode(v)) for k, v in obj.items()])
+            return sequence_literal(
+                [f"(key: {self.encode(k)}, value: {self.encode(v)})" for k, v in obj.items()]
+            )
+        if isinstance(obj, list | tuple):
+            return sequence_literal([self.encode(v) for v in obj])
+        raise EncodeError(
+            f"cannot encode a Python {type(obj).__name__} as a Typst value: use None, bool, "
+            "int, float, Decimal, str, bytes, date, datetime, time, timedelta, list or dict"
+        )
+
+
+# ----------------------------------------------------------------------- Arrow arrays
+
+
+def _join_dictionary(keys: Sequence[str], values: Sequence[pa.Array], length: int) -> pa.Array:
+    """``("k1": v1, "k2": v2)`` per row; null values become ``none``."""
+    if not keys:
+        return pa.array(["(:)"] * length, pa.string())
+    parts: list[object] = []
+    for i, (key, value) in enumerate(zip(keys, values, strict=True)):
+        parts += [("(" if i == 0 else ", ") + quote_string(key) + ": ", value]
+    parts.append(")")
+    return pc.binary_join_element_wise(*parts, "", null_handling="replace", null_replacement="none")
+
+
+def _join_items(
+    item_text: pa.Array,
+    lengths: pa.Array,
+    *,
+    open_: str = "(",
+    close: str = ")",
+    single_close: str = ",)",
+    empty: str | None = None,
+) -> pa.Array:
+    """Join consecutive runs of ``item_text`` (run i has ``lengths[i]`` items)."""
+    lengths_np = lengths.to_numpy(zero_copy_only=False)
+    offsets = np.zeros(len(lengths_np) + 1, np.int64)
+    np.cumsum(lengths_np, out=offsets[1:])
+    if offsets[-1] < 2**31:
+        runs = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), item_text)
+    else:
+        runs = pa.LargeListArray.from_arrays(pa.array(offsets), item_text)
+    joined = pc.binary_join(runs, ", ")
+    closing = pc.if_else(pc.equal(lengths, 1), single_close, close)
+    text = pc.binary_join_element_wise(open_, joined, closing, "")
+    if empty is not None and empty != open_ + close:
+        text = pc.if_else(pc.equal(lengths, 0), empty, text)
+    return text
+
+
+def _keep_valid(text: pa.Array, source: pa.Array) -> pa.Array:
+    if source.null_count == 0:
+        return text
+    return pc.if_else(source.is_valid(), text, pa.scalar(None, pa.string()))
+
+
+def _describe(path: str, type_: pa.DataType) -> str:
+    return f"column {path!r} of type {type_}"
+
+
+def _fields_to_text(*fields: pa.Array) -> list[pa.Array]:
+    return [f.cast(pa.string()) for f in fields]
+
+
+class _ArrowEncoder:
+    """Encodes one array at a time; results are string arrays with nulls kept."""
+
+    def __init__(self, options: EncodeOptions, stats: EncodeStats | None) -> None:
+        self.options = options
+        self.stats = stats if stats is not None else EncodeStats()
+
+    def encode_column(self, array: pa.Array | pa.ChunkedArray, path: str) -> pa.Array:
+        if isinstance(array, pa.ChunkedArray):
+            pieces = [self.encode(chunk, path) for chunk in array.chunks]
+            if not pieces:
+                return pa.array([], pa.string())
+            return pa.concat_arrays([p.cast(pa.string()) for p in pieces])
+        return self.encode(array, path).cast(pa.string())
+
+    def encode(self, arr: pa.Array, path: str) -> pa.Array:
+        t = arr.type
+        if pa.types.is_null(t):
+            return pa.nulls(len(arr), pa.string())
+        if pa.types.is_boolean(t):
+            return pc.if_else(arr, "true", "false")
+        if pa.types.is_integer(t):
+            return self._integers(arr)
+        if pa.types.is_floating(t):
+            return self._floats(arr)
+        if pa.types.is_decimal(t):
+            return self._decimals(arr, path)
+        if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+            return self._strings(arr, path)
+        if (
+            pa.types.is_binary(t)
+            or pa.types.is_large_binary(t)
+            or pa.types.is_fixed_size_binary(t)
+            or pa.types.is_binary_view(t)
+        ):
+            return self._binaries(arr)
+        if pa.types.is_date(t):
+            return self._dates(arr, path)
+        if pa.types.is_timestamp(t):
+            return self._timestamps(arr, path)
+        if pa.types.is_time(t):
+            return self._times(arr, path)
+        if pa.types.is_duration(t):
+            return self._durations(arr)
+        if pa.types.is_interval(t):
+            return self._intervals(arr)
+        if pa.types.is_map(t):  # before lists: a map is a list of structs
+            return self._maps(arr, path)
+        if (
+            pa.types.is_list(t)
+            or pa.types.is_large_list(t)
+            or pa.types.is_fixed_size_list(t)
+            or pa.types.is_list_view(t)
+            or pa.types.is_large_list_view(t)
+        ):
+            return self._lists(arr, path)
+        if pa.types.is_struct(t):
+            return self._structs(arr, path)
+        if pa.types.is_dictionary(t):
+            return pc.take(self.encode(arr.dictionary, path), arr.indices)
+        if pa.types.is_run_end_encoded(t):
+            return self.encode(pc.run_end_decode(arr), path)
+        raise UnsupportedTypeError(
+            f"{_describe(path, t)} has no Typst form. Cast it in SQL to a supported type, "
+            f"e.g. CAST({path.split('.')[0]} AS VARCHAR)."
+        )
+
+    # ---- scalars
+
+    def _integers(self, arr: pa.Array) -> pa.Array:
+        text = arr.cast(pa.string())
+        if arr.null_count == len(arr):
+            return text
+        t = arr.type
+        if t == pa.int64():
+            if pc.min(arr).as_py() == I64_MIN:
+                text = pc.if_else(pc.equal(arr, I64_MIN), I64_MIN_LITERAL, text)
+        elif t == pa.uint64() and pc.max(arr).as_py() > I64_MAX:
+            wrapped = pc.binary_join_element_wise('decimal("', text, '")', "")
+            text = pc.if_else(pc.greater(arr, pa.scalar(I64_MAX, pa.uint64())), wrapped, text)
+        return text
+
+    def _floats(self, arr: pa.Array) -> pa.Array:
+        if pa.types.is_float16(arr.type):
+            arr = arr.cast(pa.float32())  # exact; Arrow writes float32 digits shortest-first
+        text = arr.cast(pa.string())
+        # Arrow writes 1.0 as "1" and -0.0 as "-0", which Typst would read as integers.
+        looks_int = pc.match_substring_regex(text, r"^-?[0-9]+$")
+        if pc.any(looks_int).as_py():
+            text = pc.if_else(looks_int, pc.binary_join_element_wise(text, ".0", ""), text)
+        finite = pc.is_finite(arr)
+        if not pc.all(finite).as_py():
+            special = pc.if_else(
+                pc.is_nan(arr),
+                "float.nan",
+                pc.if_else(pc.greater(arr, 0), "float.inf", "-float.inf"),
+            )
+            text = pc.if_else(finite, text, special)
+        return text
+
+    def _decimals(self, arr: pa.Array, path: str) -> pa.Array:
+        text, mantissa = _plain_decimal_text(arr)
+        exact = pc.binary_join_element_wise('decimal("', text, '")', "")
+        t = arr.type
+        if t.precision <= DECIMAL_MAX_SCALE and 0 <= t.scale <= DECIMAL_MAX_SCALE:
+            return exact  # every value of this type fits Typst's decimal
+        if t.scale > DECIMAL_MAX_SCALE:
+            fits = pa.array(np.zeros(len(arr), bool))  # no value fits
+        else:
+            width = pc.utf8_length(mantissa)
+            limit = len(DECIMAL_MAX_MANTISSA_TEXT)
+            fits = pc.or_(
+                pc.less(width, limit),
+                pc.and_(pc.equal(width, limit), pc.less_equal(mantissa, DECIMAL_MAX_MANTISSA_TEXT)),
+            )
+        n_over = len(arr) - arr.null_count - _count_true(fits)
+        if not n_over:
+            return exact
+        policy = self.options.decimal_overflow
+        if policy == "error":
+            first = pc.index(pc.fill_null(fits, True), False).as_py()
+            _decimal_fallback(text[first].as_py(), policy, path)
+        if policy == "float":
+            fallback = pc.binary_join_element_wise('float("', text, '")', "")
+            self.stats.add(path, DECIMAL_INEXACT, n_over)
+        else:
+            fallback = pc.binary_join_element_wise('"', text, '"', "")
+            self.stats.add(path, DECIMAL_AS_STRING, n_over)
+        return pc.if_else(fits, exact, fallback)
+
+    def _strings(self, arr: pa.Array, path: str) -> pa.Array:
+        if not pa.types.is_string(arr.type):  # one layout for the joins below
+            arr = arr.cast(pa.string())
+        try:
+            arr.validate(full=True)
+        except pa.ArrowInvalid as exc:
+            raise EncodeError(_invalid_utf8_message(arr, path)) from exc
+        needs = pc.fill_null(pc.match_substring_regex(arr, _NEEDS_ESCAPE_RE), False)
+        n_needs = _count_true(needs)
+        if n_needs == len(arr) - arr.null_count and n_needs:
+            arr = _escape(arr)
+        elif n_needs:
+            arr = pc.replace_with_mask(arr, needs, _escape(arr.filter(needs)))
+        return pc.binary_join_element_wise('"', arr, '"', "")
+
+    def _binaries(self, arr: pa.Array) -> pa.Array:
+        t = arr.type
+        if pa.types.is_binary_view(t):
+            arr, t = arr.cast(pa.large_binary()), pa.large_binary()
+        bufs = arr.buffers()
+        data = np.frombuffer(bufs[-1], np.uint8) if bufs[-1] is not None else np.zeros(0, np.uint8)
+        if pa.types.is_fixed_size_binary(t):
+            width = t.byte_width
+            start = arr.offset * width
+            values = data[start : start + len(arr) * width]
+            lengths = np.full(len(arr), width, np.int64)
+        else:
+            dtype = np.int64 if pa.types.is_large_binary(t) else np.int32
+            end = arr.offset + len(arr) + 1
+            offsets = np.frombuffer(bufs[1], dtype, count=end)[arr.offset :]
+            values = data[offsets[0] : offsets[-1]] if len(offsets) else data[:0]
+            lengths = np.diff(offsets).astype(np.int64)
+        byte_text = _BYTE_TEXT.take(pa.array(values, pa.uint8()))
+        text = _join_items(
+            byte_text, pa.array(lengths), open_="bytes((", close="))", single_close=",))"
+        )
+        return _keep_valid(text, arr)
+
+    # ---- dates and times
+
+    def _out_of_range(self, arr: pa.Array, ints: pa.Array, lo: int, hi: int, path: str) -> pa.Array:
+        """``arr`` with values whose integer form lies outside ``[lo, hi]`` set to null."""
+        if len(arr) == arr.null_count:
+            return arr
+        low, high = pc.min_max(ints).values()
+        if low.as_py() >= lo and high.as_py() <= hi:
+            return arr
+        inside = pc.and_(pc.greater_equal(ints, lo), pc.less_equal(ints, hi))
+        self.stats.add(path, OUT_OF_RANGE, len(arr) - arr.null_count - _count_true(inside))
+        return pc.if_else(inside, arr, pa.scalar(None, arr.type))
+
+    def _dates(self, arr: pa.Array, path: str) -> pa.Array:
+        if pa.types.is_date32(arr.type):
+            lo, hi = MIN_EPOCH_DAY, MAX_EPOCH_DAY
+            ints = arr.view(pa.int32())
+        else:
+            ms = SECONDS_PER_DAY * 1000
+            lo, hi = MIN_EPOCH_DAY * ms, (MAX_EPOCH_DAY + 1) * ms - 1
+            ints = arr.view(pa.int64())
+        arr = self._out_of_range(arr, ints, lo, hi, path)
+        year, month, day = _fields_to_text(pc.year(arr), pc.month(arr), pc.day(arr))
+        return pc.binary_join_element_wise(
+            "datetime(year: ", year, ", month: ", month, ", day: ", day, ")", ""
+        )
+
+    def _timestamps(self, arr: pa.Array, path: str) -> pa.Array:
+        unit, tz = arr.type.unit, arr.type.tz
+        per_day = SECONDS_PER_DAY * UNITS_PER_SECOND[unit]
+        lo = max(MIN_EPOCH_DAY * per_day, I64_MIN)
+        hi = min((MAX_EPOCH_DAY + 1) * per_day - 1, I64_MAX)
+        arr = self._out_of_range(arr, arr.view(pa.int64()), lo, hi, path)
+        if tz is not None:
+            arr = arr.cast(pa.timestamp(unit, self.options.timezone))
+        year = pc.year(arr)
+        if tz is not None:  # the display zone can move a value past the year range
+            arr = self._out_of_range(arr, year, -9999, 9999, path)
+            year = pc.year(arr)
+        fields = _fields_to_text(
+            year, pc.month(arr), pc.day(arr), pc.hour(arr), pc.minute(arr), pc.second(arr)
+        )
+        return pc.binary_join_element_wise(
+            "datetime(year: ",
+            fields[0],
+            ", month: ",
+            fields[1],
+            ", day: ",
+            fields[2],
+            ", hour: ",
+            fields[3],
+            ", minute: ",
+            fields[4],
+            ", second: ",
+            fields[5],
+            ")",
+            "",
+        )
+
+    def _times(self, arr: pa.Array, path: str) -> pa.Array:
+        per_second = UNITS_PER_SECOND[arr.type.unit]
+        ints = arr.view(pa.int32() if pa.types.is_time32(arr.type) else pa.int64()).cast(pa.int64())
+        ints = self._out_of_range(ints, ints, 0, SECONDS_PER_DAY * per_second - 1, path)
+        seconds = pc.divide(ints, per_second)
+        hours = pc.divide(seconds, 3600)
+        minutes = pc.divide(pc.subtract(seconds, pc.multiply(hours, 3600)), 60)
+        secs = _int_remainder(seconds, 60)
+        h, m, s = _fields_to_text(hours, minutes, secs)
+        return pc.binary_join_element_wise(
+            "datetime(hour: ", h, ", minute: ", m, ", second: ", s, ")", ""
+        )
+
+    def _durations(self, arr: pa.Array) -> pa.Array:
+        per_second = UNITS_PER_SECOND[arr.type.unit]
+        ints = arr.view(pa.int64())
+        if per_second == 1:
+            return pc.binary_join_element_wise("duration(seconds: ", self._integers(ints), ")", "")
+        seconds = self._integers(_floor_divide(ints, per_second))
+        nanos = pc.multiply(_floor_remainder(ints, per_second), 1_000_000_000 // per_second)
+        whole = pc.binary_join_element_wise("duration(seconds: ", seconds, ")", "")
+        fraction = pc.binary_join_element_wise(
+            "(", whole, " + duration(seconds: 1) / 1000000000 * ", nanos.cast(pa.string()), ")", ""
+        )
+        return pc.if_else(pc.equal(nanos, 0), whole, fraction)
+
+    def _intervals(self, arr: pa.Array) -> pa.Array:
+        if arr.type != pa.month_day_nano_interval():
+            raise UnsupportedTypeError(f"{_describe('value', arr.type)} has no Typst form")
+        layout = np.dtype([("months", "<i4"), ("days", "<i4"), ("nanoseconds", "<i8")])
+        if not len(arr):
+            return pa.array([], pa.string())
+        end = arr.offset + len(arr)
+        data = np.frombuffer(arr.buffers()[1], layout, count=end)[arr.offset :]
+        months, days = (pa.array(data[f]).cast(pa.string()) for f in ("months", "days"))
+        nanos = self._integers(pa.array(data["nanoseconds"]))
+        text = pc.binary_join_element_wise(
+            "(months: ", months, ", days: ", days, ", nanoseconds: ", nanos, ")", ""
+        )
+        return _keep_valid(text, arr)
+
+    # ---- nested
+
+    def _lists(self, arr: pa.Array, path: str) -> pa.Array:
+        lengths = pc.fill_null(pc.list_value_length(arr), 0)
+        items = pc.fill_null(self.encode(arr.flatten(), path + "[]"), "none")
+        return _keep_valid(_join_items(items, lengths), arr)
+
+    def _structs(self, arr: pa.Array, path: str) -> pa.Array:
+        names = [arr.type.field(i).name for i in range(arr.type.num_fields)]
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise UnsupportedTypeError(
+                    f"{_describe(path, arr.type)}: field name {name!r} appears twice, and "
+                    "Typst dictionaries need unique keys. Rename the fields in SQL, e.g. "
+                    "struct_pack(a := x, b := y)."
+                )
+            seen.add(name)
+        children = [
+            self.encode(c, f"{path}.{n}") for c, n in zip(arr.flatten(), names, strict=True)
+        ]
+        return _keep_valid(_join_dictionary(names, children, len(arr)), arr)
+
+    def _maps(self, arr: pa.Array, path: str) -> pa.Array:
+        # MapArray.keys/.items ignore slicing (and casting to list<struct> aborted the
+        # process on some sliced inputs, pyarrow 26), so cut the entries out by offsets.
+        offsets = arr.offsets.to_numpy()
+        entries = arr.values.slice(offsets[0], offsets[-1] - offsets[0])
+        keys, values = entries.flatten()
+        lengths = pa.array(np.diff(offsets).astype(np.int64))
+        value_text = pc.fill_null(self.encode(values, path + "[]"), "none")
+        key_type = keys.type.value_type if pa.types.is_dictionary(keys.type) else keys.type
+        if pa.types.is_string(key_type) or pa.types.is_large_string(key_type):
+            self._check_unique_keys(keys, lengths, path)
+            key_text = self.encode(keys, path + "[key]")
+            pairs = pc.binary_join_element_wise(key_text, ": ", value_text, "")
+            text = _join_items(pairs, lengths, single_close=")", empty="(:)")
+        else:
+            key_text = pc.fill_null(self.encode(keys, path + "[key]"), "none")
+            pairs = pc.binary_join_element_wise(
+                "(key: ", key_text, ", value: ", value_text, ")", ""
+            )
+            text = _join_items(pairs, lengths)
+        return _keep_valid(text, arr)
+
+    @staticmethod
+    def _check_unique_keys(keys: pa.Array, lengths: pa.Array, path: str) -> None:
+        if len(keys) < 2:
+            return
+        owner = np.repeat(np.arange(len(lengths)), lengths.to_numpy(zero_copy_only=False))
+        table = pa.table({"owner": owner, "key": keys.cast(pa.large_string())})
+        counts = table.group_by(["owner", "key"]).aggregate([([], "count_all")])
+        repeated = counts.filter(pc.greater(counts["count_all"], 1))
+        if repeated.num_rows:
+            raise EncodeError(
+                f"{_describe(path, pa.map_(keys.type, pa.null()))}: key "
+                f"{repeated['key'][0].as_py()!r} appears twice in one map, and Typst "
+                "dictionaries need unique keys. Deduplicate the map in SQL."
+            )
+
+
+def _plain_decimal_text(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Plain digits with the type's scale (``-12.50``), and the mantissa without sign,
+    point or leading zeros. Arrow's own decimal-to-string cast switches to exponent form
+    (``1E-28``, ``0E-10``, ``1.23E+4``), which Typst rejects, so work from the unscaled
+    integer: the same storage viewed with scale 0."""
+    t = arr.type
+    same_width = _DECIMAL_TYPES[t.bit_width]
+    unscaled = arr.view(same_width(t.precision, 0)).cast(pa.string())
+    digits = pc.utf8_ltrim(unscaled, "-")
+    mantissa = pc.utf8_ltrim(digits, "0")
+    if t.scale == 0:
+        return unscaled, mantissa
+    if t.scale < 0:
+        zeros = "0" * -t.scale
+        text = pc.if_else(
+            pc.equal(unscaled, "0"), "0", pc.binary_join_element_wise(unscaled, zeros, "")
+        )
+        return text, pc.binary_join_element_wise(mantissa, zeros, "")
+    digits = pc.utf8_lpad(digits, width=t.scale + 1, padding="0")
+    sign = pc.if_else(pc.starts_with(unscaled, "-"), "-", "")
+    text = pc.binary_join_element_wise(
+        sign,
+        pc.utf8_slice_codeunits(digits, 0, -t.scale),
+        ".",
+        pc.utf8_slice_codeunits(digits, -t.scale),
+        "",
+    )
+    return text, mantissa
+
+
+def _escape(arr: pa.Array) -> pa.Array:
+    for raw, escaped in (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t")):
+        arr = pc.replace_substring(arr, raw, escaped)
+    others = pc.fill_null(pc.match_substring_regex(arr, _OTHER_CONTROLS_RE), False)
+    if pc.any(others).as_py():
+        for code in _OTHER_CONTROLS:
+            arr = pc.replace_substring(arr, chr(code), f"\\u{{{code:x}}}")
+    return arr
+
+
+def _invalid_utf8_message(arr: pa.Array, path: str) -> str:
+    for row, value in enumerate(arr.cast(pa.large_binary()).to_pylist()):
+        if value is None:
+            continue
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return (
+                f"column {path!r}, row {row}: invalid UTF-8 ({exc.reason} at byte {exc.start}: "
+                f"{value[max(0, exc.start - 8) : exc.start + 8]!r}). Typst source must be UTF-8; "
+                "fix the data or cast the column to BLOB to keep the raw bytes."
+            )
+    return f"column {path!r}: invalid string data"
+
+
+def _count_true(mask: pa.Array) -> int:
+    return pc.sum(mask).as_py() or 0  # the sum of no values is null
+
+
+def _floor_divide(ints: pa.Array, divisor: int) -> pa.Array:
+    quotient = pc.divide(ints, divisor)  # truncates toward zero
+    behind = pc.and_(pc.less(ints, 0), pc.not_equal(pc.multiply(quotient, divisor), ints))
+    return pc.if_else(behind, pc.subtract(quotient, 1), quotient)
+
+
+def _floor_remainder(ints: pa.Array, divisor: int) -> pa.Array:
+    return pc.subtract(ints, pc.multiply(_floor_divide(ints, divisor), divisor))
+
+
+def _int_remainder(ints: pa.Array, divisor: int) -> pa.Array:
+    return pc.subtract(ints, pc.multiply(pc.divide(ints, divisor), divisor))
