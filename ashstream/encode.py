@@ -43,8 +43,9 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import decimal
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -74,8 +75,10 @@ UNITS_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 # C0 controls and DEL other than \t \n \r, which get \u{..} escapes so that emitted files
 # stay friendly to line-based tools (Typst itself would accept them raw).
 _OTHER_CONTROLS = [c for c in range(0x20) if c not in (9, 10, 13)] + [0x7F]
-_NEEDS_ESCAPE_RE = '[\\\\"\\x00-\\x1f\\x7f]'
-_OTHER_CONTROLS_RE = "[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f]"
+_ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"))
+# Strings are encoded once per distinct value when a sample of this many rows has at most
+# a quarter distinct values; the sample costs ~0.1 ms, a wrong guess about one extra hash.
+CARDINALITY_SAMPLE_ROWS = 1024
 _DECIMAL_TYPES = {32: pa.decimal32, 64: pa.decimal64, 128: pa.decimal128, 256: pa.decimal256}
 _BYTE_TEXT = pa.array([str(b) for b in range(256)], pa.string())
 
@@ -386,10 +389,16 @@ def _join_dictionary(keys: Sequence[str], values: Sequence[pa.Array], length: in
     if not keys:
         return pa.array(["(:)"] * length, pa.string())
     parts: list[object] = []
-    for i, (key, value) in enumerate(zip(keys, values, strict=True)):
-        parts += [("(" if i == 0 else ", ") + quote_string(key) + ": ", value]
+    for prefix, value in zip(_key_prefixes(tuple(keys)), values, strict=True):
+        parts += [prefix, value]
     parts.append(")")
     return pc.binary_join_element_wise(*parts, "", null_handling="replace", null_replacement="none")
+
+
+@functools.lru_cache(maxsize=256)
+def _key_prefixes(keys: tuple[str, ...]) -> list[str]:
+    """``("k1": ``, ``, "k2": ``, …: every batch of a stream has the same columns."""
+    return [("(" if i == 0 else ", ") + quote_string(key) + ": " for i, key in enumerate(keys)]
 
 
 def _join_items(
@@ -427,8 +436,61 @@ def _describe(path: str, type_: pa.DataType) -> str:
     return f"column {path!r} of type {type_}"
 
 
-def _fields_to_text(*fields: pa.Array) -> list[pa.Array]:
-    return [f.cast(pa.string()) for f in fields]
+def _by_value(values: pa.Array, encode: Callable[[pa.Array], pa.Array]) -> pa.Array:
+    """``encode`` each distinct value once, then gather: dates, times of day and many
+    string columns repeat a lot, and hashing is cheaper than formatting."""
+    encoded = pc.dictionary_encode(values)
+    return encode(encoded.dictionary).take(encoded.indices)
+
+
+def _day_text(days: pa.Array, close: str) -> pa.Array:
+    """``datetime(year: Y, month: M, day: D`` + ``close`` for epoch days (int32/int64)."""
+    dates = days.cast(pa.int32()).view(pa.date32())
+    year, month, day = (f(dates).cast(pa.string()) for f in (pc.year, pc.month, pc.day))
+    return pc.binary_join_element_wise(
+        "datetime(year: ", year, ", month: ", month, ", day: ", day, close, ""
+    )
+
+
+def _time_of_day_text(seconds: pa.Array, open_: str) -> pa.Array:
+    """``open_`` + ``H, minute: M, second: S)`` for seconds since midnight."""
+    hours = pc.divide(seconds, 3600)
+    minutes = pc.divide(pc.subtract(seconds, pc.multiply(hours, 3600)), 60)
+    secs = pc.subtract(seconds, pc.multiply(pc.divide(seconds, 60), 60))
+    h, m, s = (x.cast(pa.string()) for x in (hours, minutes, secs))
+    return pc.binary_join_element_wise(open_, h, ", minute: ", m, ", second: ", s, ")", "")
+
+
+def _bytes_present(text: pa.Array, needle: bytes) -> bool:
+    """Whether ``needle`` (one byte) occurs in the data of a string array; a vectorised
+    memchr that is many times cheaper than a per-row search."""
+    return bool((_string_data(text) == needle[0]).any())
+
+
+def _string_data(arr: pa.Array) -> np.ndarray:
+    """The bytes of a (sliced) string array's values, without copying."""
+    if not len(arr):
+        return np.zeros(0, np.uint8)
+    bufs = arr.buffers()
+    end = arr.offset + len(arr) + 1
+    offsets = np.frombuffer(bufs[1], np.int32, count=end)[arr.offset :]
+    if bufs[2] is None:
+        return np.zeros(0, np.uint8)
+    return np.frombuffer(bufs[2], np.uint8, count=int(offsets[-1]))[offsets[0] :]
+
+
+def _quote_strings(arr: pa.Array) -> pa.Array:
+    data = _string_data(arr)
+    for raw, escaped in _ESCAPES:
+        if (data == ord(raw)).any():
+            arr = pc.replace_substring(arr, raw, escaped)
+    controls = (data < 0x20) | (data == 0x7F)
+    if controls.any():
+        present = np.unique(data[controls])
+        for code in present:
+            if code not in (9, 10, 13):
+                arr = pc.replace_substring(arr, chr(code), f"\\u{{{code:x}}}")
+    return pc.binary_join_element_wise('"', arr, '"', "")
 
 
 class _ArrowEncoder:
@@ -518,9 +580,15 @@ class _ArrowEncoder:
             arr = arr.cast(pa.float32())  # exact; Arrow writes float32 digits shortest-first
         text = arr.cast(pa.string())
         # Arrow writes 1.0 as "1" and -0.0 as "-0", which Typst would read as integers.
-        looks_int = pc.match_substring_regex(text, r"^-?[0-9]+$")
+        if pa.types.is_float64(arr.type):
+            # Arrow's text is plain digits exactly for integral values below 1e10.
+            looks_int = pc.and_(pc.equal(arr, pc.floor(arr)), pc.less(pc.abs(arr), 1e10))
+        else:  # the shortest float32 digits of values just below 1e10 can be "1e+10"
+            looks_int = pc.match_substring_regex(text, r"^-?[0-9]+$")
+        looks_int = pc.fill_null(looks_int, False)
         if pc.any(looks_int).as_py():
-            text = pc.if_else(looks_int, pc.binary_join_element_wise(text, ".0", ""), text)
+            with_point = pc.binary_join_element_wise(text.filter(looks_int), ".0", "")
+            text = pc.replace_with_mask(text, looks_int, with_point)
         finite = pc.is_finite(arr)
         if not pc.all(finite).as_py():
             special = pc.if_else(
@@ -532,14 +600,23 @@ class _ArrowEncoder:
         return text
 
     def _decimals(self, arr: pa.Array, path: str) -> pa.Array:
-        text, mantissa = _plain_decimal_text(arr)
-        exact = pc.binary_join_element_wise('decimal("', text, '")', "")
         t = arr.type
+        if t.scale < 0:
+            text = _unscaled_decimal_text(arr)
+        else:
+            text = arr.cast(pa.string())
+            # Arrow switches to exponent form (1E-7, 0E-10) below 1e-6; Typst rejects it.
+            if _bytes_present(text, b"E"):
+                sci = pc.fill_null(pc.match_substring(text, "E"), False)
+                text = pc.replace_with_mask(text, sci, _unscaled_decimal_text(arr.filter(sci)))
+        exact = pc.binary_join_element_wise('decimal("', text, '")', "")
         if t.precision <= DECIMAL_MAX_SCALE and 0 <= t.scale <= DECIMAL_MAX_SCALE:
             return exact  # every value of this type fits Typst's decimal
         if t.scale > DECIMAL_MAX_SCALE:
             fits = pa.array(np.zeros(len(arr), bool))  # no value fits
         else:
+            digits = pc.replace_substring(pc.replace_substring(text, "-", ""), ".", "")
+            mantissa = pc.utf8_ltrim(digits, "0")
             width = pc.utf8_length(mantissa)
             limit = len(DECIMAL_MAX_MANTISSA_TEXT)
             fits = pc.or_(
@@ -568,13 +645,11 @@ class _ArrowEncoder:
             arr.validate(full=True)
         except pa.ArrowInvalid as exc:
             raise EncodeError(_invalid_utf8_message(arr, path)) from exc
-        needs = pc.fill_null(pc.match_substring_regex(arr, _NEEDS_ESCAPE_RE), False)
-        n_needs = _count_true(needs)
-        if n_needs == len(arr) - arr.null_count and n_needs:
-            arr = _escape(arr)
-        elif n_needs:
-            arr = pc.replace_with_mask(arr, needs, _escape(arr.filter(needs)))
-        return pc.binary_join_element_wise('"', arr, '"', "")
+        if len(arr) > 2 * CARDINALITY_SAMPLE_ROWS:
+            sample = arr.slice(0, CARDINALITY_SAMPLE_ROWS)
+            if pc.count_distinct(sample).as_py() <= CARDINALITY_SAMPLE_ROWS // 4:
+                return _by_value(arr, _quote_strings)
+        return _quote_strings(arr)
 
     def _binaries(self, arr: pa.Array) -> pa.Array:
         t = arr.type
@@ -614,17 +689,11 @@ class _ArrowEncoder:
 
     def _dates(self, arr: pa.Array, path: str) -> pa.Array:
         if pa.types.is_date32(arr.type):
-            lo, hi = MIN_EPOCH_DAY, MAX_EPOCH_DAY
-            ints = arr.view(pa.int32())
+            days = arr.view(pa.int32())
         else:
-            ms = SECONDS_PER_DAY * 1000
-            lo, hi = MIN_EPOCH_DAY * ms, (MAX_EPOCH_DAY + 1) * ms - 1
-            ints = arr.view(pa.int64())
-        arr = self._out_of_range(arr, ints, lo, hi, path)
-        year, month, day = _fields_to_text(pc.year(arr), pc.month(arr), pc.day(arr))
-        return pc.binary_join_element_wise(
-            "datetime(year: ", year, ", month: ", month, ", day: ", day, ")", ""
-        )
+            days = _floor_divide(arr.view(pa.int64()), SECONDS_PER_DAY * 1000)
+        days = self._out_of_range(days, days, MIN_EPOCH_DAY, MAX_EPOCH_DAY, path)
+        return _by_value(days, lambda d: _day_text(d, ")"))
 
     def _timestamps(self, arr: pa.Array, path: str) -> pa.Array:
         unit, tz = arr.type.unit, arr.type.tz
@@ -632,44 +701,23 @@ class _ArrowEncoder:
         lo = max(MIN_EPOCH_DAY * per_day, I64_MIN)
         hi = min((MAX_EPOCH_DAY + 1) * per_day - 1, I64_MAX)
         arr = self._out_of_range(arr, arr.view(pa.int64()), lo, hi, path)
-        if tz is not None:
-            arr = arr.cast(pa.timestamp(unit, self.options.timezone))
-        year = pc.year(arr)
+        if tz is not None:  # wall-clock time in the display zone, as a naive timestamp
+            arr = pc.local_timestamp(arr.cast(pa.timestamp(unit, self.options.timezone)))
+        ticks = arr.view(pa.int64())
+        days = _floor_divide(ticks, per_day)
         if tz is not None:  # the display zone can move a value past the year range
-            arr = self._out_of_range(arr, year, -9999, 9999, path)
-            year = pc.year(arr)
-        fields = _fields_to_text(
-            year, pc.month(arr), pc.day(arr), pc.hour(arr), pc.minute(arr), pc.second(arr)
-        )
-        return pc.binary_join_element_wise(
-            "datetime(year: ",
-            fields[0],
-            ", month: ",
-            fields[1],
-            ", day: ",
-            fields[2],
-            ", hour: ",
-            fields[3],
-            ", minute: ",
-            fields[4],
-            ", second: ",
-            fields[5],
-            ")",
-            "",
-        )
+            days = self._out_of_range(days, days, MIN_EPOCH_DAY, MAX_EPOCH_DAY, path)
+        seconds = pc.divide(pc.subtract(ticks, pc.multiply(days, per_day)), UNITS_PER_SECOND[unit])
+        date_text = _by_value(days, lambda d: _day_text(d, ""))
+        time_text = _by_value(seconds, lambda s: _time_of_day_text(s, ", hour: "))
+        return pc.binary_join_element_wise(date_text, time_text, "")
 
     def _times(self, arr: pa.Array, path: str) -> pa.Array:
         per_second = UNITS_PER_SECOND[arr.type.unit]
         ints = arr.view(pa.int32() if pa.types.is_time32(arr.type) else pa.int64()).cast(pa.int64())
         ints = self._out_of_range(ints, ints, 0, SECONDS_PER_DAY * per_second - 1, path)
         seconds = pc.divide(ints, per_second)
-        hours = pc.divide(seconds, 3600)
-        minutes = pc.divide(pc.subtract(seconds, pc.multiply(hours, 3600)), 60)
-        secs = _int_remainder(seconds, 60)
-        h, m, s = _fields_to_text(hours, minutes, secs)
-        return pc.binary_join_element_wise(
-            "datetime(hour: ", h, ", minute: ", m, ", second: ", s, ")", ""
-        )
+        return _by_value(seconds, lambda s: _time_of_day_text(s, "datetime(hour: "))
 
     def _durations(self, arr: pa.Array) -> pa.Array:
         per_second = UNITS_PER_SECOND[arr.type.unit]
@@ -760,44 +808,24 @@ class _ArrowEncoder:
             )
 
 
-def _plain_decimal_text(arr: pa.Array) -> tuple[pa.Array, pa.Array]:
-    """Plain digits with the type's scale (``-12.50``), and the mantissa without sign,
-    point or leading zeros. Arrow's own decimal-to-string cast switches to exponent form
-    (``1E-28``, ``0E-10``, ``1.23E+4``), which Typst rejects, so work from the unscaled
-    integer: the same storage viewed with scale 0."""
+def _unscaled_decimal_text(arr: pa.Array) -> pa.Array:
+    """Plain digits with the type's scale (``-12.50``, ``0.0000001``, ``12300``), built
+    from the unscaled integer: the same storage viewed with scale 0."""
     t = arr.type
-    same_width = _DECIMAL_TYPES[t.bit_width]
-    unscaled = arr.view(same_width(t.precision, 0)).cast(pa.string())
-    digits = pc.utf8_ltrim(unscaled, "-")
-    mantissa = pc.utf8_ltrim(digits, "0")
-    if t.scale == 0:
-        return unscaled, mantissa
-    if t.scale < 0:
+    unscaled = arr.view(_DECIMAL_TYPES[t.bit_width](t.precision, 0)).cast(pa.string())
+    if t.scale <= 0:
         zeros = "0" * -t.scale
-        text = pc.if_else(
+        return pc.if_else(
             pc.equal(unscaled, "0"), "0", pc.binary_join_element_wise(unscaled, zeros, "")
         )
-        return text, pc.binary_join_element_wise(mantissa, zeros, "")
-    digits = pc.utf8_lpad(digits, width=t.scale + 1, padding="0")
-    sign = pc.if_else(pc.starts_with(unscaled, "-"), "-", "")
-    text = pc.binary_join_element_wise(
-        sign,
+    digits = pc.utf8_lpad(pc.utf8_ltrim(unscaled, "-"), width=t.scale + 1, padding="0")
+    return pc.binary_join_element_wise(
+        pc.if_else(pc.starts_with(unscaled, "-"), "-", ""),
         pc.utf8_slice_codeunits(digits, 0, -t.scale),
         ".",
         pc.utf8_slice_codeunits(digits, -t.scale),
         "",
     )
-    return text, mantissa
-
-
-def _escape(arr: pa.Array) -> pa.Array:
-    for raw, escaped in (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t")):
-        arr = pc.replace_substring(arr, raw, escaped)
-    others = pc.fill_null(pc.match_substring_regex(arr, _OTHER_CONTROLS_RE), False)
-    if pc.any(others).as_py():
-        for code in _OTHER_CONTROLS:
-            arr = pc.replace_substring(arr, chr(code), f"\\u{{{code:x}}}")
-    return arr
 
 
 def _invalid_utf8_message(arr: pa.Array, path: str) -> str:
@@ -827,7 +855,3 @@ def _floor_divide(ints: pa.Array, divisor: int) -> pa.Array:
 
 def _floor_remainder(ints: pa.Array, divisor: int) -> pa.Array:
     return pc.subtract(ints, pc.multiply(_floor_divide(ints, divisor), divisor))
-
-
-def _int_remainder(ints: pa.Array, divisor: int) -> pa.Array:
-    return pc.subtract(ints, pc.multiply(pc.divide(ints, divisor), divisor))

@@ -7,8 +7,9 @@ import ashstream
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ashstream", *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "ashstream", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def test_version():

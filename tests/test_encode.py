@@ -412,6 +412,18 @@ def test_sliced_arrays_encode_only_their_window(arr):
     assert len(literals) == len(arr)
 
 
+def test_repeated_values_are_encoded_once_and_gathered():
+    # Large enough for the low-cardinality string path; dates and times always take it.
+    n = 6000
+    strings = pa.array((['a"', None, "b\n", "\x01c", "\\"] * n)[:n])
+    days = pa.array([(i % 7) * 1000 - 3000 if i % 5 else None for i in range(n)], pa.int32())
+    stamps = pa.array([(i % 11) * 86_399_999_999 - 5 if i % 3 else None for i in range(n)])
+    for arr in (strings, days.cast(pa.date32()), stamps.cast(pa.timestamp("us"))):
+        literals = encode_array(arr).to_pylist()
+        assert literals == [reference_literal(m, UTC) for m in to_model(arr, UTC)]
+    assert check(strings)[:5] == ['"a\\""', "none", '"b\\n"', '"\\u{1}c"', '"\\\\"']
+
+
 def test_timestamps_with_a_zone_are_shown_in_the_display_zone():
     arr = ints([0, 1_719_792_000], pa.timestamp("s", "UTC"))  # 2024-07-01 00:00 UTC
     ny = EncodeOptions(timezone="America/New_York")
