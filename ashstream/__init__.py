@@ -7,18 +7,43 @@ from ashstream.encode import (
     encode_rows,
     encode_value,
 )
-from ashstream.errors import AshstreamError, EncodeError, UnsupportedTypeError
+from ashstream.errors import (
+    AshstreamError,
+    Cancelled,
+    EncodeError,
+    PipelineError,
+    ReportError,
+    ResourceError,
+    SinkError,
+    SourceError,
+    UnsupportedTypeError,
+    WorkerCrashed,
+)
+from ashstream.pool import Chunk, StreamHandle, StreamPool
+from ashstream.report import Report, load_report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AshstreamError",
+    "Cancelled",
+    "Chunk",
     "EncodeError",
     "EncodeOptions",
     "EncodeStats",
+    "PipelineError",
+    "Report",
+    "ReportError",
+    "ResourceError",
+    "SinkError",
+    "SourceError",
+    "StreamHandle",
+    "StreamPool",
     "UnsupportedTypeError",
+    "WorkerCrashed",
     "__version__",
     "encode_array",
     "encode_rows",
     "encode_value",
+    "load_report",
 ]

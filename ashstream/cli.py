@@ -1,13 +1,183 @@
-"""The ``ashstream`` command line; the only module that prints."""
+"""The ``ashstream`` command line; the only module that prints.
+
+Exit codes: 0 ok, 1 error, 2 bad usage or report definition, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM).
+"""
 
 from __future__ import annotations
 
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
 import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from ashstream import __version__
+from ashstream.errors import AshstreamError, Cancelled, ExitCode
+from ashstream.pool import StreamPool
+from ashstream.report import load_report
+from ashstream.sinks import TypstModuleSink, compile_pdf
+
+stderr = Console(stderr=True, highlight=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ashstream")
 def main() -> None:
     """Stream DuckDB queries and Parquet files into Typst values for reports."""
+
+
+def _parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
+    params = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"expected NAME=VALUE, got {pair!r}", param_hint="--param")
+        params[name.strip()] = value
+    return params
+
+
+@contextmanager
+def _sigterm_cancels():
+    """SIGTERM ends a run like Ctrl-C does (cleanly), with exit code 143."""
+
+    def handler(signum, frame):
+        raise Cancelled("terminated (SIGTERM)", ExitCode.TERMINATED)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@main.command()
+@click.argument("report_path", metavar="REPORT", type=click.Path(dir_okay=False))
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    help="Rows per chunk (default: the report's, else 1000).",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Transformer processes (default: one per core)."
+)
+@click.option(
+    "--param", "params", multiple=True, metavar="NAME=VALUE", help="A report parameter; repeatable."
+)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), help="The Typst data module to write."
+)
+@click.option("--pdf", type=click.Path(dir_okay=False), help="Also compile a PDF to this path.")
+@click.option("--no-progress", is_flag=True, help="No live progress display.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+def run(report_path, chunk_size, workers, params, output, pdf, no_progress, quiet) -> None:
+    """Stream REPORT's source into a Typst data module (and a PDF)."""
+    try:
+        with _sigterm_cancels():
+            _run(
+                report_path,
+                chunk_size,
+                workers,
+                _parse_params(params),
+                output,
+                pdf,
+                show_progress=not (no_progress or quiet),
+                quiet=quiet,
+            )
+    except KeyboardInterrupt:
+        stderr.print("Interrupted: nothing was written.")
+        sys.exit(ExitCode.INTERRUPTED)
+    except Cancelled as exc:
+        stderr.print(f"Cancelled ({exc}): nothing was written.")
+        sys.exit(exc.exit_code)
+    except AshstreamError as exc:
+        stderr.print(f"[bold red]Error:[/] {exc}", markup=True, soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+def _run(report_path, chunk_size, workers, params, output, pdf, show_progress, quiet) -> None:
+    report = load_report(report_path, params)
+    workers = workers or report.pipeline.workers
+    module_path = Path(output or report.output.typst or f"{report.name}.typ")
+    pdf_path = pdf or report.output.pdf
+    preview = report.output.pdf_max_rows if pdf_path and not report.output.template else 0
+    sink = TypstModuleSink(module_path, report, preview_rows=preview)
+    sink.open()
+    started = time.perf_counter()
+    try:
+        with StreamPool(workers) as pool:
+            handle = pool.start(report, chunk_size)
+            with _progress(show_progress) as progress:
+                task = progress.add_task(report.name, total=None, status="starting")
+                for chunk in handle:
+                    sink.write(chunk)
+                    progress.update(
+                        task,
+                        completed=sink.rows,
+                        total=handle.total_rows,
+                        status=_status_line(pool, sink.rows, started),
+                    )
+            columns = handle.columns or ()
+            lossy = handle.lossy.messages()
+            peak = pool.peak_memory_bytes
+            workers = pool.workers
+        sink.close(columns)
+    except BaseException:
+        sink.abort()
+        raise
+    seconds = time.perf_counter() - started
+    if pdf_path:
+        if not quiet:
+            stderr.print(f"Compiling {pdf_path} with Typst…")
+        compile_pdf(pdf_path, sink, columns, report.output.template)
+    if quiet:
+        return
+    for line in lossy:
+        stderr.print(f"[yellow]Warning:[/] {line}", markup=True)
+    rate = sink.rows / seconds if seconds else 0.0
+    stderr.print(
+        f"{sink.rows:,} rows in {seconds:.2f} s ({rate:,.0f} rows/s, {workers} workers, "
+        f"peak memory {peak / 2**20:,.0f} MiB)"
+    )
+    stderr.print(f"Wrote {module_path}" + (f" and {pdf_path}" if pdf_path else ""))
+
+
+def _status_line(pool: StreamPool, rows: int, started: float) -> str:
+    elapsed = time.perf_counter() - started
+    rate = rows / elapsed if elapsed > 0 else 0.0
+    return (
+        f"{rate:,.0f} rows/s · {pool.memory_bytes / 2**20:,.0f} MiB · "
+        f"{pool.busy_workers()}/{pool.workers} workers busy"
+    )
+
+
+@contextmanager
+def _progress(enabled: bool):
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.completed:,} rows"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=stderr,
+        disable=not enabled,
+        transient=False,
+    )
+    with progress:
+        yield progress
+
+
+__all__ = ["main"]

@@ -184,6 +184,30 @@ def encode_rows(
     ``("id": 1, "name": "A \\"B\\"", "day": datetime(year: 2024, month: 2, day: 9))``.
     Options, stats and errors are as for :func:`encode_array`.
     """
+    return _encode_rows(batch, options, stats, close=")")
+
+
+def encode_rows_text(
+    batch: pa.RecordBatch | pa.Table,
+    *,
+    options: EncodeOptions | None = None,
+    stats: EncodeStats | None = None,
+) -> pa.Buffer:
+    """The rows as one UTF-8 buffer, each literal followed by ``,\\n``: the body of a Typst
+    array, built in the same join as the rows so no second copy is made."""
+    rows = _encode_rows(batch, options, stats, close="),\n")
+    offsets = np.frombuffer(rows.buffers()[1], np.int32, count=len(rows) + 1)
+    if not len(rows) or rows.buffers()[2] is None:
+        return pa.py_buffer(b"")
+    return rows.buffers()[2].slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+
+
+def _encode_rows(
+    batch: pa.RecordBatch | pa.Table,
+    options: EncodeOptions | None,
+    stats: EncodeStats | None,
+    close: str,
+) -> pa.StringArray:
     encoder = _ArrowEncoder(options or EncodeOptions(), stats)
     names = batch.schema.names
     if len(set(names)) != len(names):
@@ -193,7 +217,7 @@ def encode_rows(
             "Give the columns distinct names (e.g. with AS in SQL)."
         )
     columns = [encoder.encode_column(batch.column(i), n) for i, n in enumerate(names)]
-    return _join_dictionary(names, columns, batch.num_rows)
+    return _join_dictionary(names, columns, batch.num_rows, close)
 
 
 def encode_value(obj: object, *, options: EncodeOptions | None = None) -> str:
@@ -384,14 +408,16 @@ class _PythonEncoder:
 # ----------------------------------------------------------------------- Arrow arrays
 
 
-def _join_dictionary(keys: Sequence[str], values: Sequence[pa.Array], length: int) -> pa.Array:
-    """``("k1": v1, "k2": v2)`` per row; null values become ``none``."""
+def _join_dictionary(
+    keys: Sequence[str], values: Sequence[pa.Array], length: int, close: str = ")"
+) -> pa.Array:
+    """``("k1": v1, "k2": v2`` + ``close`` per row; null values become ``none``."""
     if not keys:
-        return pa.array(["(:)"] * length, pa.string())
+        return pa.array(["(:" + close] * length, pa.string())
     parts: list[object] = []
     for prefix, value in zip(_key_prefixes(tuple(keys)), values, strict=True):
         parts += [prefix, value]
-    parts.append(")")
+    parts.append(close)
     return pc.binary_join_element_wise(*parts, "", null_handling="replace", null_replacement="none")
 
 

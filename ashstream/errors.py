@@ -25,3 +25,39 @@ class EncodeError(AshstreamError):
 
 class UnsupportedTypeError(EncodeError, TypeError):
     """A column's Arrow type has no Typst form; the message names the column and the fix."""
+
+
+class ReportError(AshstreamError):
+    """The report definition (YAML, parameters, fields) is wrong; names file and key."""
+
+    exit_code = ExitCode.USAGE
+
+
+class SourceError(AshstreamError):
+    """The source cannot be opened or read."""
+
+
+class SinkError(AshstreamError):
+    """An output file could not be written, or Typst could not compile the PDF."""
+
+
+class ResourceError(AshstreamError):
+    """Too little shared memory or disk, found before the run starts."""
+
+
+class PipelineError(AshstreamError):
+    """An internal failure of the pipeline: most likely a bug in ashstream."""
+
+
+class WorkerCrashed(PipelineError):
+    """A transformer or producer process died; records what is known of it."""
+
+
+class Cancelled(AshstreamError):
+    """The stream was cancelled: by the caller, Ctrl-C (exit 130) or SIGTERM (exit 143)."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+    def __init__(self, message: str = "cancelled", exit_code: int = ExitCode.INTERRUPTED):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,103 @@
+"""The messages that cross process boundaries: small, picklable, data-free.
+
+Each process has one duplex pipe to the parent, and only the parent's dispatcher thread
+reads or writes the parent's ends, so a SIGKILLed child can never wedge a lock shared
+with another (one pipe per child, as mpire does since 2.1). Data never travels here:
+batches and results live in the stream's shared-memory arena (``ashstream.shm``); a
+message names the slot. The exceptions are a single row too big for any slot and a
+result too big for its slot, which travel inline as bytes.
+
+    parent --ProducerJob--> producer --SourceOpened/BatchReady/SourceDone/StageFailed--> parent
+    parent --SlotCredit---> producer        (a free input slot: credit-based backpressure)
+    parent --Task---------> transformer --TaskDone/StageFailed--> parent
+    parent --ReleaseArena-> transformer     (the stream is over: unmap its arena)
+    parent --STOP---------> any child
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STOP = "stop"  # ask a child process to exit after its current work
+READY = "ready"  # a child finished importing and waits for work
+
+
+@dataclass(frozen=True)
+class ArenaRef:
+    name: str
+    slot_bytes: int
+    slots: int
+
+
+@dataclass(frozen=True)
+class ProducerJob:
+    stream_id: str
+    report: object  # ashstream.report.Report
+    chunk_size: int
+    arena: ArenaRef
+    input_slots: tuple[int, ...]  # slots the producer may write into at the start
+
+
+@dataclass(frozen=True)
+class SlotCredit:
+    slot: int
+
+
+@dataclass(frozen=True)
+class SourceOpened:
+    columns: tuple[str, ...]
+    total_rows: int | None
+
+
+@dataclass(frozen=True)
+class BatchReady:
+    seq: int  # batch number in source order, the only key for ordering
+    first_row: int
+    rows: int
+    slot: int | None  # None: the batch travels inline (a row bigger than a slot)
+    nbytes: int
+    inline: bytes | None = None
+
+
+@dataclass(frozen=True)
+class SourceDone:
+    chunks: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class StageFailed:
+    """A child could not do its work; ``kind`` names the ashstream error class."""
+
+    stream_id: str
+    seq: int | None
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Task:
+    stream_id: str
+    arena: ArenaRef
+    seq: int
+    in_slot: int | None
+    in_nbytes: int
+    out_slot: int
+    timezone: str
+    inline: bytes | None = None
+
+
+@dataclass(frozen=True)
+class TaskDone:
+    stream_id: str
+    seq: int
+    rows: int
+    out_slot: int
+    nbytes: int
+    lossy: tuple[tuple[str, str, int], ...] = ()  # (column, reason, count) from EncodeStats
+    inline: bytes | None = None  # the text, when it did not fit the result slot
+
+
+@dataclass(frozen=True)
+class ReleaseArena:
+    name: str

@@ -1,0 +1,85 @@
+"""The transformer process: Arrow batch in a slot → Typst row text in another slot.
+
+Transformers are persistent and shared by every stream of a pool; each maps a stream's
+arena on its first task and unmaps it when the parent says the stream is over.
+"""
+
+from __future__ import annotations
+
+import signal
+import traceback
+from multiprocessing.connection import Connection
+
+import pyarrow as pa
+
+from ashstream.encode import EncodeOptions, EncodeStats, encode_rows_text
+from ashstream.errors import AshstreamError
+from ashstream.pipeline.comms import READY, STOP, ReleaseArena, StageFailed, Task, TaskDone
+from ashstream.shm import Arena
+
+
+def run_worker(worker_id: int, conn: Connection) -> None:
+    """Process entry point: serve tasks until STOP or the parent goes away.
+
+    Runs in a transformer process; ignores SIGINT so that only the parent decides.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pa.set_cpu_count(1)  # one process per core already; no nested thread pools
+    arenas: dict[str, Arena] = {}
+    options: dict[str, EncodeOptions] = {}
+    conn.send(READY)
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:
+                break
+            if message == STOP:
+                break
+            if isinstance(message, ReleaseArena):
+                arena = arenas.pop(message.name, None)
+                if arena is not None:
+                    arena.close()
+            elif isinstance(message, Task):
+                conn.send(_run_task(message, arenas, options))
+    finally:
+        for arena in arenas.values():
+            arena.close()
+
+
+def _run_task(task: Task, arenas: dict[str, Arena], options: dict[str, EncodeOptions]):
+    try:
+        arena = arenas.get(task.arena.name)
+        if arena is None:
+            arena = arenas[task.arena.name] = Arena.attach(
+                task.arena.name, task.arena.slot_bytes, task.arena.slots
+            )
+        if task.inline is not None:
+            batch = pa.ipc.open_stream(pa.py_buffer(task.inline)).read_next_batch()
+        else:
+            batch = arena.read_batch(task.in_slot, task.in_nbytes)
+        if task.timezone not in options:
+            options[task.timezone] = EncodeOptions(timezone=task.timezone)
+        stats = EncodeStats()
+        text = encode_rows_text(batch, options=options[task.timezone], stats=stats)
+        rows = batch.num_rows
+        del batch  # no view of the slot may outlive the task
+        lossy = tuple((column, reason, n) for (column, reason), n in stats.counts.items())
+        if arena.write_bytes(task.out_slot, text):
+            return TaskDone(task.stream_id, task.seq, rows, task.out_slot, len(text), lossy)
+        return TaskDone(
+            task.stream_id,
+            task.seq,
+            rows,
+            task.out_slot,
+            len(text),
+            lossy,
+            inline=text.to_pybytes(),
+        )
+    except AshstreamError as exc:
+        return StageFailed(task.stream_id, task.seq, type(exc).__name__, str(exc))
+    except Exception as exc:
+        detail = "".join(traceback.format_exception(exc))
+        return StageFailed(
+            task.stream_id, task.seq, "PipelineError", f"transformer failed: {detail}"
+        )

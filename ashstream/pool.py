@@ -1,0 +1,197 @@
+"""The public engine: ``StreamPool`` and the ordered iterator of ``Chunk``s it yields."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ashstream.errors import AshstreamError, ReportError
+from ashstream.health import HealthLoop
+from ashstream.report import Report, load_report, parse_param
+from ashstream.supervisor import Chunk, StreamState, Supervisor, default_workers
+
+__all__ = ["Chunk", "StreamHandle", "StreamPool"]
+
+# Bytes per shared-memory slot. A batch larger than this is split by rows; a single row
+# larger than this, or a result text larger than this, travels through a pipe instead.
+DEFAULT_SLOT_BYTES = 8 * 2**20
+
+
+class StreamHandle:
+    """One running stream: iterate it for its chunks in source order.
+
+    Leaving the loop early, closing the iterator or :meth:`cancel` stops the stream and
+    frees its producer and shared memory.
+    """
+
+    def __init__(self, pool: StreamPool, state: StreamState) -> None:
+        self._pool = pool
+        self._state = state
+        self.id = state.id
+        self.report = state.report
+
+    @property
+    def columns(self) -> tuple[str, ...] | None:
+        return self._state.columns
+
+    @property
+    def total_rows(self) -> int | None:
+        """Rows the stream will yield, when the source says so cheaply; else None."""
+        return self._state.total_rows
+
+    @property
+    def rows_done(self) -> int:
+        return self._state.rows
+
+    @property
+    def lossy(self):
+        """:class:`ashstream.EncodeStats` of the values not represented exactly so far."""
+        return self._state.lossy
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return self._chunks()
+
+    def _chunks(self) -> Iterator[Chunk]:
+        status = "cancelled"
+        try:
+            while True:
+                chunk = self._pool._supervisor.next_chunk(self._state)
+                if chunk is None:
+                    status = "completed"
+                    return
+                yield chunk
+        except AshstreamError:
+            status = "failed"
+            raise
+        finally:
+            self._pool._supervisor.close_stream(self._state, status)
+
+    def cancel(self) -> None:
+        self._pool._supervisor.close_stream(self._state, "cancelled")
+
+
+class StreamPool:
+    """Persistent transformer processes shared by every stream started on the pool.
+
+    Use it as a context manager::
+
+        with StreamPool() as pool:
+            for chunk in pool.stream("report.yaml"):
+                sink.write(chunk.text)
+
+    Args:
+        workers: transformer processes; default one per available core.
+        slot_bytes: size of each shared-memory slot (see ``DEFAULT_SLOT_BYTES``).
+        start_method: ``"forkserver"`` (default) or ``"spawn"``; never ``"fork"``, which
+            is unsafe once DuckDB or Arrow have started threads.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        slot_bytes: int = DEFAULT_SLOT_BYTES,
+        start_method: str = "forkserver",
+    ) -> None:
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        if start_method not in ("forkserver", "spawn"):
+            raise ValueError(f"start_method must be 'forkserver' or 'spawn', not {start_method!r}")
+        self.workers = workers or default_workers()
+        self._supervisor = Supervisor(self.workers, slot_bytes, start_method)
+        self._health = HealthLoop(self._supervisor)
+        self._open = False
+
+    def __enter__(self) -> StreamPool:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        if not self._open:
+            self._open = True
+            try:
+                self._supervisor.start()
+            except BaseException:
+                self.close()
+                raise
+            self._health.start()
+
+    def close(self) -> None:
+        """Cancel running streams, stop every process, unlink every segment."""
+        if self._open:
+            self._open = False
+            if self._health._thread.is_alive():
+                self._health.stop()
+            self._supervisor.close()
+
+    def start(
+        self,
+        report: Report | str | os.PathLike,
+        chunk_size: int | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> StreamHandle:
+        """Start streaming ``report`` (a :class:`Report` or the path of its YAML file)."""
+        if not self._open:
+            self.open()
+        report = _with_params(report, params)
+        chunk_size = chunk_size or report.pipeline.chunk_size
+        if chunk_size < 1:
+            raise ReportError(f"chunk_size must be at least 1, got {chunk_size}")
+        return StreamHandle(self, self._supervisor.open_stream(report, chunk_size))
+
+    def stream(
+        self,
+        report: Report | str | os.PathLike,
+        chunk_size: int | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> Iterator[Chunk]:
+        """The chunks of ``report`` in source order; see :meth:`start`."""
+        return iter(self.start(report, chunk_size, params))
+
+    def status(self, stream_id: str) -> dict[str, Any] | None:
+        """The registry entry of a stream: status, rows, chunks, pids, error, times."""
+        self._supervisor.publish()
+        return self._supervisor.registry.get(stream_id)
+
+    def list(self, status: str | None = None) -> list[dict[str, Any]]:
+        self._supervisor.publish()
+        return self._supervisor.registry.list(status)
+
+    def cancel(self, stream_id: str) -> None:
+        for state in self._supervisor.streams():
+            if state.id == stream_id:
+                self._supervisor.close_stream(state, "cancelled")
+
+    @property
+    def memory_bytes(self) -> int:
+        """Memory of the whole process tree at the last health check."""
+        return self._health.memory_bytes
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        return self._health.peak_memory_bytes
+
+    def busy_workers(self) -> int:
+        return self._supervisor.busy_workers()
+
+    def worker_pids(self) -> list[int]:
+        return self._supervisor.worker_pids()
+
+
+def _with_params(report: Report | str | os.PathLike, params: Mapping[str, Any] | None) -> Report:
+    if not isinstance(report, Report):
+        return load_report(report, params)
+    if not params:
+        return report
+    declared = {p.name: p for p in report.params}
+    values = dict(report.param_values)
+    for name, value in params.items():
+        if name not in declared:
+            raise ReportError(f"{report.path}: params: unknown parameter {name!r}")
+        values[name] = parse_param(declared[name], value, f"{report.path}: params.{name}")
+    return dataclasses.replace(report, param_values=values)

@@ -1,0 +1,470 @@
+"""The report definition: YAML into frozen, validated dataclasses. Runs nothing.
+
+Every error names the file, the key path (``source.parquet``, ``fields[2].expr``) and
+what was expected. Unknown keys are errors, so a typo never passes silently. Paths are
+relative to the YAML file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import yaml
+
+from ashstream.errors import ReportError
+
+__all__ = [
+    "Field",
+    "Output",
+    "Param",
+    "PipelineSettings",
+    "Report",
+    "Source",
+    "load_report",
+    "parse_size",
+]
+
+PARAM_TYPES = ("int", "float", "str", "bool", "date", "datetime")
+# Keys planned for later versions: refused with a clear message rather than ignored.
+RESERVED_KEYS = {"groups", "variables", "charts"}
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+DEFAULT_CHUNK_SIZE = 1000
+DEFAULT_PDF_MAX_ROWS = 2000
+
+
+@dataclass(frozen=True)
+class Source:
+    """Exactly one of ``parquet`` (resolved files) or ``query`` (DuckDB SQL) is set."""
+
+    parquet: tuple[str, ...] = ()
+    database: str | None = None  # a DuckDB file opened read-only; None: in-memory
+    query: str | None = None
+    where: str | None = None
+    order_by: tuple[str, ...] = ()
+    count_rows: bool = False  # run COUNT(*) first so progress shows a total
+
+    @property
+    def kind(self) -> str:
+        return "parquet" if self.parquet else "duckdb"
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str
+    default: Any = None
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class Field:
+    """One output column: a source ``column`` renamed, or a SQL ``expr``."""
+
+    name: str
+    column: str | None = None
+    expr: str | None = None
+
+
+@dataclass(frozen=True)
+class Output:
+    typst: str | None = None
+    pdf: str | None = None
+    template: str | None = None
+    pdf_max_rows: int = DEFAULT_PDF_MAX_ROWS
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    workers: int | None = None  # None: one per core
+    memory_limit: int | None = None  # bytes; None: what the machine or cgroup allows
+    timezone: str = "UTC"
+
+
+@dataclass(frozen=True)
+class Report:
+    path: str  # the YAML file ("<dict>" when built from a mapping)
+    name: str
+    source: Source
+    title: str | None = None
+    params: tuple[Param, ...] = ()
+    param_values: Mapping[str, Any] = field(default_factory=dict)
+    fields: tuple[Field, ...] = ()
+    output: Output = Output()
+    pipeline: PipelineSettings = PipelineSettings()
+
+
+def load_report(path: str | os.PathLike, params: Mapping[str, Any] | None = None) -> Report:
+    """Read and validate a report definition.
+
+    Args:
+        path: the YAML file; paths inside it are relative to its folder.
+        params: values for the report's ``params``; strings are parsed by the declared
+            type (so command-line ``k=v`` pairs can be passed as they are).
+
+    Raises:
+        ReportError: naming the file, the key and what is expected.
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ReportError(f"{file}: no such report file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{file}: cannot read the report: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ReportError(f"{file}: not valid YAML: {exc}") from None
+    return report_from_mapping(data, str(file), file.resolve().parent, params)
+
+
+def report_from_mapping(
+    data: object,
+    where: str = "<dict>",
+    base_dir: Path | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> Report:
+    """Validate an already parsed definition; ``base_dir`` anchors relative paths."""
+    return _Parser(where, base_dir or Path.cwd()).report(data, params or {})
+
+
+def parse_size(value: object, where: str = "value") -> int:
+    """``"1GiB"``, ``"512 MB"``, ``1073741824`` → bytes."""
+    if isinstance(value, bool):
+        raise ReportError(f"{where}: expected a size such as 512MiB or 2GB, got {value!r}")
+    if isinstance(value, int) and value > 0:
+        return value
+    match = SIZE_RE.match(str(value)) if isinstance(value, str) else None
+    if not match:
+        raise ReportError(f"{where}: expected a size such as 512MiB or 2GB, got {value!r}")
+    number, unit = match.groups()
+    size = int(float(number) * SIZE_UNITS[(unit or "b").lower()])
+    if size <= 0:
+        raise ReportError(f"{where}: a size must be positive, got {value!r}")
+    return size
+
+
+def parse_param(param: Param, value: Any, where: str) -> Any:
+    """Check or parse one parameter value against its declared type."""
+    kind = param.type
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+        elif kind == "int":
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                return int(value)
+        elif kind == "float":
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                return float(value)
+        elif kind == "str":
+            if isinstance(value, str):
+                return value
+        elif kind == "date":
+            if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+                return value
+            if isinstance(value, str):
+                return dt.date.fromisoformat(value)
+        elif kind == "datetime":
+            if isinstance(value, dt.datetime):
+                return value
+            if isinstance(value, dt.date):
+                return dt.datetime(value.year, value.month, value.day)
+            if isinstance(value, str):
+                return dt.datetime.fromisoformat(value)
+    except ValueError:
+        pass
+    raise ReportError(f"{where}: parameter {param.name!r} expects a {kind}, got {value!r}")
+
+
+class _Parser:
+    def __init__(self, file: str, base_dir: Path) -> None:
+        self.file = file
+        self.base_dir = base_dir
+
+    def fail(self, key: str, message: str) -> ReportError:
+        return ReportError(f"{self.file}: {key}: {message}")
+
+    def mapping(self, value: object, key: str, allowed: set[str]) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping of keys, got {_kind(value)}")
+        for name in value:
+            if name not in allowed:
+                where = f"{key}.{name}" if key != "(top level)" else str(name)
+                if key == "(top level)" and name in RESERVED_KEYS:
+                    raise self.fail(
+                        where, "is reserved for a later version of ashstream and not supported yet"
+                    )
+                raise self.fail(
+                    where, f"unknown key; expected one of: {', '.join(sorted(allowed))}"
+                )
+        return value
+
+    def string(self, value: object, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, f"expected a non-empty string, got {_kind(value)}")
+        return value
+
+    def report(self, data: object, overrides: Mapping[str, Any]) -> Report:
+        if data is None:
+            raise self.fail(
+                "(top level)", "the file is empty; a report needs at least name and source"
+            )
+        top = self.mapping(
+            data,
+            "(top level)",
+            {"name", "title", "source", "params", "fields", "output", "pipeline"},
+        )
+        if "name" not in top:
+            raise self.fail("name", "missing; every report needs a name (letters, digits, _ and -)")
+        name = self.string(top["name"], "name")
+        if not NAME_RE.match(name):
+            raise self.fail("name", f"{name!r} is not an identifier (letters, digits, _ and -)")
+        title = top.get("title")
+        if title is not None:
+            title = self.string(title, "title")
+        if "source" not in top:
+            raise self.fail("source", "missing; give source.parquet or source.duckdb")
+        params = self.params(top.get("params"))
+        return Report(
+            path=self.file,
+            name=name,
+            title=title,
+            source=self.source(top["source"]),
+            params=params,
+            param_values=self.param_values(params, overrides),
+            fields=self.fields(top.get("fields")),
+            output=self.output(top.get("output")),
+            pipeline=self.pipeline(top.get("pipeline")),
+        )
+
+    # ---- source
+
+    def source(self, value: object) -> Source:
+        src = self.mapping(
+            value, "source", {"parquet", "duckdb", "where", "order_by", "count_rows"}
+        )
+        if ("parquet" in src) == ("duckdb" in src):
+            raise self.fail("source", "give exactly one of source.parquet and source.duckdb")
+        where = src.get("where")
+        if where is not None:
+            where = self.string(where, "source.where")
+        order_by = self.string_list(src.get("order_by", []), "source.order_by")
+        count_rows = src.get("count_rows", False)
+        if not isinstance(count_rows, bool):
+            raise self.fail("source.count_rows", f"expected true or false, got {count_rows!r}")
+        if "parquet" in src:
+            files = self.parquet_files(src["parquet"])
+            return Source(parquet=files, where=where, order_by=order_by, count_rows=count_rows)
+        db = self.mapping(src["duckdb"], "source.duckdb", {"database", "query"})
+        if "query" not in db:
+            raise self.fail("source.duckdb.query", "missing; give the SQL that produces the rows")
+        query = self.string(db["query"], "source.duckdb.query")
+        database = None
+        if db.get("database") is not None:
+            path = self.path(self.string(db["database"], "source.duckdb.database"))
+            if not path.is_file():
+                raise self.fail("source.duckdb.database", f"no such database file: {path}")
+            database = str(path)
+        return Source(
+            database=database, query=query, where=where, order_by=order_by, count_rows=count_rows
+        )
+
+    def string_list(self, value: object, key: str) -> tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise self.fail(key, f"expected a string or a list of strings, got {_kind(value)}")
+        return tuple(self.string(item, f"{key}[{i}]") for i, item in enumerate(items))
+
+    def path(self, text: str) -> Path:
+        path = Path(os.path.expanduser(text))
+        return path if path.is_absolute() else self.base_dir / path
+
+    def parquet_files(self, value: object) -> tuple[str, ...]:
+        files: list[str] = []
+        for i, pattern in enumerate(self.string_list(value, "source.parquet")):
+            key = "source.parquet" if isinstance(value, str) else f"source.parquet[{i}]"
+            path = self.path(pattern)
+            if path.is_dir():
+                found = sorted(glob.glob(str(path / "**" / "*.parquet"), recursive=True))
+                if not found:
+                    raise self.fail(key, f"the directory {path} holds no .parquet files")
+            elif glob.has_magic(pattern):
+                found = sorted(p for p in glob.glob(str(path), recursive=True) if os.path.isfile(p))
+                if not found:
+                    raise self.fail(key, f"no file matches {str(path)!r}")
+            elif path.is_file():
+                found = [str(path)]
+            else:
+                raise self.fail(key, f"no such Parquet file: {path}")
+            files += found
+        if not files:
+            raise self.fail("source.parquet", "expected at least one file, glob or directory")
+        return tuple(files)
+
+    # ---- params
+
+    def params(self, value: object) -> tuple[Param, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, dict):
+            raise self.fail("params", f"expected a mapping of parameter names, got {_kind(value)}")
+        params = []
+        for name, spec in value.items():
+            key = f"params.{name}"
+            if not isinstance(name, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise self.fail(key, "a parameter name must be a SQL identifier")
+            spec = self.mapping(spec, key, {"type", "default", "required"})
+            kind = spec.get("type")
+            if kind not in PARAM_TYPES:
+                raise self.fail(
+                    f"{key}.type", f"expected one of {', '.join(PARAM_TYPES)}, got {kind!r}"
+                )
+            required = spec.get("required", False)
+            if not isinstance(required, bool):
+                raise self.fail(f"{key}.required", f"expected true or false, got {required!r}")
+            param = Param(name, kind, required=required)
+            if "default" in spec:
+                default = parse_param(param, spec["default"], f"{self.file}: {key}.default")
+                param = Param(name, kind, default, required)
+            params.append(param)
+        return tuple(params)
+
+    def param_values(self, params: tuple[Param, ...], overrides: Mapping[str, Any]) -> dict:
+        declared = {p.name: p for p in params}
+        for name in overrides:
+            if name not in declared:
+                known = ", ".join(declared) or "none are declared"
+                raise ReportError(
+                    f"{self.file}: params: unknown parameter {name!r} (declared: {known})"
+                )
+        values = {}
+        for p in params:
+            if p.name in overrides:
+                values[p.name] = parse_param(p, overrides[p.name], f"{self.file}: params.{p.name}")
+            elif p.default is not None:
+                values[p.name] = p.default
+            elif p.required:
+                raise ReportError(
+                    f"{self.file}: params.{p.name}: required and not given "
+                    f"(pass --param {p.name}=VALUE)"
+                )
+            else:
+                values[p.name] = None
+        return values
+
+    # ---- fields, output, pipeline
+
+    def fields(self, value: object) -> tuple[Field, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not value:
+            raise self.fail("fields", f"expected a non-empty list of fields, got {_kind(value)}")
+        fields = []
+        for i, item in enumerate(value):
+            key = f"fields[{i}]"
+            if isinstance(item, str):
+                fields.append(Field(self.string(item, key), column=item))
+                continue
+            spec = self.mapping(item, key, {"name", "column", "expr"})
+            if "name" not in spec:
+                raise self.fail(f"{key}.name", "missing; every field needs a name")
+            name = self.string(spec["name"], f"{key}.name")
+            if ("column" in spec) == ("expr" in spec):
+                if "column" not in spec:
+                    fields.append(Field(name, column=name))
+                    continue
+                raise self.fail(key, "give either column or expr, not both")
+            if "column" in spec:
+                fields.append(Field(name, column=self.string(spec["column"], f"{key}.column")))
+            else:
+                fields.append(Field(name, expr=self.string(spec["expr"], f"{key}.expr")))
+        names = [f.name for f in fields]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise self.fail(f"fields[{i}].name", f"{name!r} is used twice")
+        return tuple(fields)
+
+    def output(self, value: object) -> Output:
+        if value is None:
+            return Output()
+        spec = self.mapping(value, "output", {"typst", "pdf", "template", "pdf_max_rows"})
+        paths = {}
+        for key in ("typst", "pdf", "template"):
+            if spec.get(key) is not None:
+                paths[key] = str(self.path(self.string(spec[key], f"output.{key}")))
+        if "template" in paths and not Path(paths["template"]).is_file():
+            raise self.fail("output.template", f"no such template file: {paths['template']}")
+        max_rows = spec.get("pdf_max_rows", DEFAULT_PDF_MAX_ROWS)
+        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 0:
+            raise self.fail(
+                "output.pdf_max_rows", f"expected a whole number >= 0, got {max_rows!r}"
+            )
+        return Output(pdf_max_rows=max_rows, **paths)
+
+    def pipeline(self, value: object) -> PipelineSettings:
+        if value is None:
+            return PipelineSettings()
+        spec = self.mapping(
+            value, "pipeline", {"chunk_size", "workers", "memory_limit", "timezone"}
+        )
+        chunk_size = spec.get("chunk_size", DEFAULT_CHUNK_SIZE)
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise self.fail(
+                "pipeline.chunk_size", f"expected a whole number >= 1, got {chunk_size!r}"
+            )
+        workers = spec.get("workers", "auto")
+        if workers == "auto":
+            workers = None
+        elif not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise self.fail(
+                "pipeline.workers", f"expected auto or a whole number >= 1, got {workers!r}"
+            )
+        memory_limit = None
+        if spec.get("memory_limit") is not None:
+            memory_limit = parse_size(spec["memory_limit"], f"{self.file}: pipeline.memory_limit")
+        timezone = self.string(spec.get("timezone", "UTC"), "pipeline.timezone")
+        try:
+            ZoneInfo(timezone)
+        except (ValueError, KeyError):
+            raise self.fail(
+                "pipeline.timezone", f"unknown time zone {timezone!r}; use an IANA name such as UTC"
+            ) from None
+        return PipelineSettings(chunk_size, workers, memory_limit, timezone)
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"

@@ -1,0 +1,201 @@
+"""The shared-memory arena: one POSIX segment of fixed-size slots per stream.
+
+The parent creates and unlinks every segment and registers it with multiprocessing's
+resource tracker, which unlinks it even if the parent is SIGKILLed. Children map it by
+name without registering, so no child's exit can unlink a segment still in use
+(cpython issue 82300) and no child can remove the parent's registration. Names carry a
+fixed prefix, the owner's pid and a run id, so segments of dead owners are swept at
+start-up.
+
+Batches travel as Arrow IPC streams written in place and read zero-copy; results travel
+as the UTF-8 text itself. Queues carry only slot numbers and sizes.
+"""
+
+from __future__ import annotations
+
+import _posixshmem  # the module multiprocessing.shared_memory is built on
+import contextlib
+import mmap
+import os
+import secrets
+from multiprocessing import resource_tracker
+
+import pyarrow as pa
+
+from ashstream.errors import ResourceError
+
+SEGMENT_PREFIX = "ashstream_"
+SHM_DIR = "/dev/shm"
+
+
+def segment_name(owner_pid: int | None = None) -> str:
+    """``ashstream_<pid>_<run id>``: under macOS's 31-character limit."""
+    return f"{SEGMENT_PREFIX}{owner_pid or os.getpid()}_{secrets.token_hex(4)}"
+
+
+def our_segments() -> list[str]:
+    """Names of the segments in /dev/shm that carry our prefix."""
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(SEGMENT_PREFIX))
+    except FileNotFoundError:
+        return []
+
+
+def sweep_stale_segments() -> list[str]:
+    """Unlink segments whose owner process no longer exists; returns their names."""
+    swept = []
+    for name in our_segments():
+        try:
+            pid = int(name[len(SEGMENT_PREFIX) :].split("_")[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            try:
+                _posixshmem.shm_unlink("/" + name)
+                swept.append(name)
+            except FileNotFoundError:
+                pass
+    return swept
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_free_space(nbytes: int) -> None:
+    """Refuse to start when /dev/shm cannot hold ``nbytes``: a write past a full tmpfs
+    kills the writer with SIGBUS instead of raising an error."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except FileNotFoundError:
+        raise ResourceError(
+            f"{SHM_DIR} does not exist; ashstream needs POSIX shared memory"
+        ) from None
+    free = st.f_bavail * st.f_frsize
+    if free < nbytes:
+        raise ResourceError(
+            f"{SHM_DIR} has {free / 2**20:.0f} MiB free but the stream needs "
+            f"{nbytes / 2**20:.0f} MiB of shared memory. In a container give it more "
+            "(docker run --shm-size=1g, or a memory-backed emptyDir in Kubernetes), "
+            "or use fewer workers or a smaller slot size."
+        )
+
+
+class Arena:
+    """``slots`` slots of ``slot_bytes`` each, in one mapping.
+
+    Created by the parent with :meth:`create`; mapped by children with :meth:`attach`.
+    """
+
+    def __init__(self, name: str, slot_bytes: int, slots: int, mapping: mmap.mmap, owner: bool):
+        self.name = name
+        self.slot_bytes = slot_bytes  # bytes per slot, a multiple of 64
+        self.slots = slots
+        self._mmap = mapping
+        self._owner = owner  # True in the parent: it unlinks
+        self._buffer = pa.py_buffer(mapping)  # one Arrow view of the whole mapping
+
+    @classmethod
+    def create(cls, slot_bytes: int, slots: int) -> Arena:
+        slot_bytes = -(-slot_bytes // 64) * 64
+        size = slot_bytes * slots
+        check_free_space(size)
+        name = segment_name()
+        fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+        try:
+            resource_tracker.register("/" + name, "shared_memory")
+            os.ftruncate(fd, size)
+            mapping = mmap.mmap(fd, size)
+        except BaseException:
+            _posixshmem.shm_unlink("/" + name)
+            resource_tracker.unregister("/" + name, "shared_memory")
+            raise
+        finally:
+            os.close(fd)
+        return cls(name, slot_bytes, slots, mapping, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, slot_bytes: int, slots: int) -> Arena:
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+        try:
+            mapping = mmap.mmap(fd, slot_bytes * slots)
+        finally:
+            os.close(fd)
+        return cls(name, slot_bytes, slots, mapping, owner=False)
+
+    @property
+    def size_bytes(self) -> int:
+        return self.slot_bytes * self.slots
+
+    def resident_bytes(self) -> int:
+        """Shared memory the segment really uses: tmpfs allocates pages on first touch."""
+        try:
+            return os.stat(os.path.join(SHM_DIR, self.name)).st_blocks * 512
+        except FileNotFoundError:
+            return 0
+
+    def slot_buffer(self, slot: int, nbytes: int | None = None) -> pa.Buffer:
+        """A zero-copy Arrow view of a slot (or of its first ``nbytes``)."""
+        return self._buffer.slice(
+            slot * self.slot_bytes, self.slot_bytes if nbytes is None else nbytes
+        )
+
+    # ---- batches (producer writes, transformer reads)
+
+    def write_batch(self, slot: int, batch: pa.RecordBatch) -> int | None:
+        """Write ``batch`` as an Arrow IPC stream into ``slot``; its size, or None when
+        it does not fit."""
+        size = ipc_size(batch)
+        if size > self.slot_bytes:
+            return None
+        start = slot * self.slot_bytes  # Buffer.slice() loses mutability; slice the mmap
+        sink = pa.FixedSizeBufferWriter(pa.py_buffer(memoryview(self._mmap)[start : start + size]))
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        return size
+
+    def read_batch(self, slot: int, nbytes: int) -> pa.RecordBatch:
+        """The batch in ``slot``, zero-copy: drop it before the arena is closed."""
+        return pa.ipc.open_stream(self.slot_buffer(slot, nbytes)).read_next_batch()
+
+    # ---- text (transformer writes, parent reads)
+
+    def write_bytes(self, slot: int, data: pa.Buffer | bytes) -> bool:
+        if len(data) > self.slot_bytes:
+            return False
+        start = slot * self.slot_bytes
+        self._mmap[start : start + len(data)] = memoryview(data)
+        return True
+
+    def read_bytes(self, slot: int, nbytes: int) -> bytes:
+        start = slot * self.slot_bytes
+        return self._mmap[start : start + nbytes]
+
+    # ---- lifetime
+
+    def close(self) -> None:
+        """Unmap (and, in the parent, unlink). Every Arrow view must be gone by now."""
+        self._buffer = None
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # a view is still alive somewhere; the mapping goes with the process
+        if self._owner:
+            self._owner = False
+            with contextlib.suppress(FileNotFoundError):
+                _posixshmem.shm_unlink("/" + self.name)
+            resource_tracker.unregister("/" + self.name, "shared_memory")
+
+
+def ipc_size(batch: pa.RecordBatch) -> int:
+    """Bytes of ``batch`` as a complete IPC stream (schema, batch, end marker)."""
+    sink = pa.MockOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.size()

@@ -1,0 +1,165 @@
+"""Open the report's DuckDB query or Parquet files and read them as Arrow record batches.
+
+Runs only inside a producer process: DuckDB starts threads as soon as it is used, and a
+process with threads must not fork, so the parent never imports it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from ashstream.errors import ReportError, SourceError
+from ashstream.report import Report
+
+# DuckDB threads in the producer: the transformers need the cores; reading and ordering
+# is a small part of the work.
+PRODUCER_DUCKDB_THREADS = 1
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def base_relation_sql(report: Report) -> str:
+    """The source before fields, where and order_by are applied."""
+    src = report.source
+    if src.parquet:
+        files = ", ".join(quote_literal(p) for p in src.parquet)
+        return f"SELECT * FROM read_parquet([{files}])"
+    return src.query.strip().rstrip(";")
+
+
+def source_sql(report: Report) -> str:
+    """The one SQL statement the producer runs."""
+    src = report.source
+    if report.fields:
+        select = ", ".join(
+            f"{quote_identifier(f.column)} AS {quote_identifier(f.name)}"
+            if f.column is not None
+            else f"({f.expr}) AS {quote_identifier(f.name)}"
+            for f in report.fields
+        )
+    else:
+        select = "*"
+    sql = f"SELECT {select} FROM ({base_relation_sql(report)}) AS source"
+    if src.where:
+        sql += f" WHERE {src.where}"
+    if src.order_by:
+        sql += " ORDER BY " + ", ".join(src.order_by)
+    return sql
+
+
+def bound_params(sql: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters that ``sql`` names as ``$name`` (DuckDB refuses extra ones)."""
+    used = set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", sql))
+    return {name: value for name, value in values.items() if name in used}
+
+
+@dataclass
+class OpenSource:
+    schema: pa.Schema
+    total_rows: int | None
+    batches: Iterator[pa.RecordBatch]
+
+
+def open_source(report: Report, rows_per_batch: int) -> OpenSource:
+    """Connect, check the fields against the source, and start streaming.
+
+    Raises:
+        ReportError: the SQL does not parse or bind, or a field names a missing column.
+        SourceError: the source cannot be opened or read.
+    """
+    import duckdb
+
+    src = report.source
+    try:
+        con = duckdb.connect(src.database or ":memory:", read_only=src.database is not None)
+    except duckdb.Error as exc:
+        raise SourceError(
+            f"{report.path}: cannot open DuckDB database {src.database}: {exc}"
+        ) from None
+    con.execute(f"SET threads = {PRODUCER_DUCKDB_THREADS}")
+    con.execute("SET enable_progress_bar = false")  # it would draw on our terminal
+    base = base_relation_sql(report)
+    params = report.param_values
+    _check_fields(con, report, base, params)
+    sql = source_sql(report)
+    try:
+        relation = con.sql(sql, params=bound_params(sql, params))
+        schema = relation.limit(0).to_arrow_table().schema
+    except duckdb.Error as exc:
+        raise _query_error(report, exc, sql) from None
+    total = _total_rows(con, report, sql, params)
+    return OpenSource(schema, total, _read(con, relation, rows_per_batch, report))
+
+
+def _check_fields(con: Any, report: Report, base: str, params: Mapping[str, Any]) -> None:
+    import duckdb
+
+    try:
+        columns = con.sql(base, params=bound_params(base, params)).columns
+    except duckdb.Error as exc:
+        raise _query_error(report, exc, base) from None
+    for i, f in enumerate(report.fields):
+        if f.column is not None and f.column not in columns:
+            raise ReportError(
+                f"{report.path}: fields[{i}]: the source has no column {f.column!r} "
+                f"(it has: {', '.join(columns)})"
+            )
+
+
+def _query_error(report: Report, exc: Exception, sql: str) -> Exception:
+    import duckdb
+
+    first_line = str(exc).strip()
+    if isinstance(exc, duckdb.ParserException | duckdb.BinderException | duckdb.CatalogException):
+        return ReportError(
+            f"{report.path}: source: DuckDB cannot run the report's SQL: {first_line}\n  SQL: {sql}"
+        )
+    if isinstance(exc, duckdb.InvalidInputException) and "arameter" in first_line:
+        return ReportError(f"{report.path}: params: {first_line}")
+    return SourceError(f"{report.path}: source: {first_line}")
+
+
+def _total_rows(con: Any, report: Report, sql: str, params: Mapping[str, Any]) -> int | None:
+    """Rows the stream will yield, when that is cheap (or asked for with count_rows)."""
+    src = report.source
+    if src.parquet and not src.where:
+        import pyarrow.parquet as pq
+
+        try:
+            return sum(pq.ParquetFile(p).metadata.num_rows for p in src.parquet)
+        except (OSError, pa.ArrowException):
+            return None  # the read itself will report the broken file
+    if src.count_rows:
+        count_sql = f"SELECT count(*) FROM ({sql}) AS counted"
+        return con.sql(count_sql, params=bound_params(count_sql, params)).fetchall()[0][0]
+    return None
+
+
+def _read(con: Any, relation: Any, rows_per_batch: int, report: Report) -> Iterator[pa.RecordBatch]:
+    import duckdb
+
+    rows = 0
+    try:
+        reader = relation.to_arrow_reader(batch_size=rows_per_batch)
+        for batch in reader:
+            if batch.num_rows:
+                rows += batch.num_rows
+                yield batch
+    except (duckdb.Error, OSError, pa.ArrowException) as exc:
+        # Errors raised while DuckDB fills the Arrow stream arrive as Arrow's OSError.
+        raise SourceError(
+            f"{report.path}: source: reading failed after {rows} rows: {str(exc).strip()}"
+        ) from None
+    finally:
+        con.close()

@@ -1,0 +1,551 @@
+"""The only module that starts, signals and joins processes; it runs the dispatcher.
+
+::
+
+    caller thread                 dispatcher thread "ashstream-dispatch"        children
+    -------------                 ---------------------------------------        --------
+                                  BatchReady  -> stream.ready        <--pipe--  producer
+                                  SlotCredit  (input slot freed)     --pipe-->  (one per stream)
+                                  Task(seq, in slot, out slot)       --pipe-->  transformer 0..N-1
+    next_chunk() <--condition---  TaskDone    -> stream.done[seq]    <--pipe--  (shared by all streams)
+      reads the out slot, frees it, wakes the dispatcher
+
+**Dispatcher.** One thread owns the parent's end of every pipe, so no two threads ever
+write to one pipe. It waits on the pipes, on every child's sentinel (a dead child is
+noticed at once, not by polling) and on a wake-up pipe the callers poke.
+
+**Slots and backpressure.** Each stream has an arena of ``2 * window`` slots: inputs and
+results. The producer may write only into input slots it holds credit for; an input slot
+comes back to it when its result is safe in a result slot. A result slot is given to a
+chunk at dispatch and freed when the caller has copied the text out. Chunks are
+dispatched in ``seq`` order per stream, so the oldest undelivered chunk always holds a
+result slot: the reorder window is bounded by the arena and cannot deadlock.
+
+**Crashes.** A chunk stays in its input slot until its result exists, so the tasks of a
+transformer that dies are dispatched again (keeping their result slots) to a
+replacement process; a chunk that has killed ``MAX_CHUNK_KILLS`` transformers fails its
+stream, naming its rows. A producer that dies before the end fails its stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import multiprocessing as mp
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from ashstream import errors
+from ashstream.encode import EncodeStats
+from ashstream.errors import AshstreamError, PipelineError, WorkerCrashed
+from ashstream.pipeline.comms import (
+    READY,
+    STOP,
+    ArenaRef,
+    BatchReady,
+    ProducerJob,
+    ReleaseArena,
+    SlotCredit,
+    SourceDone,
+    SourceOpened,
+    StageFailed,
+    Task,
+    TaskDone,
+)
+from ashstream.pipeline.producer import run_producer
+from ashstream.pipeline.worker import run_worker
+from ashstream.registry import Registry
+from ashstream.report import Report
+from ashstream.shm import Arena, sweep_stale_segments
+
+# Tasks handed to one transformer before it finishes the first: 2 hides the round trip
+# through the dispatcher without letting one slow transformer hoard chunks.
+TASKS_PER_WORKER = 2
+# Chunks a stream may have in flight beyond one per transformer; each costs two slots.
+EXTRA_WINDOW = 2
+MAX_CHUNK_KILLS = 3  # as Dask's allowed-failures: a poison chunk is not retried forever
+START_TIMEOUT_S = 60.0
+JOIN_TIMEOUT_S = 1.0
+
+
+@dataclass
+class Chunk:
+    """A run of consecutive rows, encoded: each row's Typst dictionary and ``,\\n``."""
+
+    seq: int
+    first_row: int
+    num_rows: int
+    text: bytes
+
+    def rows(self) -> list[str]:
+        """One Typst dictionary literal per row (literals never hold a raw newline)."""
+        return self.text.decode("utf-8").split(",\n")[:-1]
+
+
+@dataclass
+class _Worker:
+    worker_id: int  # the slot number 0..N-1, kept across restarts
+    process: BaseProcess
+    conn: Connection
+    ready: bool = False
+    tasks: list[tuple[str, int]] = field(default_factory=list)  # (stream id, seq), in flight
+
+
+class StreamState:
+    """Everything the parent knows about one stream. Guarded by the supervisor's lock."""
+
+    def __init__(self, stream_id: str, report: Report, chunk_size: int, arena: Arena, window: int):
+        self.id = stream_id
+        self.report = report
+        self.chunk_size = chunk_size
+        self.arena = arena
+        self.arena_ref = ArenaRef(arena.name, arena.slot_bytes, arena.slots)
+        self.input_slots = tuple(range(window))
+        self.result_free: deque[int] = deque(range(window, 2 * window))
+        self.producer: BaseProcess | None = None
+        self.producer_conn: Connection | None = None
+        self.producer_watched = True  # the dispatcher still waits on the producer
+        self.source_done = False
+        self.ready: deque[BatchReady] = deque()  # produced, not dispatched, in seq order
+        self.retry: deque[tuple[BatchReady, int]] = deque()  # a dead transformer's chunks
+        self.in_flight: dict[int, tuple[BatchReady, int]] = {}  # seq -> (batch, out slot)
+        self.kills: dict[int, int] = {}  # seq -> transformers that died holding it
+        self.done: dict[int, tuple[int, TaskDone]] = {}  # seq -> (first row, result)
+        self.next_seq = 0  # the next chunk the caller gets
+        self.total_chunks: int | None = None
+        self.columns: tuple[str, ...] | None = None
+        self.total_rows: int | None = None
+        self.rows = 0
+        self.chunks = 0
+        self.bytes = 0
+        self.restarts = 0
+        self.lossy = EncodeStats()
+        self.error: AshstreamError | None = None
+        self.status = "starting"
+        self.started_at = time.time()
+        self.finished_at: float | None = None
+        self.closing = False
+        self.released = threading.Event()
+
+    def registry_entry(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "report": self.report.name,
+            "status": self.status,
+            "rows": self.rows,
+            "chunks": self.chunks,
+            "bytes": self.bytes,
+            "total_rows": self.total_rows,
+            "restarts": self.restarts,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "pids": {"producer": self.producer.pid if self.producer else None},
+            "error": str(self.error) if self.error else None,
+        }
+
+
+class Supervisor:
+    """Owns the transformer processes, the producers, the arenas and the dispatcher."""
+
+    def __init__(self, workers: int, slot_bytes: int, start_method: str) -> None:
+        self.ctx = mp.get_context(start_method)
+        self.n_workers = workers
+        self.slot_bytes = slot_bytes
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._streams: dict[str, StreamState] = {}
+        self._workers: list[_Worker] = []
+        self._spare: tuple[BaseProcess, Connection] | None = None  # a producer, warmed up
+        self._wake_r, self._wake_w = self.ctx.Pipe(duplex=False)
+        self._commands: deque = deque()  # run by the dispatcher, under the lock
+        self._stopping = False
+        self._rr = itertools.count()  # round robin over streams
+        self._thread: threading.Thread | None = None
+        self.registry: Registry | None = None
+
+    # ------------------------------------------------------------------ lifetime
+
+    def start(self) -> None:
+        sweep_stale_segments()
+        self.registry = Registry(self.ctx)
+        self._workers = [self._start_worker(i) for i in range(self.n_workers)]
+        self._spare = self._start_producer()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for worker in self._workers:  # no chunk is read before every transformer is up
+            if not worker.conn.poll(max(0.0, deadline - time.monotonic())):
+                raise PipelineError("transformer processes did not start within 60 s")
+            worker.ready = worker.conn.recv() == READY
+        self._thread = threading.Thread(target=self._run, name="ashstream-dispatch", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            self.close_stream(stream, "cancelled")
+        with self._lock:
+            self._stopping = True
+            self._wake()
+        if self._thread is not None:
+            self._thread.join(5)
+        children = [(w.process, w.conn) for w in self._workers]
+        if self._spare is not None:
+            children.append(self._spare)
+        for _, conn in children:
+            with contextlib.suppress(OSError):
+                conn.send(STOP)
+        for process, conn in children:
+            _stop_process(process)
+            conn.close()
+        self._workers = []
+        self._spare = None
+        if self.registry is not None:
+            self.registry.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _start_worker(self, worker_id: int) -> _Worker:
+        parent_end, child_end = self.ctx.Pipe()
+        process = self.ctx.Process(
+            target=run_worker,
+            args=(worker_id, child_end),
+            name=f"ashstream-transformer-{worker_id}",
+            daemon=True,
+        )
+        process.start()
+        child_end.close()
+        return _Worker(worker_id, process, parent_end)
+
+    def _start_producer(self) -> tuple[BaseProcess, Connection]:
+        parent_end, child_end = self.ctx.Pipe()
+        process = self.ctx.Process(
+            target=run_producer, args=(child_end,), name="ashstream-producer", daemon=True
+        )
+        process.start()
+        child_end.close()
+        return process, parent_end
+
+    def worker_pids(self) -> list[int]:
+        with self._lock:
+            return [w.process.pid for w in self._workers]
+
+    def busy_workers(self) -> int:
+        with self._lock:
+            return sum(1 for w in self._workers if w.tasks)
+
+    # ------------------------------------------------------------------- streams
+
+    def open_stream(self, report: Report, chunk_size: int) -> StreamState:
+        window = self.n_workers + EXTRA_WINDOW
+        arena = Arena.create(self.slot_bytes, 2 * window)
+        stream = StreamState(secrets.token_hex(4), report, chunk_size, arena, window)
+        with self._lock:
+            process, conn = self._spare or self._start_producer()
+            self._spare = None
+        # The dispatcher does not know this pipe yet, so this thread may write to it.
+        conn.send(ProducerJob(stream.id, report, chunk_size, stream.arena_ref, stream.input_slots))
+        stream.producer, stream.producer_conn = process, conn
+        with self._lock:
+            self._streams[stream.id] = stream
+            self._wake()
+        self.registry.put(stream.id, stream.registry_entry())
+        spare = self._start_producer()  # warm up the next stream's producer
+        with self._lock:
+            if self._spare is None and not self._stopping:
+                self._spare, spare = spare, None
+        if spare is not None:
+            spare[1].send(STOP)
+            _stop_process(spare[0])
+        return stream
+
+    def next_chunk(self, stream: StreamState) -> Chunk | None:
+        """The next chunk in source order, or None at the end. Runs in the caller's thread."""
+        with self._cond:
+            while True:
+                if stream.error is not None:
+                    raise stream.error
+                if stream.next_seq in stream.done:
+                    first_row, result = stream.done.pop(stream.next_seq)
+                    break
+                if stream.total_chunks is not None and stream.next_seq >= stream.total_chunks:
+                    return None
+                if self._stopping:
+                    raise PipelineError("the pool was closed while a stream was running")
+                self._cond.wait(0.5)
+        # The slot stays this stream's until it is freed below, so read without the lock.
+        if result.inline is not None:
+            text = result.inline
+        else:
+            text = stream.arena.read_bytes(result.out_slot, result.nbytes)
+        with self._cond:
+            stream.result_free.append(result.out_slot)
+            stream.next_seq += 1
+            stream.rows += result.rows
+            stream.chunks += 1
+            stream.bytes += len(text)
+            for column, reason, n in result.lossy:
+                stream.lossy.add(column, reason, n)
+            self._wake()
+        return Chunk(result.seq, first_row, result.rows, text)
+
+    def close_stream(self, stream: StreamState, status: str) -> None:
+        """Stop the stream's producer, release its arena everywhere, record its status.
+
+        Runs in the caller's thread; returns when nothing of the stream is left."""
+        with self._lock:
+            if stream.closing:
+                return
+            stream.closing = True
+            if stream.error is None:
+                stream.status = status
+            stream.finished_at = time.time()
+            self._commands.append(lambda: self._release(stream))
+            self._wake()
+            dispatcher_alive = self._thread is not None and self._thread.is_alive()
+        if dispatcher_alive:
+            stream.released.wait(5)
+        if stream.producer is not None:
+            _stop_process(stream.producer)
+        if stream.producer_conn is not None:
+            stream.producer_conn.close()
+        stream.arena.close()
+        with self._lock:
+            self._streams.pop(stream.id, None)
+        self.registry.put(stream.id, stream.registry_entry())
+
+    def _release(self, stream: StreamState) -> None:
+        """Dispatcher side of close_stream: tell the children, stop waiting on the producer."""
+        if stream.producer_conn is not None and stream.producer_watched:
+            with contextlib.suppress(OSError):
+                stream.producer_conn.send(STOP)
+        stream.producer_watched = False
+        for worker in self._workers:
+            with contextlib.suppress(OSError):
+                worker.conn.send(ReleaseArena(stream.arena.name))
+        stream.released.set()
+
+    def publish(self) -> None:
+        """Copy every running stream's counters to the registry (the health loop calls it)."""
+        with self._lock:
+            entries = [s.registry_entry() for s in self._streams.values()]
+        for entry in entries:
+            self.registry.put(entry["id"], entry)
+
+    def streams(self) -> list[StreamState]:
+        with self._lock:
+            return list(self._streams.values())
+
+    # ---------------------------------------------------------------- dispatcher
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send_bytes(b"!")
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                handlers = self._handlers()
+            ready = wait(list(handlers), timeout=0.5)
+            with self._lock:
+                for obj in ready:
+                    handlers[obj]()
+                while self._commands:
+                    self._commands.popleft()()
+                self._schedule()
+                self._cond.notify_all()
+
+    def _handlers(self) -> dict[Any, Any]:
+        handlers: dict[Any, Any] = {self._wake_r: self._drain_wakeups}
+        for worker in self._workers:
+            handlers[worker.conn] = lambda w=worker: self._on_worker_message(w)
+            handlers[worker.process.sentinel] = lambda w=worker: self._on_worker_exit(w)
+        for stream in self._streams.values():
+            if stream.producer_watched:
+                handlers[stream.producer_conn] = lambda s=stream: self._on_producer_message(s)
+                handlers[stream.producer.sentinel] = lambda s=stream: self._on_producer_exit(s)
+        return handlers
+
+    def _drain_wakeups(self) -> None:
+        while self._wake_r.poll():
+            self._wake_r.recv_bytes()
+
+    def _schedule(self) -> None:
+        for worker in sorted(self._workers, key=lambda w: len(w.tasks)):
+            while worker.ready and len(worker.tasks) < TASKS_PER_WORKER:
+                picked = self._next_task()
+                if picked is None:
+                    return
+                stream, batch, out_slot = picked
+                task = Task(
+                    stream.id,
+                    stream.arena_ref,
+                    batch.seq,
+                    batch.slot,
+                    batch.nbytes,
+                    out_slot,
+                    stream.report.pipeline.timezone,
+                    batch.inline,
+                )
+                try:
+                    worker.conn.send(task)
+                except OSError:  # it died; its sentinel will bring the task back
+                    pass
+                worker.tasks.append((stream.id, batch.seq))
+                stream.in_flight[batch.seq] = (batch, out_slot)
+
+    def _next_task(self) -> tuple[StreamState, BatchReady, int] | None:
+        streams = [s for s in self._streams.values() if not s.closing and s.error is None]
+        if not streams:
+            return None
+        start = next(self._rr) % len(streams)
+        for stream in streams[start:] + streams[:start]:
+            if stream.retry:
+                batch, out_slot = stream.retry.popleft()
+                return stream, batch, out_slot
+            if stream.ready and stream.result_free:
+                return stream, stream.ready.popleft(), stream.result_free.popleft()
+        return None
+
+    # ---- producer events
+
+    def _on_producer_message(self, stream: StreamState) -> None:
+        try:
+            message = stream.producer_conn.recv()
+        except (EOFError, OSError):
+            self._on_producer_exit(stream)
+            return
+        self._handle_producer_message(stream, message)
+
+    def _on_producer_exit(self, stream: StreamState) -> None:
+        if not stream.producer_watched:
+            return
+        while stream.producer_conn.poll():  # what it said before it went still counts
+            try:
+                message = stream.producer_conn.recv()
+            except (EOFError, OSError):
+                break
+            self._handle_producer_message(stream, message)
+        stream.producer_watched = False
+        if not stream.source_done and stream.error is None and not stream.closing:
+            stream.producer.join(JOIN_TIMEOUT_S)  # reap it, for its exit code
+            code = stream.producer.exitcode
+            self._fail(
+                stream,
+                WorkerCrashed(
+                    f"the producer process of stream {stream.id} died (exit code {code}); "
+                    "if the system was out of memory, lower chunk_size or the number of workers"
+                ),
+            )
+
+    def _handle_producer_message(self, stream: StreamState, message: object) -> None:
+        if isinstance(message, BatchReady):
+            stream.ready.append(message)
+        elif isinstance(message, SourceOpened):
+            stream.columns, stream.total_rows = message.columns, message.total_rows
+            stream.status = "running"
+        elif isinstance(message, SourceDone):
+            stream.total_chunks = message.chunks
+            stream.source_done = True
+        elif isinstance(message, StageFailed):
+            self._fail(stream, _error_from(message))
+
+    # ---- transformer events
+
+    def _on_worker_message(self, worker: _Worker) -> bool:
+        """Handle one message; False when the pipe is closed (the sentinel reports why)."""
+        try:
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            return False
+        if message == READY:
+            worker.ready = True
+        elif isinstance(message, TaskDone | StageFailed):
+            self._on_task_result(worker, message)
+        return True
+
+    def _on_task_result(self, worker: _Worker, message: TaskDone | StageFailed) -> None:
+        key = (message.stream_id, message.seq)
+        if key in worker.tasks:
+            worker.tasks.remove(key)
+        stream = self._streams.get(message.stream_id)
+        if stream is None or stream.closing or message.seq not in stream.in_flight:
+            return  # a cancelled or failed stream's late result
+        batch, _ = stream.in_flight.pop(message.seq)
+        if isinstance(message, StageFailed):
+            self._fail(stream, _error_from(message))
+            return
+        stream.done[message.seq] = (batch.first_row, message)
+        if batch.slot is not None and not stream.source_done and stream.producer_watched:
+            with contextlib.suppress(OSError):
+                stream.producer_conn.send(SlotCredit(batch.slot))
+
+    def _on_worker_exit(self, worker: _Worker) -> None:
+        while worker.conn.poll() and self._on_worker_message(worker):
+            pass  # results it sent before dying still count
+        worker.process.join(JOIN_TIMEOUT_S)  # reap it, for its exit code
+        code = worker.process.exitcode
+        worker.conn.close()
+        lost = list(worker.tasks)
+        replacement = self._start_worker(worker.worker_id)
+        worker.process, worker.conn, worker.ready, worker.tasks = (
+            replacement.process,
+            replacement.conn,
+            False,
+            [],
+        )
+        for stream_id, seq in lost:
+            stream = self._streams.get(stream_id)
+            if stream is None or stream.closing or seq not in stream.in_flight:
+                continue
+            batch, out_slot = stream.in_flight.pop(seq)
+            stream.restarts += 1
+            stream.kills[seq] = stream.kills.get(seq, 0) + 1
+            if stream.kills[seq] >= MAX_CHUNK_KILLS:
+                last = batch.first_row + batch.rows - 1
+                self._fail(
+                    stream,
+                    WorkerCrashed(
+                        f"chunk {seq} (rows {batch.first_row}..{last}) killed "
+                        f"{MAX_CHUNK_KILLS} transformer processes (last exit code {code}); "
+                        "it is not retried again"
+                    ),
+                )
+                continue
+            stream.retry.append((batch, out_slot))
+            stream.retry = deque(sorted(stream.retry, key=lambda item: item[0].seq))
+
+    def _fail(self, stream: StreamState, error: AshstreamError) -> None:
+        if stream.error is None:
+            stream.error = error
+            stream.status = "failed"
+
+
+def _error_from(message: StageFailed) -> AshstreamError:
+    cls = getattr(errors, message.kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, AshstreamError)):
+        cls = PipelineError
+    return cls(message.message)
+
+
+def _stop_process(process: BaseProcess) -> None:
+    """Join, then SIGTERM, then SIGKILL: a child never outlives this call."""
+    process.join(JOIN_TIMEOUT_S)
+    if process.is_alive():
+        process.terminate()
+        process.join(JOIN_TIMEOUT_S)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)))

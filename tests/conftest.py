@@ -1,0 +1,77 @@
+"""Shared fixtures: leak checks around every test, pools, and small generated sources."""
+
+from __future__ import annotations
+
+import multiprocessing
+import textwrap
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+from ashstream import StreamPool
+from ashstream.shm import our_segments
+
+# One mixed table for the pipeline tests: escapes, nulls, dates, decimals, nested values.
+MIXED_SQL = """
+SELECT
+    i AS id,
+    CASE WHEN i % 7 = 0 THEN NULL ELSE 'row "' || i || '"' || chr(10) || '\\tab' END AS name,
+    ['a', 'b', 'c'][1 + (i % 3)::INT] AS letter,
+    (i * 1.25)::DECIMAL(10, 2) AS amount,
+    i / 3.0 AS ratio,
+    DATE '2024-01-01' + (i % 400)::INT AS day,
+    TIMESTAMP '1969-12-31 23:59:00' + to_microseconds(i * 1234567) AS at,
+    i % 2 = 0 AS even,
+    CASE WHEN i % 5 = 0 THEN NULL ELSE [i, i + 1] END AS pair,
+    {'k': i % 4, 's': 'x' || i} AS info
+FROM range({rows}) t(i)
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_segment_leaks():
+    """Every test leaves /dev/shm as it found it."""
+    before = set(our_segments())
+    yield
+    leaked = set(our_segments()) - before
+    assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_leaks():
+    yield
+    left = [p for p in multiprocessing.active_children() if p.name.startswith("ashstream")]
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="session")
+def pools():
+    """Pools by worker count, started on first use and shared by the session."""
+    started: dict[int, StreamPool] = {}
+
+    def get(workers: int) -> StreamPool:
+        if workers not in started:
+            started[workers] = StreamPool(workers)
+            started[workers].open()
+        return started[workers]
+
+    yield get
+    for pool in started.values():
+        pool.close()
+
+
+def write_report(directory: Path, text: str | dict, name: str = "report.yaml") -> Path:
+    """Write a report definition (YAML text, or a mapping dumped as YAML)."""
+    path = directory / name
+    path.write_text(textwrap.dedent(text) if isinstance(text, str) else yaml.safe_dump(text))
+    return path
+
+
+def mixed_sql(rows: int) -> str:
+    return MIXED_SQL.replace("{rows}", str(rows))
+
+
+def mixed_table(rows: int):
+    return duckdb.connect().sql(mixed_sql(rows)).to_arrow_table()

@@ -1,0 +1,258 @@
+"""The streaming engine with real processes, real shared memory and real DuckDB."""
+
+from __future__ import annotations
+
+import threading
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ashstream import (
+    EncodeError,
+    ReportError,
+    SourceError,
+    StreamPool,
+    encode_rows,
+    load_report,
+)
+from ashstream.shm import our_segments
+from tests.conftest import mixed_sql, mixed_table, write_report
+
+pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
+
+
+def expected_text(table: pa.Table) -> bytes:
+    return "".join(row + ",\n" for row in encode_rows(table).to_pylist()).encode()
+
+
+def collect(chunks) -> tuple[bytes, list]:
+    chunks = list(chunks)
+    return b"".join(c.text for c in chunks), chunks
+
+
+def assert_ordered(chunks) -> None:
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    first = 0
+    for c in chunks:
+        assert c.first_row == first
+        assert len(c.rows()) == c.num_rows
+        first += c.num_rows
+
+
+@pytest.fixture(scope="module")
+def mixed_report(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("mixed")
+    spec = {"name": "mixed", "source": {"duckdb": {"query": mixed_sql(3000)}}}
+    return load_report(write_report(directory, spec))
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3], ids=lambda w: f"{w}-workers")
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000, 65536], ids=lambda c: f"chunk-{c}")
+def test_ordered_output_equals_single_process_encoding(pools, mixed_report, workers, chunk_size):
+    text, chunks = collect(pools(workers).stream(mixed_report, chunk_size=chunk_size))
+    assert text == expected_text(mixed_table(3000))
+    assert_ordered(chunks)
+    assert max(c.num_rows for c in chunks) <= chunk_size
+
+
+def _parquet_files(directory, parts: int = 3, rows: int = 500):
+    table = mixed_table(parts * rows).drop_columns(["pair", "info"])
+    paths = []
+    for i in range(parts):
+        path = directory / f"part-{i}.parquet"
+        pq.write_table(table.slice(i * rows, rows), path)
+        paths.append(path)
+    return table, paths
+
+
+@pytest.mark.parametrize("form", ["file", "glob", "directory", "list"])
+def test_parquet_sources(pools, tmp_path, form):
+    data = tmp_path / "data"
+    data.mkdir()
+    table, paths = _parquet_files(data)
+    spec = {
+        "file": "data/part-0.parquet",
+        "glob": "data/part-*.parquet",
+        "directory": "data",
+        "list": "[data/part-0.parquet, data/part-1.parquet, data/part-2.parquet]",
+    }[form]
+    report = write_report(tmp_path, f"name: p\nsource:\n  parquet: {spec}\n")
+    handle = pools(2).start(report, chunk_size=128)
+    text, chunks = collect(handle)
+    want = table.slice(0, 500) if form == "file" else table
+    assert text == expected_text(want)
+    assert handle.total_rows == want.num_rows  # from Parquet metadata
+    assert_ordered(chunks)
+
+
+def test_duckdb_query_with_params_where_order_by_and_fields(pools, tmp_path):
+    import duckdb
+
+    db = tmp_path / "shop.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute(
+        "CREATE TABLE orders AS SELECT i AS id, 'c' || (i % 10) AS customer_name, "
+        "TIMESTAMP '2024-01-01' + to_microseconds(i * 3600000000) AS created_at, "
+        "(i % 13) - 3 AS amount FROM range(2000) t(i)"
+    )
+    con.close()
+    report = write_report(
+        tmp_path,
+        """
+        name: orders
+        source:
+          duckdb:
+            database: shop.duckdb
+            query: "SELECT * FROM orders WHERE created_at >= $start"
+          where: amount > $min_amount
+          order_by: [customer_name, id DESC]
+          count_rows: true
+        params:
+          start: {type: datetime, default: 2024-01-10}
+          min_amount: {type: int, default: 0}
+        fields:
+          - id
+          - {name: customer, column: customer_name}
+          - {name: day, expr: "CAST(created_at AS DATE)"}
+          - amount
+        """,
+    )
+    handle = pools(2).start(report, chunk_size=100, params={"min_amount": "5"})
+    text, chunks = collect(handle)
+    expected = (
+        duckdb.connect(str(db), read_only=True)
+        .sql(
+            "SELECT id, customer_name AS customer, CAST(created_at AS DATE) AS day, amount "
+            "FROM orders WHERE created_at >= TIMESTAMP '2024-01-10' AND amount > 5 "
+            "ORDER BY customer_name, id DESC"
+        )
+        .to_arrow_table()
+    )
+    assert expected.num_rows > 100
+    assert text == expected_text(expected)
+    assert handle.total_rows == expected.num_rows  # count_rows: true
+    assert handle.columns == ("id", "customer", "day", "amount")
+
+
+def test_empty_source_and_one_row(pools, tmp_path):
+    empty = write_report(
+        tmp_path, 'name: e\nsource: {duckdb: {query: "SELECT 1 AS a WHERE false"}}\n'
+    )
+    assert list(pools(2).stream(empty)) == []
+    one = write_report(
+        tmp_path, "name: o\nsource: {duckdb: {query: \"SELECT 'x' AS a\"}}\n", "one.yaml"
+    )
+    chunks = list(pools(2).stream(one))
+    assert [c.rows() for c in chunks] == [['("a": "x")']]
+
+
+def test_batches_and_rows_bigger_than_a_slot(tmp_path):
+    slot = 64 * 1024
+    report = write_report(
+        tmp_path,
+        f"""
+        name: big
+        source:
+          duckdb:
+            query: >
+              SELECT i, repeat('x', CASE WHEN i = 5 THEN {3 * slot} ELSE 100 END) AS s
+              FROM range(3000) t(i)
+        """,
+    )
+    with StreamPool(2, slot_bytes=slot) as pool:
+        text, chunks = collect(pool.stream(report, chunk_size=65536))
+    import duckdb
+
+    table = duckdb.connect().sql(load_report(report).source.query).to_arrow_table()
+    assert text == expected_text(table)
+    assert_ordered(chunks)
+    assert len(chunks) > 3  # the batch was split to fit the slots
+    assert any(c.num_rows == 1 and c.first_row == 5 for c in chunks)  # the huge row alone
+
+
+def test_breaking_out_early_leaves_nothing_behind(tmp_path):
+    report = write_report(
+        tmp_path, 'name: b\nsource: {duckdb: {query: "SELECT * FROM range(1000000) t(i)"}}\n'
+    )
+    with StreamPool(2) as pool:
+        for chunk in pool.stream(report, chunk_size=1000):
+            assert chunk.seq == 0
+            break
+        assert our_segments() == []
+        assert [s for s in pool.list() if s["status"] == "cancelled"]
+        pids = pool.worker_pids()
+    import psutil
+
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert our_segments() == []
+
+
+def test_five_concurrent_streams_on_one_pool(pools, tmp_path):
+    reports = [
+        write_report(
+            tmp_path,
+            f"name: s{i}\nsource: {{duckdb: {{query: \"SELECT i * {i} AS v, 'r{i}' AS r FROM range({2000 + 300 * i}) t(i)\"}}}}\n",
+            f"s{i}.yaml",
+        )
+        for i in range(5)
+    ]
+    results: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+
+    def consume(i: int) -> None:
+        try:
+            results[i] = b"".join(c.text for c in pools(2).stream(reports[i], chunk_size=97))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    import duckdb
+
+    for i in range(5):
+        table = duckdb.connect().sql(load_report(reports[i]).source.query).to_arrow_table()
+        assert results[i] == expected_text(table)
+
+
+def test_registry_records_each_stream(pools, tmp_path):
+    report = write_report(
+        tmp_path, 'name: reg\nsource: {duckdb: {query: "SELECT * FROM range(5000) t(i)"}}\n'
+    )
+    pool = pools(2)
+    handle = pool.start(report, chunk_size=500)
+    assert pool.status(handle.id)["status"] in ("starting", "running")
+    rows = sum(c.num_rows for c in handle)
+    entry = pool.status(handle.id)
+    assert entry["status"] == "completed"
+    assert entry["rows"] == rows == 5000
+    assert entry["chunks"] == 10
+    assert entry["report"] == "reg"
+    assert handle.id in {e["id"] for e in pool.list(status="completed")}
+
+
+def test_source_errors_fail_the_stream_clearly(pools, tmp_path):
+    bad_sql = write_report(tmp_path, 'name: x\nsource: {duckdb: {query: "SELEC 1"}}\n')
+    with pytest.raises(
+        ReportError, match=r"source: DuckDB cannot run the report's SQL: Parser Error"
+    ):
+        list(pools(2).stream(bad_sql))
+    midway = write_report(
+        tmp_path,
+        "name: y\nsource: {duckdb: {query: \"SELECT CASE WHEN i < 5000 THEN i::VARCHAR ELSE 'x' END::INT AS v FROM range(10000) t(i)\"}}\n",
+        "mid.yaml",
+    )
+    with pytest.raises(SourceError, match=r"reading failed after \d+ rows: Conversion Error"):
+        list(pools(2).stream(midway, chunk_size=100))
+
+
+def test_unsupported_column_fails_with_the_encoders_message(pools, tmp_path):
+    report = write_report(
+        tmp_path, 'name: u\nsource: {duckdb: {query: "SELECT union_value(k := 1) AS choice"}}\n'
+    )
+    with pytest.raises(EncodeError, match=r"column 'choice'.*CAST\(choice AS VARCHAR\)"):
+        list(pools(2).stream(report))
