@@ -1,9 +1,16 @@
-"""The ``ashstream`` command: its skeleton, run as a real subprocess."""
+"""The ``ashstream`` command, in a real subprocess and through click's runner."""
 
 import subprocess
 import sys
 
+import pytest
+from click.testing import CliRunner
+
 import ashstream
+from ashstream.cli import main
+from tests.conftest import mixed_sql, mixed_table, write_report
+from tests.reference import assert_same, to_model
+from tests.typst_roundtrip import evaluate_module
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -28,3 +35,224 @@ def test_unknown_command_is_a_usage_error():
     result = run_cli("frobnicate")
     assert result.returncode == 2
     assert "No such command 'frobnicate'" in result.stderr
+
+
+# ------------------------------------------------------------------------ ashstream run
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.mark.process
+@pytest.mark.timeout(180)
+def test_run_writes_a_module_typst_imports_with_the_same_values_and_a_pdf(tmp_path):
+    from ashstream import EncodeOptions
+
+    report = write_report(
+        tmp_path,
+        {
+            "name": "mixed",
+            "title": "Mixed values",
+            "source": {"duckdb": {"query": mixed_sql(700)}},
+            "params": {"limit": {"type": "int", "default": 3}},
+            "output": {"typst": "out/mixed.typ", "pdf": "out/mixed.pdf", "pdf_max_rows": 50},
+        },
+    )
+    result = invoke("run", str(report), "--chunk-size", "64", "--workers", "2", "--no-progress")
+    assert result.exit_code == 0, result.stderr
+    assert "700 rows in" in result.stderr
+    module = (tmp_path / "out" / "mixed.typ").read_text()
+    table = mixed_table(700)
+    got = evaluate_module(module, "rows")
+    options = EncodeOptions()
+    columns = {name: to_model(table[name].combine_chunks(), options) for name in table.column_names}
+    want = [{name: columns[name][i] for name in table.column_names} for i in range(700)]
+    assert_same(got, want, options)
+    meta = evaluate_module(module, "meta")
+    assert dict((k, v) for k, v in meta[1])["row_count"] == ["int", "700"]
+    assert dict((k, v) for k, v in meta[1])["params"] == ["dict", [["limit", ["int", "3"]]]]
+    pdf = (tmp_path / "out" / "mixed.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mixed.pdf", "mixed.typ"]
+
+
+@pytest.mark.process
+def test_run_with_a_user_template(tmp_path):
+    template = tmp_path / "mine.typ"
+    template.write_text("#import sys.inputs.data: rows, meta\n= #meta.name: #rows.len() rows\n")
+    report = write_report(
+        tmp_path,
+        {
+            "name": "t",
+            "source": {"duckdb": {"query": "SELECT * FROM range(10) t(i)"}},
+            "output": {"typst": "t.typ", "template": "mine.typ"},
+        },
+    )
+    result = invoke("run", str(report), "--pdf", str(tmp_path / "t.pdf"), "-q")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    assert (tmp_path / "t.pdf").read_bytes().startswith(b"%PDF")
+
+
+@pytest.mark.process
+def test_run_refuses_an_unwritable_output_and_writes_nothing(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    report = write_report(tmp_path, {"name": "w", "source": {"duckdb": {"query": "SELECT 1 AS a"}}})
+    result = invoke("run", str(report), "-o", str(blocker / "out.typ"), "--no-progress")
+    assert result.exit_code == 1
+    assert "Error: cannot create the folder for" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "report.yaml"]
+
+
+@pytest.mark.process
+def test_a_failing_run_leaves_no_partial_module(tmp_path):
+    query = "SELECT CASE WHEN i < 3000 THEN i::VARCHAR ELSE 'x' END::INT AS v FROM range(6000) t(i)"
+    report = write_report(tmp_path, {"name": "f", "source": {"duckdb": {"query": query}}})
+    result = invoke("run", str(report), "-o", str(tmp_path / "f.typ"), "--chunk-size", "100")
+    assert result.exit_code == 1
+    assert "Conversion Error" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.yaml"]
+
+
+BAD_REPORTS = [
+    pytest.param(
+        "title: x\nsource: {duckdb: {query: 'SELECT 1'}}\n", "name: missing", id="missing-name"
+    ),
+    pytest.param(
+        "name: 'a b'\nsource: {duckdb: {query: 'SELECT 1'}}\n",
+        "name: 'a b' is not an identifier",
+        id="bad-name",
+    ),
+    pytest.param("name: x\n", "source: missing", id="missing-source"),
+    pytest.param(
+        "name: x\nsource: {parquet: a.parquet, duckdb: {query: 'SELECT 1'}}\n",
+        "give exactly one of source.parquet and source.duckdb",
+        id="both-sources",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1'}}\ntitel: y\n",
+        "titel: unknown key",
+        id="unknown-top-key",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1'}, wher: a}\n",
+        "source.wher: unknown key",
+        id="unknown-source-key",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1'}}\ngroups: []\n",
+        "groups: is reserved for a later version",
+        id="reserved-key",
+    ),
+    pytest.param(
+        "name: x\nsource: {parquet: missing.parquet}\n",
+        "source.parquet: no such Parquet file",
+        id="missing-parquet",
+    ),
+    pytest.param(
+        "name: x\nsource: {parquet: 'nothing-*.parquet'}\n",
+        "source.parquet: no file matches",
+        id="empty-glob",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {database: nope.duckdb, query: 'SELECT 1'}}\n",
+        "source.duckdb.database: no such database file",
+        id="missing-database",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {}}\n", "source.duckdb.query: missing", id="missing-query"
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1'}}\nparams: {n: {type: integer}}\n",
+        "params.n.type: expected one of int, float",
+        id="bad-param-type",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1'}}\nparams: {n: {type: int, default: abc}}\n",
+        "parameter 'n' expects a int, got 'abc'",
+        id="bad-param-default",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT $n'}}\nparams: {n: {type: int, required: true}}\n",
+        "params.n: required and not given",
+        id="missing-required-param",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1'}}\nfields: [{name: a, column: b, expr: c}]\n",
+        "fields[0]: give either column or expr, not both",
+        id="field-column-and-expr",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1'}}\nfields: [a, a]\n",
+        "fields[1].name: 'a' is used twice",
+        id="duplicate-field",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1'}}\npipeline: {chunk_size: 0}\n",
+        "pipeline.chunk_size: expected a whole number >= 1, got 0",
+        id="bad-chunk-size",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1'}}\npipeline: {memory_limit: lots}\n",
+        "pipeline.memory_limit: expected a size such as 512MiB",
+        id="bad-memory-limit",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1'}}\npipeline: {timezone: Mars/Base}\n",
+        "pipeline.timezone: unknown time zone 'Mars/Base'",
+        id="bad-timezone",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1'}}\noutput: {template: none.typ}\n",
+        "output.template: no such template file",
+        id="missing-template",
+    ),
+    pytest.param("name: x\nsource: [1, 2\n", "not valid YAML", id="invalid-yaml"),
+    pytest.param("", "the file is empty", id="empty-file"),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELEC 1'}}\n",
+        "source: DuckDB cannot run the report's SQL: Parser Error: syntax error",
+        id="sql-syntax-error",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1 AS a'}}\nfields: [a, b]\n",
+        "fields[1]: the source has no column 'b' (it has: a)",
+        id="unknown-field-column",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1 AS a'}}\nfields: [{name: b, expr: 'nope + 1'}]\n",
+        'Referenced column "nope" not found',
+        id="bad-field-expr",
+    ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1 AS a'}, where: 'a >'}\n",
+        "source: DuckDB cannot run the report's SQL: Parser Error",
+        id="bad-where",
+    ),
+]
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(("text", "message"), BAD_REPORTS)
+def test_bad_report_definitions(tmp_path, text, message):
+    report = tmp_path / "bad.yaml"
+    report.write_text(text)
+    result = invoke("run", str(report), "-o", str(tmp_path / "out.typ"), "--no-progress")
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith("Error: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.typ").exists()
+
+
+def test_bad_command_line_values():
+    result = invoke("run", "x.yaml", "--param", "novalue")
+    assert result.exit_code == 2
+    assert "expected NAME=VALUE" in result.stderr
+    result = invoke("run", "does-not-exist.yaml")
+    assert result.exit_code == 2
+    assert "does-not-exist.yaml: no such report file" in result.stderr
+    result = invoke("run", "x.yaml", "--chunk-size", "0")
+    assert result.exit_code == 2

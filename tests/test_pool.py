@@ -58,19 +58,16 @@ def test_ordered_output_equals_single_process_encoding(pools, mixed_report, work
 
 def _parquet_files(directory, parts: int = 3, rows: int = 500):
     table = mixed_table(parts * rows).drop_columns(["pair", "info"])
-    paths = []
     for i in range(parts):
-        path = directory / f"part-{i}.parquet"
-        pq.write_table(table.slice(i * rows, rows), path)
-        paths.append(path)
-    return table, paths
+        pq.write_table(table.slice(i * rows, rows), directory / f"part-{i}.parquet")
+    return table
 
 
 @pytest.mark.parametrize("form", ["file", "glob", "directory", "list"])
 def test_parquet_sources(pools, tmp_path, form):
     data = tmp_path / "data"
     data.mkdir()
-    table, paths = _parquet_files(data)
+    table = _parquet_files(data)
     spec = {
         "file": "data/part-0.parquet",
         "glob": "data/part-*.parquet",
@@ -119,7 +116,7 @@ def test_duckdb_query_with_params_where_order_by_and_fields(pools, tmp_path):
         """,
     )
     handle = pools(2).start(report, chunk_size=100, params={"min_amount": "5"})
-    text, chunks = collect(handle)
+    text, _ = collect(handle)
     expected = (
         duckdb.connect(str(db), read_only=True)
         .sql(
