@@ -192,14 +192,16 @@ def encode_rows_text(
     *,
     options: EncodeOptions | None = None,
     stats: EncodeStats | None = None,
-) -> pa.Buffer:
-    """The rows as one UTF-8 buffer, each literal followed by ``,\\n``: the body of a Typst
-    array, built in the same join as the rows so no second copy is made."""
+) -> tuple[pa.Buffer, np.ndarray]:
+    """The rows as one UTF-8 buffer, each literal followed by ``,\\n`` (the body of a Typst
+    array), and the offset where each row ends in it. Built in the same join as the rows,
+    so no second copy is made."""
     rows = _encode_rows(batch, options, stats, close="),\n")
     offsets = np.frombuffer(rows.buffers()[1], np.int32, count=len(rows) + 1)
     if not len(rows) or rows.buffers()[2] is None:
-        return pa.py_buffer(b"")
-    return rows.buffers()[2].slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+        return pa.py_buffer(b""), np.zeros(0, np.int64)
+    text = rows.buffers()[2].slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    return text, offsets[1:] - offsets[0]
 
 
 def _encode_rows(

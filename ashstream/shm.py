@@ -173,9 +173,10 @@ class Arena:
         self._mmap[start : start + len(data)] = memoryview(data)
         return True
 
-    def read_bytes(self, slot: int, nbytes: int) -> bytes:
-        start = slot * self.slot_bytes
-        return self._mmap[start : start + nbytes]
+    def read_bytes(self, slot: int, end: int, start: int = 0) -> bytes:
+        """A copy of bytes ``start:end`` of ``slot``."""
+        base = slot * self.slot_bytes
+        return self._mmap[base + start : base + end]
 
     # ---- lifetime
 

@@ -117,9 +117,10 @@ class StreamState:
         self.retry: deque[tuple[BatchReady, int]] = deque()  # a dead transformer's chunks
         self.in_flight: dict[int, tuple[BatchReady, int]] = {}  # seq -> (batch, out slot)
         self.kills: dict[int, int] = {}  # seq -> transformers that died holding it
-        self.done: dict[int, tuple[int, TaskDone]] = {}  # seq -> (first row, result)
-        self.next_seq = 0  # the next chunk the caller gets
-        self.total_chunks: int | None = None
+        self.done: dict[int, tuple[BatchReady, TaskDone]] = {}  # batch seq -> its result
+        self.next_batch = 0  # the batch whose chunks the caller gets next
+        self.total_batches: int | None = None
+        self.pending: deque[Chunk] = deque()  # chunks of a consumed batch, not yet yielded
         self.columns: tuple[str, ...] | None = None
         self.total_rows: int | None = None
         self.rows = 0
@@ -256,44 +257,44 @@ class Supervisor:
             self._streams[stream.id] = stream
             self._wake()
         self.registry.put(stream.id, stream.registry_entry())
-        spare = self._start_producer()  # warm up the next stream's producer
-        with self._lock:
-            if self._spare is None and not self._stopping:
-                self._spare, spare = spare, None
-        if spare is not None:
-            spare[1].send(STOP)
-            _stop_process(spare[0])
         return stream
 
     def next_chunk(self, stream: StreamState) -> Chunk | None:
         """The next chunk in source order, or None at the end. Runs in the caller's thread."""
+        if stream.pending:
+            return stream.pending.popleft()
         with self._cond:
             while True:
                 if stream.error is not None:
                     raise stream.error
-                if stream.next_seq in stream.done:
-                    first_row, result = stream.done.pop(stream.next_seq)
+                if stream.next_batch in stream.done:
+                    batch, result = stream.done.pop(stream.next_batch)
                     break
-                if stream.total_chunks is not None and stream.next_seq >= stream.total_chunks:
+                if stream.total_batches is not None and stream.next_batch >= stream.total_batches:
                     return None
                 if self._stopping:
                     raise PipelineError("the pool was closed while a stream was running")
                 self._cond.wait(0.5)
         # The slot stays this stream's until it is freed below, so read without the lock.
-        if result.inline is not None:
-            text = result.inline
-        else:
-            text = stream.arena.read_bytes(result.out_slot, result.nbytes)
+        start = row = 0
+        for i, end in enumerate(result.chunk_ends):
+            if result.inline is not None:
+                text = result.inline[start:end]
+            else:
+                text = stream.arena.read_bytes(result.out_slot, end, start)
+            rows = min(stream.chunk_size, result.rows - row)
+            stream.pending.append(Chunk(batch.first_chunk + i, batch.first_row + row, rows, text))
+            start, row = end, row + rows
         with self._cond:
             stream.result_free.append(result.out_slot)
-            stream.next_seq += 1
+            stream.next_batch += 1
             stream.rows += result.rows
-            stream.chunks += 1
-            stream.bytes += len(text)
+            stream.chunks += len(result.chunk_ends)
+            stream.bytes += result.nbytes
             for column, reason, n in result.lossy:
                 stream.lossy.add(column, reason, n)
             self._wake()
-        return Chunk(result.seq, first_row, result.rows, text)
+        return stream.pending.popleft() if stream.pending else self.next_chunk(stream)
 
     def close_stream(self, stream: StreamState, status: str) -> None:
         """Stop the stream's producer, release its arena everywhere, record its status.
@@ -393,6 +394,7 @@ class Supervisor:
                     batch.nbytes,
                     out_slot,
                     stream.report.pipeline.timezone,
+                    stream.chunk_size,
                     batch.inline,
                 )
                 try:
@@ -453,7 +455,7 @@ class Supervisor:
             stream.columns, stream.total_rows = message.columns, message.total_rows
             stream.status = "running"
         elif isinstance(message, SourceDone):
-            stream.total_chunks = message.chunks
+            stream.total_batches = message.batches
             stream.source_done = True
         elif isinstance(message, StageFailed):
             self._fail(stream, _error_from(message))
@@ -483,7 +485,11 @@ class Supervisor:
         if isinstance(message, StageFailed):
             self._fail(stream, _error_from(message))
             return
-        stream.done[message.seq] = (batch.first_row, message)
+        stream.done[message.seq] = (batch, message)
+        if self._spare is None and not self._stopping:
+            # Warm up the next stream's producer now that this stream's first results are
+            # in: its imports would otherwise compete with this stream's start for CPU.
+            self._spare = self._start_producer()
         if batch.slot is not None and not stream.source_done and stream.producer_watched:
             with contextlib.suppress(OSError):
                 stream.producer_conn.send(SlotCredit(batch.slot))

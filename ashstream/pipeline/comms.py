@@ -51,8 +51,12 @@ class SourceOpened:
 
 @dataclass(frozen=True)
 class BatchReady:
+    """A batch in a slot. Batches are the unit of transport and encoding; the caller's
+    chunks (at most ``chunk_size`` rows) are consecutive slices of one batch."""
+
     seq: int  # batch number in source order, the only key for ordering
     first_row: int
+    first_chunk: int  # seq of the batch's first chunk
     rows: int
     slot: int | None  # None: the batch travels inline (a row bigger than a slot)
     nbytes: int
@@ -61,7 +65,7 @@ class BatchReady:
 
 @dataclass(frozen=True)
 class SourceDone:
-    chunks: int
+    batches: int
     rows: int
 
 
@@ -84,6 +88,7 @@ class Task:
     in_nbytes: int
     out_slot: int
     timezone: str
+    chunk_size: int
     inline: bytes | None = None
 
 
@@ -94,6 +99,7 @@ class TaskDone:
     rows: int
     out_slot: int
     nbytes: int
+    chunk_ends: tuple[int, ...]  # byte offset in the text where each chunk ends
     lossy: tuple[tuple[str, str, int], ...] = ()  # (column, reason, count) from EncodeStats
     inline: bytes | None = None  # the text, when it did not fit the result slot
 

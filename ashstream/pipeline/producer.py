@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import traceback
 from collections import deque
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
 import pyarrow as pa
@@ -27,6 +28,14 @@ from ashstream.pipeline.comms import (
 from ashstream.shm import Arena, ipc_size
 from ashstream.sources import open_source
 
+# Rows read and encoded together at least, whatever the chunk size: a transformer call
+# costs about 1 ms of fixed overhead, so 1000-row chunks encoded one by one would run at
+# half speed. The caller still gets chunks of at most chunk_size rows.
+MIN_BATCH_ROWS = 16384
+# An input batch may fill this share of a slot (1/4): Typst text is usually 2-4x the Arrow
+# size, and the result must fit a slot of the same size to avoid the slow inline path.
+INPUT_SHARE_OF_SLOT = 4
+
 
 class _Stopped(Exception):
     """The parent asked this producer to stop."""
@@ -39,6 +48,11 @@ def run_producer(conn: Connection) -> None:
     not wait for a process start.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the parent decides what Ctrl-C means
+    # Import while idle, not on the stream's clock (~0.1 s). Safe here: this process
+    # never forks, and DuckDB's threads start only with a connection.
+    import duckdb  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+
     conn.send(READY)
     try:
         job = conn.recv()
@@ -63,11 +77,11 @@ def run_producer(conn: Connection) -> None:
 
 def _produce(conn: Connection, job: ProducerJob, arena: Arena) -> None:
     free_slots = deque(job.input_slots)
-    source = open_source(job.report, job.chunk_size)
+    source = open_source(job.report, max(job.chunk_size, MIN_BATCH_ROWS))
     conn.send(SourceOpened(tuple(source.schema.names), source.total_rows))
-    seq = first_row = 0
-    for batch in source.batches:
-        for part in split_to_fit(batch, arena.slot_bytes):
+    seq = first_row = first_chunk = 0
+    for batch in _first_chunk_alone(source.batches, job.chunk_size):
+        for part in split_to_fit(batch, arena.slot_bytes // INPUT_SHARE_OF_SLOT):
             while not free_slots:
                 free_slots.append(_wait_for_credit(conn))
             slot = free_slots.popleft()
@@ -75,12 +89,26 @@ def _produce(conn: Connection, job: ProducerJob, arena: Arena) -> None:
             if nbytes is None:  # one row bigger than a slot: send it through the pipe
                 free_slots.appendleft(slot)
                 inline = _ipc_bytes(part)
-                conn.send(BatchReady(seq, first_row, part.num_rows, None, len(inline), inline))
+                ready = BatchReady(
+                    seq, first_row, first_chunk, part.num_rows, None, len(inline), inline
+                )
             else:
-                conn.send(BatchReady(seq, first_row, part.num_rows, slot, nbytes))
+                ready = BatchReady(seq, first_row, first_chunk, part.num_rows, slot, nbytes)
+            conn.send(ready)
             seq += 1
             first_row += part.num_rows
+            first_chunk += -(-part.num_rows // job.chunk_size)
     conn.send(SourceDone(seq, first_row))
+
+
+def _first_chunk_alone(batches: Iterator[pa.RecordBatch], chunk_size: int):
+    """The first chunk travels as a batch of its own, so that the caller sees it after
+    encoding chunk_size rows rather than MIN_BATCH_ROWS."""
+    for i, batch in enumerate(batches):
+        if i == 0 and batch.num_rows > chunk_size:
+            yield batch.slice(0, chunk_size)
+            batch = batch.slice(chunk_size)
+        yield batch
 
 
 def _wait_for_credit(conn: Connection) -> int:

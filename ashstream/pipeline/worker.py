@@ -61,20 +61,17 @@ def _run_task(task: Task, arenas: dict[str, Arena], options: dict[str, EncodeOpt
         if task.timezone not in options:
             options[task.timezone] = EncodeOptions(timezone=task.timezone)
         stats = EncodeStats()
-        text = encode_rows_text(batch, options=options[task.timezone], stats=stats)
+        text, row_ends = encode_rows_text(batch, options=options[task.timezone], stats=stats)
         rows = batch.num_rows
         del batch  # no view of the slot may outlive the task
+        chunk_ends = tuple(
+            int(row_ends[min(end, rows) - 1])
+            for end in range(task.chunk_size, rows + task.chunk_size, task.chunk_size)
+        )
         lossy = tuple((column, reason, n) for (column, reason), n in stats.counts.items())
-        if arena.write_bytes(task.out_slot, text):
-            return TaskDone(task.stream_id, task.seq, rows, task.out_slot, len(text), lossy)
+        inline = None if arena.write_bytes(task.out_slot, text) else text.to_pybytes()
         return TaskDone(
-            task.stream_id,
-            task.seq,
-            rows,
-            task.out_slot,
-            len(text),
-            lossy,
-            inline=text.to_pybytes(),
+            task.stream_id, task.seq, rows, task.out_slot, len(text), chunk_ends, lossy, inline
         )
     except AshstreamError as exc:
         return StageFailed(task.stream_id, task.seq, type(exc).__name__, str(exc))

@@ -1,0 +1,258 @@
+"""The whole pipeline, Parquet in, Typst rows out to a file, against peers in one run.
+
+    python benchmarks/bench_pipeline.py [--rows 1000000,10000000] [--repeats 3] [--quick]
+
+Cases, each reading the same Parquet file and writing the same text (checked by SHA-256):
+
+* ashstream with 1 and 2 transformer workers (a warm StreamPool);
+* DuckDB building the literals in SQL with 1 and 2 threads;
+* multiprocessing.Pool(2) that pickles batches to workers and results back;
+* the encoder alone in this process (pyarrow reads, encode_rows_text, write).
+
+Also the peak memory of the whole process tree (sum of PSS, sampled every 50 ms) and the
+time to the first chunk on a warm pool. Prints a table; writes
+benchmarks/results/bench_pipeline.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import print_table, write_results
+from bench_encode import SALES_SQL, duckdb_query
+
+from ashstream import StreamPool, load_report
+from ashstream.encode import encode_rows_text
+
+CHUNK_SIZE = 10_000
+
+
+class PeakPss:
+    """Samples the PSS of this process and its children from a thread."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakPss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self.peak_bytes = max(self.peak_bytes, total)
+            self._stop.wait(self.interval_s)
+
+
+def run_ashstream(pool: StreamPool, report_path: Path, out: Path) -> None:
+    with open(out, "wb") as f:
+        for chunk in pool.stream(report_path, chunk_size=CHUNK_SIZE):
+            f.write(chunk.text)
+
+
+def run_duckdb(parquet: Path, out: Path, threads: int) -> None:
+    con = duckdb.connect()
+    con.execute(f"SET threads = {threads}")
+    con.execute(f"CREATE VIEW sales AS SELECT * FROM read_parquet('{parquet}')")
+    query = duckdb_query().replace("')') AS row", "'),\n') AS row")
+    with open(out, "wb") as f:
+        for batch in con.sql(query).to_arrow_reader(batch_size=CHUNK_SIZE):
+            column = batch.column(0).cast(pa.string())
+            end = np.frombuffer(column.buffers()[1], np.int32, count=len(column) + 1)[-1]
+            f.write(column.buffers()[2].slice(0, int(end)))
+
+
+def _pool_encode(ipc: bytes) -> bytes:
+    batch = pa.ipc.open_stream(pa.py_buffer(ipc)).read_next_batch()
+    return encode_rows_text(batch)[0].to_pybytes()
+
+
+def _ipc(batch: pa.RecordBatch) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def run_mp_pool(parquet: Path, out: Path, processes: int) -> None:
+    batches = (_ipc(b) for b in pq.ParquetFile(parquet).iter_batches(batch_size=CHUNK_SIZE))
+    with mp.get_context("forkserver").Pool(processes) as pool, open(out, "wb") as f:
+        for text in pool.imap(_pool_encode, batches):
+            f.write(text)
+
+
+def run_single_process(parquet: Path, out: Path) -> None:
+    with open(out, "wb") as f:
+        for batch in pq.ParquetFile(parquet).iter_batches(batch_size=CHUNK_SIZE):
+            f.write(encode_rows_text(batch)[0])
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def measure(fn, repeats: int) -> dict:
+    fn()  # warm-up, discarded
+    times, peaks = [], []
+    for _ in range(repeats):
+        with PeakPss() as sampler:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        peaks.append(sampler.peak_bytes)
+    return {"wall_s": statistics.median(times), "runs_s": times, "peak_pss_bytes": max(peaks)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1000000,10000000")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="200k rows, 1 repeat")
+    args = parser.parse_args()
+    sizes = [200_000] if args.quick else [int(n) for n in args.rows.split(",")]
+    repeats = 1 if args.quick else args.repeats
+    results: dict = {"chunk_size": CHUNK_SIZE, "sizes": {}}
+    workdir = Path(tempfile.mkdtemp(prefix="ashstream-bench-"))
+    try:
+        for rows in sizes:
+            reps = 1 if rows >= 5_000_000 else repeats
+            results["sizes"][str(rows)] = measure_size(rows, workdir, reps)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report_results(results)
+
+
+def measure_size(rows: int, workdir: Path, repeats: int) -> dict:
+    parquet = workdir / f"sales-{rows}.parquet"
+    duckdb.connect().execute(
+        f"COPY ({SALES_SQL.format(rows=rows)}) TO '{parquet}' (FORMAT parquet)"
+    )
+    report = workdir / f"sales-{rows}.yaml"
+    report.write_text(f"name: sales\nsource:\n  parquet: {parquet.name}\n")
+    load_report(report)  # fail early on a bad definition
+    out = {n: workdir / f"{n}-{rows}.typ" for n in ("a1", "a2", "d1", "d2", "mp", "single")}
+
+    def progress(name: str) -> None:
+        print(f"  {rows:,} rows: {name} …", file=sys.stderr, flush=True)
+
+    measured, first = {}, []
+    for workers in (1, 2):
+        name = f"ashstream, {workers} worker{'s' if workers > 1 else ''}"
+        progress(name)
+        # One pool at a time, started before the timing (warm), so that the PSS samples
+        # hold only the pool being measured.
+        with StreamPool(workers) as pool:
+            target = out[f"a{workers}"]
+            measured[name] = measure(lambda: run_ashstream(pool, report, target), repeats)  # noqa: B023
+            if workers == 2:
+                for _ in range(5):
+                    time.sleep(1)  # warm: idle, its next producer started and imported
+                    start = time.perf_counter()
+                    stream = pool.stream(report, chunk_size=1000)
+                    next(stream)
+                    first.append(time.perf_counter() - start)
+                    stream.close()
+    peers = {
+        "DuckDB SQL, 1 thread": lambda: run_duckdb(parquet, out["d1"], 1),
+        "DuckDB SQL, 2 threads": lambda: run_duckdb(parquet, out["d2"], 2),
+        "multiprocessing.Pool(2), pickled": lambda: run_mp_pool(parquet, out["mp"], 2),
+        "encoder alone, 1 process": lambda: run_single_process(parquet, out["single"]),
+    }
+    for name, fn in peers.items():
+        progress(name)
+        measured[name] = measure(fn, repeats)
+    for case in measured.values():
+        case["rows_per_s"] = rows / case["wall_s"]
+    entry = {
+        "cases": measured,
+        "identical_outputs": len({sha256(p) for p in out.values()}) == 1,
+        "output_bytes": os.path.getsize(out["a2"]),
+        "first_chunk_s": statistics.median(first),
+        "repeats": repeats,
+    }
+    for path in out.values():
+        path.unlink()
+    parquet.unlink()
+    return entry
+
+
+def report_results(results: dict) -> None:
+    for rows, entry in results["sizes"].items():
+        cases = entry["cases"]
+        duck2 = cases["DuckDB SQL, 2 threads"]["rows_per_s"]
+        print(
+            f"\n{int(rows):,} rows from Parquet, chunks of {results['chunk_size']:,}; median of "
+            f"{entry['repeats']} run(s); outputs identical: {entry['identical_outputs']}; "
+            f"{entry['output_bytes'] / 2**20:,.0f} MiB of Typst"
+        )
+        print_table(
+            ["case", "median s", "rows/s", "x DuckDB 2 thr", "peak PSS MiB"],
+            [
+                [
+                    name,
+                    f"{c['wall_s']:.2f}",
+                    f"{c['rows_per_s']:,.0f}",
+                    f"{c['rows_per_s'] / duck2:.2f}",
+                    f"{c['peak_pss_bytes'] / 2**20:,.0f}",
+                ]
+                for name, c in cases.items()
+            ],
+        )
+        a1, a2 = cases["ashstream, 1 worker"], cases["ashstream, 2 workers"]
+        pool = cases["multiprocessing.Pool(2), pickled"]
+        print(
+            f"2 workers / 1 worker: {a2['rows_per_s'] / a1['rows_per_s']:.2f}x; "
+            f"ashstream(2) / Pool(2): {a2['rows_per_s'] / pool['rows_per_s']:.2f}x; "
+            f"first chunk on a warm pool: {entry['first_chunk_s'] * 1000:.0f} ms"
+        )
+    sizes = list(results["sizes"])
+    if len(sizes) > 1:
+        small, big = (
+            results["sizes"][s]["cases"]["ashstream, 2 workers"] for s in (sizes[0], sizes[-1])
+        )
+        ratio = big["peak_pss_bytes"] / small["peak_pss_bytes"]
+        results["peak_ratio_largest_to_smallest"] = ratio
+        print(
+            f"\nashstream(2) peak memory at {int(sizes[-1]):,} rows / at {int(sizes[0]):,}: {ratio:.2f}x"
+        )
+    path = write_results("bench_pipeline", results)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
