@@ -45,7 +45,8 @@ class HealthLoop:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._thread.join(5)
 
     def check(self) -> None:
         streams = self.supervisor.streams()
@@ -54,8 +55,9 @@ class HealthLoop:
         self.supervisor.publish()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.is_set():
             try:
                 self.check()
-            except (OSError, EOFError, BrokenPipeError):
+            except (OSError, EOFError):
                 return  # the registry's Manager is gone: the pool is closing
+            self._stop.wait(self.interval_s)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ashstream.errors import AshstreamError, ReportError
+from ashstream.errors import AshstreamError, PipelineError, ReportError
 from ashstream.health import HealthLoop
 from ashstream.report import Report, load_report, parse_param
 from ashstream.supervisor import Chunk, StreamState, Supervisor, default_workers
@@ -103,6 +103,7 @@ class StreamPool:
         self._supervisor = Supervisor(self.workers, slot_bytes, start_method)
         self._health = HealthLoop(self._supervisor)
         self._open = False
+        self._closed = False  # processes and threads are started once per pool
 
     def __enter__(self) -> StreamPool:
         self.open()
@@ -112,6 +113,8 @@ class StreamPool:
         self.close()
 
     def open(self) -> None:
+        if self._closed:
+            raise PipelineError("this StreamPool was closed; start a new one")
         if not self._open:
             self._open = True
             try:
@@ -124,9 +127,8 @@ class StreamPool:
     def close(self) -> None:
         """Cancel running streams, stop every process, unlink every segment."""
         if self._open:
-            self._open = False
-            if self._health._thread.is_alive():
-                self._health.stop()
+            self._open, self._closed = False, True
+            self._health.stop()
             self._supervisor.close()
 
     def start(

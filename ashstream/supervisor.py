@@ -34,6 +34,7 @@ import itertools
 import multiprocessing as mp
 import os
 import secrets
+import sys
 import threading
 import time
 from collections import deque
@@ -174,6 +175,13 @@ class Supervisor:
     # ------------------------------------------------------------------ lifetime
 
     def start(self) -> None:
+        main_file = getattr(sys.modules["__main__"], "__file__", None)
+        if main_file is not None and not os.path.exists(main_file):
+            # spawn and forkserver children re-import the main script by path
+            raise PipelineError(
+                f"cannot start worker processes: the main script {main_file!r} is not a "
+                "file (code read from stdin?). Save it to a file and run that."
+            )
         sweep_stale_segments()
         self.registry = Registry(self.ctx)
         self._workers = [self._start_worker(i) for i in range(self.n_workers)]

@@ -256,3 +256,50 @@ def test_bad_command_line_values():
     assert "does-not-exist.yaml: no such report file" in result.stderr
     result = invoke("run", "x.yaml", "--chunk-size", "0")
     assert result.exit_code == 2
+
+
+@pytest.mark.process
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("signum", "code"), [(2, 130), (15, 143)], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_exits_cleanly_and_writes_nothing(tmp_path, signum, code):
+    import time
+
+    import psutil
+
+    from ashstream.shm import our_segments
+
+    query = "SELECT i, repeat('x', 200) AS s FROM range(100000000) t(i)"
+    report = write_report(tmp_path, {"name": "long", "source": {"duckdb": {"query": query}}})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ashstream",
+            "run",
+            str(report),
+            "-o",
+            str(tmp_path / "o.typ"),
+            "--no-progress",
+            "--workers",
+            "2",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    parent = psutil.Process(process.pid)
+    deadline = time.monotonic() + 30
+    while len(parent.children(recursive=True)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the pool's processes are up: the stream is running
+    time.sleep(1.0)
+    children = parent.children(recursive=True)
+    started = time.monotonic()
+    process.send_signal(signum)
+    stderr = process.communicate(timeout=30)[1]
+    assert time.monotonic() - started < 5
+    assert process.returncode == code, stderr
+    assert "nothing was written" in stderr
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.yaml"]
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive
+    assert our_segments() == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pyarrow as pa
@@ -253,3 +254,40 @@ def test_unsupported_column_fails_with_the_encoders_message(pools, tmp_path):
     )
     with pytest.raises(EncodeError, match=r"column 'choice'.*CAST\(choice AS VARCHAR\)"):
         list(pools(2).stream(report))
+
+
+def test_too_little_shared_memory_is_refused_before_anything_starts(pools, tmp_path):
+    import os
+
+    from ashstream import ResourceError
+
+    free = os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize
+    report = write_report(tmp_path, 'name: r\nsource: {duckdb: {query: "SELECT 1 AS a"}}\n')
+    with StreamPool(1, slot_bytes=free) as pool:
+        with pytest.raises(ResourceError, match=r"/dev/shm has \d+ MiB free .*--shm-size"):
+            pool.start(report)
+        assert pool.list() == []
+
+
+def test_stale_segments_of_dead_processes_are_swept_at_start(tmp_path):
+    import subprocess
+    import sys
+
+    from ashstream.shm import SEGMENT_PREFIX
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    name = f"{SEGMENT_PREFIX}{dead.stdout.strip()}_deadbeef"
+    path = f"/dev/shm/{name}"
+    with open(path, "wb") as f:
+        f.write(b"left by a process that was killed")
+    try:
+        with StreamPool(1):
+            assert name not in our_segments()
+    finally:
+        if name in our_segments():
+            os.unlink(path)
