@@ -20,3 +20,13 @@ def test_readme_names_the_test_command_that_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
     assert "pip install '.[test]' && pytest" in README.read_text()
     assert "pip install --quiet '.[test]'" in ci and "\npytest\n" in ci
+
+
+def test_readme_is_valid_restructuredtext():
+    import docutils.core
+
+    docutils.core.publish_string(
+        README.read_text(),
+        writer="null",
+        settings_overrides={"report_level": 2, "halt_level": 2},  # warnings are errors
+    )
