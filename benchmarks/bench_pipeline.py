@@ -6,7 +6,8 @@ Cases, each reading the same Parquet file and writing the same text (checked by 
 
 * ashstream with 1 and 2 transformer workers (a warm StreamPool);
 * DuckDB building the literals in SQL with 1 and 2 threads;
-* multiprocessing.Pool(2) that pickles batches to workers and results back;
+* multiprocessing.Pool(2) that pickles batches to workers and results back, either as
+  one bytes object per batch or, the common way, as a list of str rows;
 * the encoder alone in this process (pyarrow reads, encode_rows_text, write).
 
 Also the peak memory of the whole process tree (sum of PSS, sampled every 50 ms) and the
@@ -40,7 +41,7 @@ from _harness import print_table, write_results
 from bench_encode import SALES_SQL, duckdb_query
 
 from ashstream import StreamPool, load_report
-from ashstream.encode import encode_rows_text
+from ashstream.encode import encode_rows, encode_rows_text
 
 CHUNK_SIZE = 10_000
 
@@ -98,6 +99,11 @@ def _pool_encode(ipc: bytes) -> bytes:
     return encode_rows_text(batch)[0].to_pybytes()
 
 
+def _pool_encode_rows(ipc: bytes) -> list[str]:
+    batch = pa.ipc.open_stream(pa.py_buffer(ipc)).read_next_batch()
+    return encode_rows(batch).to_pylist()
+
+
 def _ipc(batch: pa.RecordBatch) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, batch.schema) as writer:
@@ -110,6 +116,14 @@ def run_mp_pool(parquet: Path, out: Path, processes: int) -> None:
     with mp.get_context("forkserver").Pool(processes) as pool, open(out, "wb") as f:
         for text in pool.imap(_pool_encode, batches):
             f.write(text)
+
+
+def run_mp_pool_rows(parquet: Path, out: Path, processes: int) -> None:
+    """The common way: each worker returns its rows as a list of str, pickled back."""
+    batches = (_ipc(b) for b in pq.ParquetFile(parquet).iter_batches(batch_size=CHUNK_SIZE))
+    with mp.get_context("forkserver").Pool(processes) as pool, open(out, "wb") as f:
+        for rows in pool.imap(_pool_encode_rows, batches):
+            f.write("".join(row + ",\n" for row in rows).encode())
 
 
 def run_single_process(parquet: Path, out: Path) -> None:
@@ -165,7 +179,7 @@ def measure_size(rows: int, workdir: Path, repeats: int) -> dict:
     report = workdir / f"sales-{rows}.yaml"
     report.write_text(f"name: sales\nsource:\n  parquet: {parquet.name}\n")
     load_report(report)  # fail early on a bad definition
-    out = {n: workdir / f"{n}-{rows}.typ" for n in ("a1", "a2", "d1", "d2", "mp", "single")}
+    out = {n: workdir / f"{n}-{rows}.typ" for n in ("a1", "a2", "d1", "d2", "mp", "mpr", "single")}
 
     def progress(name: str) -> None:
         print(f"  {rows:,} rows: {name} …", file=sys.stderr, flush=True)
@@ -190,7 +204,8 @@ def measure_size(rows: int, workdir: Path, repeats: int) -> dict:
     peers = {
         "DuckDB SQL, 1 thread": lambda: run_duckdb(parquet, out["d1"], 1),
         "DuckDB SQL, 2 threads": lambda: run_duckdb(parquet, out["d2"], 2),
-        "multiprocessing.Pool(2), pickled": lambda: run_mp_pool(parquet, out["mp"], 2),
+        "multiprocessing.Pool(2), bytes": lambda: run_mp_pool(parquet, out["mp"], 2),
+        "multiprocessing.Pool(2), str rows": lambda: run_mp_pool_rows(parquet, out["mpr"], 2),
         "encoder alone, 1 process": lambda: run_single_process(parquet, out["single"]),
     }
     for name, fn in peers.items():
@@ -234,10 +249,12 @@ def report_results(results: dict) -> None:
             ],
         )
         a1, a2 = cases["ashstream, 1 worker"], cases["ashstream, 2 workers"]
-        pool = cases["multiprocessing.Pool(2), pickled"]
+        pool = cases["multiprocessing.Pool(2), bytes"]
+        rows_pool = cases["multiprocessing.Pool(2), str rows"]
         print(
             f"2 workers / 1 worker: {a2['rows_per_s'] / a1['rows_per_s']:.2f}x; "
-            f"ashstream(2) / Pool(2): {a2['rows_per_s'] / pool['rows_per_s']:.2f}x; "
+            f"ashstream(2) / Pool(2) bytes: {a2['rows_per_s'] / pool['rows_per_s']:.2f}x, "
+            f"/ Pool(2) str rows: {a2['rows_per_s'] / rows_pool['rows_per_s']:.2f}x; "
             f"first chunk on a warm pool: {entry['first_chunk_s'] * 1000:.0f} ms"
         )
     sizes = list(results["sizes"])
