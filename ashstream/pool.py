@@ -10,7 +10,14 @@ from typing import Any
 from ashstream.errors import AshstreamError, PipelineError, ReportError
 from ashstream.health import HealthLoop
 from ashstream.report import Report, load_report, parse_param
-from ashstream.supervisor import Chunk, StreamState, Supervisor, default_workers
+from ashstream.supervisor import (
+    MAX_RESTARTS,
+    RESTART_WINDOW_S,
+    Chunk,
+    StreamState,
+    Supervisor,
+    default_workers,
+)
 
 __all__ = ["Chunk", "StreamHandle", "StreamPool"]
 
@@ -44,6 +51,11 @@ class StreamHandle:
     @property
     def rows_done(self) -> int:
         return self._state.rows
+
+    @property
+    def skipped(self) -> list[tuple[int, int]]:
+        """Row ranges (first, last) left out under ``poison_policy="skip"``."""
+        return list(self._state.skipped)
 
     @property
     def lossy(self):
@@ -86,6 +98,12 @@ class StreamPool:
         slot_bytes: size of each shared-memory slot (see ``DEFAULT_SLOT_BYTES``).
         start_method: ``"forkserver"`` (default) or ``"spawn"``; never ``"fork"``, which
             is unsafe once DuckDB or Arrow have started threads.
+        max_restarts, restart_window_s: restart intensity. A dead transformer is replaced
+            and its batches are dispatched again; more than ``max_restarts`` deaths within
+            ``restart_window_s`` fail every stream and the pool refuses new ones.
+        poison_policy: a batch that has killed 3 transformers fails its stream
+            (``"fail"``, naming its rows) or is left out and reported in
+            ``StreamHandle.skipped`` (``"skip"``).
     """
 
     def __init__(
@@ -94,13 +112,20 @@ class StreamPool:
         *,
         slot_bytes: int = DEFAULT_SLOT_BYTES,
         start_method: str = "forkserver",
+        max_restarts: int = MAX_RESTARTS,
+        restart_window_s: float = RESTART_WINDOW_S,
+        poison_policy: str = "fail",
     ) -> None:
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         if start_method not in ("forkserver", "spawn"):
             raise ValueError(f"start_method must be 'forkserver' or 'spawn', not {start_method!r}")
         self.workers = workers or default_workers()
-        self._supervisor = Supervisor(self.workers, slot_bytes, start_method)
+        if poison_policy not in ("fail", "skip"):
+            raise ValueError(f"poison_policy must be 'fail' or 'skip', not {poison_policy!r}")
+        self._supervisor = Supervisor(
+            self.workers, slot_bytes, start_method, max_restarts, restart_window_s, poison_policy
+        )
         self._health = HealthLoop(self._supervisor)
         self._open = False
         self._closed = False  # processes and threads are started once per pool
@@ -177,6 +202,11 @@ class StreamPool:
     @property
     def peak_memory_bytes(self) -> int:
         return self._health.peak_memory_bytes
+
+    @property
+    def restarts(self) -> int:
+        """Transformer processes that died and were replaced since the pool started."""
+        return self._supervisor.restarts_total
 
     def busy_workers(self) -> int:
         return self._supervisor.busy_workers()

@@ -72,6 +72,10 @@ TASKS_PER_WORKER = 2
 # Chunks a stream may have in flight beyond one per transformer; each costs two slots.
 EXTRA_WINDOW = 2
 MAX_CHUNK_KILLS = 3  # as Dask's allowed-failures: a poison chunk is not retried forever
+# At most this many transformer restarts within the window, then the pool gives up
+# (OTP's default intensity is 3 in 5 s; data work restarts less eagerly).
+MAX_RESTARTS = 10
+RESTART_WINDOW_S = 60.0
 START_TIMEOUT_S = 60.0
 JOIN_TIMEOUT_S = 1.0
 
@@ -127,7 +131,9 @@ class StreamState:
         self.rows = 0
         self.chunks = 0
         self.bytes = 0
-        self.restarts = 0
+        self.restarts = 0  # transformer restarts while this stream ran
+        self.redispatched = 0  # its batches dispatched again after a transformer died
+        self.skipped: list[tuple[int, int]] = []  # row ranges left out (poison_policy="skip")
         self.lossy = EncodeStats()
         self.error: AshstreamError | None = None
         self.status = "starting"
@@ -147,6 +153,8 @@ class StreamState:
             "bytes": self.bytes,
             "total_rows": self.total_rows,
             "restarts": self.restarts,
+            "redispatched": self.redispatched,
+            "skipped": list(self.skipped),
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "pids": {"producer": self.producer.pid if self.producer else None},
@@ -157,10 +165,24 @@ class StreamState:
 class Supervisor:
     """Owns the transformer processes, the producers, the arenas and the dispatcher."""
 
-    def __init__(self, workers: int, slot_bytes: int, start_method: str) -> None:
+    def __init__(
+        self,
+        workers: int,
+        slot_bytes: int,
+        start_method: str,
+        max_restarts: int = MAX_RESTARTS,
+        restart_window_s: float = RESTART_WINDOW_S,
+        poison_policy: str = "fail",
+    ) -> None:
         self.ctx = mp.get_context(start_method)
         self.n_workers = workers
         self.slot_bytes = slot_bytes
+        self.max_restarts = max_restarts  # restart intensity, as OTP supervisors have
+        self.restart_window_s = restart_window_s
+        self.poison_policy = poison_policy  # "fail" or "skip" a batch that kills 3 workers
+        self.broken: str | None = None  # why the pool gave up, once it has
+        self._restarts: deque[float] = deque()  # monotonic times of recent transformer deaths
+        self.restarts_total = 0  # transformer deaths since the pool started
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._streams: dict[str, StreamState] = {}
@@ -255,6 +277,8 @@ class Supervisor:
     # ------------------------------------------------------------------- streams
 
     def open_stream(self, report: Report, chunk_size: int) -> StreamState:
+        if self.broken:
+            raise PipelineError(f"the pool can run no more streams: {self.broken}")
         window = self.n_workers + EXTRA_WINDOW
         arena = Arena.create(self.slot_bytes, 2 * window)
         stream = StreamState(secrets.token_hex(4), report, chunk_size, arena, window)
@@ -409,6 +433,8 @@ class Supervisor:
             self._wake_r.recv_bytes()
 
     def _schedule(self) -> None:
+        if self.broken:
+            return
         for worker in sorted(self._workers, key=lambda w: len(w.tasks)):
             while worker.ready and len(worker.tasks) < TASKS_PER_WORKER:
                 picked = self._next_task()
@@ -419,6 +445,8 @@ class Supervisor:
                     stream.id,
                     stream.arena_ref,
                     batch.seq,
+                    batch.first_row,
+                    batch.rows,
                     batch.slot,
                     batch.nbytes,
                     out_slot,
@@ -515,6 +543,10 @@ class Supervisor:
             self._fail(stream, _error_from(message))
             return
         stream.done[message.seq] = (batch, message)
+        self._credit_input(stream, batch)
+
+    def _credit_input(self, stream: StreamState, batch: BatchReady) -> None:
+        """The batch's input slot is free again: the producer may write into it."""
         if batch.slot is not None and not stream.source_done and stream.producer_watched:
             with contextlib.suppress(OSError):
                 stream.producer_conn.send(SlotCredit(batch.slot))
@@ -525,34 +557,61 @@ class Supervisor:
         worker.process.join(JOIN_TIMEOUT_S)  # reap it, for its exit code
         code = worker.process.exitcode
         worker.conn.close()
-        lost = list(worker.tasks)
+        lost, worker.tasks, worker.ready = list(worker.tasks), [], False
+        now = time.monotonic()
+        self.restarts_total += 1
+        self._restarts.append(now)
+        while self._restarts and self._restarts[0] < now - self.restart_window_s:
+            self._restarts.popleft()
+        for stream in self._streams.values():
+            stream.restarts += 1
+        if len(self._restarts) > self.max_restarts:
+            self._workers.remove(worker)  # no replacement: nothing of it is waited on
+            self._break(
+                f"transformer processes died {len(self._restarts)} times within "
+                f"{self.restart_window_s:.0f} s (the last with exit code {code}); the pool "
+                "gives up. If the system is short of memory, use fewer workers or smaller chunks."
+            )
+            return
         replacement = self._start_worker(worker.worker_id)
-        worker.process, worker.conn, worker.ready, worker.tasks = (
-            replacement.process,
-            replacement.conn,
-            False,
-            [],
-        )
-        for stream_id, seq in lost:
+        worker.process, worker.conn = replacement.process, replacement.conn
+        for position, (stream_id, seq) in enumerate(lost):
             stream = self._streams.get(stream_id)
             if stream is None or stream.closing or seq not in stream.in_flight:
                 continue
             batch, out_slot = stream.in_flight.pop(seq)
-            stream.restarts += 1
-            stream.kills[seq] = stream.kills.get(seq, 0) + 1
-            if stream.kills[seq] >= MAX_CHUNK_KILLS:
-                last = batch.first_row + batch.rows - 1
-                self._fail(
-                    stream,
-                    WorkerCrashed(
-                        f"chunk {seq} (rows {batch.first_row}..{last}) killed "
-                        f"{MAX_CHUNK_KILLS} transformer processes (last exit code {code}); "
-                        "it is not retried again"
-                    ),
-                )
+            stream.redispatched += 1
+            if position == 0:  # a transformer works in order: only its oldest task ran
+                stream.kills[seq] = stream.kills.get(seq, 0) + 1
+            if stream.kills.get(seq, 0) < MAX_CHUNK_KILLS:
+                stream.retry.append((batch, out_slot))
+                stream.retry = deque(sorted(stream.retry, key=lambda item: item[0].seq))
                 continue
-            stream.retry.append((batch, out_slot))
-            stream.retry = deque(sorted(stream.retry, key=lambda item: item[0].seq))
+            last = batch.first_row + batch.rows - 1
+            if self.poison_policy == "skip":
+                self._skip(stream, batch, out_slot)
+                continue
+            self._fail(
+                stream,
+                WorkerCrashed(
+                    f"rows {batch.first_row}..{last} (batch {seq}) killed {MAX_CHUNK_KILLS} "
+                    f"transformer processes (the last exit code {code}) and are not retried; "
+                    "look for a value in them that the encoder cannot handle, or start the "
+                    "pool with poison_policy='skip' to leave them out and go on"
+                ),
+            )
+
+    def _skip(self, stream: StreamState, batch: BatchReady, out_slot: int) -> None:
+        """Leave a poison batch out: record its rows and deliver nothing in its place."""
+        stream.skipped.append((batch.first_row, batch.first_row + batch.rows - 1))
+        stream.done[batch.seq] = (batch, TaskDone(stream.id, batch.seq, 0, out_slot, 0, ()))
+        self._credit_input(stream, batch)
+
+    def _break(self, reason: str) -> None:
+        """Too many restarts: fail every stream and refuse new ones (OTP's give-up)."""
+        self.broken = reason
+        for stream in self._streams.values():
+            self._fail(stream, WorkerCrashed(reason))
 
     def _fail(self, stream: StreamState, error: AshstreamError) -> None:
         if stream.error is None:

@@ -84,6 +84,8 @@ class Task:
     stream_id: str
     arena: ArenaRef
     seq: int
+    first_row: int
+    rows: int
     in_slot: int | None
     in_nbytes: int
     out_slot: int

@@ -6,6 +6,7 @@ arena on its first task and unmaps it when the parent says the stream is over.
 
 from __future__ import annotations
 
+import os
 import signal
 import traceback
 from multiprocessing.connection import Connection
@@ -17,6 +18,10 @@ from ashstream.errors import AshstreamError
 from ashstream.pipeline.comms import READY, STOP, ReleaseArena, StageFailed, Task, TaskDone
 from ashstream.shm import Arena
 
+# A seam for testing, read once per process: a transformer given a batch that holds this
+# row kills itself with SIGKILL, as an out-of-memory kill or a crash in native code would.
+CRASH_AT_ROW_ENV = "ASHSTREAM_TEST_CRASH_AT_ROW"
+
 
 def run_worker(worker_id: int, conn: Connection) -> None:
     """Process entry point: serve tasks until STOP or the parent goes away.
@@ -27,6 +32,7 @@ def run_worker(worker_id: int, conn: Connection) -> None:
     pa.set_cpu_count(1)  # one process per core already; no nested thread pools
     arenas: dict[str, Arena] = {}
     options: dict[str, EncodeOptions] = {}
+    crash_at_row = int(os.environ.get(CRASH_AT_ROW_ENV, "-1"))
     conn.send(READY)
     try:
         while True:
@@ -41,6 +47,8 @@ def run_worker(worker_id: int, conn: Connection) -> None:
                 if arena is not None:
                     arena.close()
             elif isinstance(message, Task):
+                if message.first_row <= crash_at_row < message.first_row + message.rows:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 conn.send(_run_task(message, arenas, options))
     finally:
         for arena in arenas.values():

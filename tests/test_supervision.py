@@ -1,0 +1,171 @@
+"""Supervision with real processes and real signals: nothing is lost when children die."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+
+from ashstream import PipelineError, StreamPool, WorkerCrashed, encode_rows
+from ashstream.pipeline.worker import CRASH_AT_ROW_ENV
+from ashstream.shm import our_segments
+from tests.conftest import mixed_sql, mixed_table, write_report
+
+pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
+
+ROWS = 60_000
+
+
+def text_of(table: pa.Table) -> bytes:
+    return "".join(row + ",\n" for row in encode_rows(table).to_pylist()).encode()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("faults")
+    report = write_report(
+        directory, {"name": "mixed", "source": {"duckdb": {"query": mixed_sql(ROWS)}}}
+    )
+    return report, mixed_table(ROWS)
+
+
+@pytest.fixture(scope="module")
+def tolerant_pool():
+    """Two transformers and room for every kill of the fault-injection runs."""
+    with StreamPool(2, max_restarts=1000) as pool:
+        yield pool
+
+
+@pytest.mark.parametrize("chunk_size", [100, 1000, 7000])
+@pytest.mark.parametrize("seed", range(8))
+def test_sigkill_a_transformer_at_a_random_moment(tolerant_pool, mixed, chunk_size, seed):
+    report, table = mixed
+    rng = random.Random(seed * 1000 + chunk_size)
+    chunks_total = -(-ROWS // chunk_size)
+    kill_after = rng.randrange(0, max(1, chunks_total - 1))
+    restarts_before = tolerant_pool.restarts
+    handle = tolerant_pool.start(report, chunk_size=chunk_size)
+    parts = []
+    for i, chunk in enumerate(handle):
+        parts.append(chunk.text)
+        if i == kill_after:
+            os.kill(rng.choice(tolerant_pool.worker_pids()), signal.SIGKILL)
+    assert b"".join(parts) == text_of(table)
+    assert tolerant_pool.status(handle.id)["status"] == "completed"
+    deadline = time.monotonic() + 10
+    while tolerant_pool.restarts == restarts_before and time.monotonic() < deadline:
+        time.sleep(0.05)  # a death after the last result is seen after the stream ends
+    assert tolerant_pool.restarts == restarts_before + 1
+
+
+def test_chunks_held_by_killed_transformers_are_dispatched_again(tolerant_pool, mixed):
+    report, table = mixed
+    handle = tolerant_pool.start(report, chunk_size=1000)
+    parts = []
+    for i, chunk in enumerate(handle):
+        parts.append(chunk.text)
+        if i == 0:  # the next batches are in flight now: kill every transformer
+            for pid in tolerant_pool.worker_pids():
+                os.kill(pid, signal.SIGKILL)
+    assert b"".join(parts) == text_of(table)
+    entry = tolerant_pool.status(handle.id)
+    assert entry["restarts"] >= 2
+    assert entry["redispatched"] >= 1
+
+
+@pytest.fixture
+def crash_at_row(monkeypatch):
+    """Transformers started after this (with spawn, which passes the environment on)
+    SIGKILL themselves on any batch holding row 20 000."""
+    monkeypatch.setenv(CRASH_AT_ROW_ENV, "20000")
+    return 20_000
+
+
+def test_a_chunk_that_kills_three_transformers_fails_its_stream_naming_the_rows(
+    mixed, crash_at_row
+):
+    report, _ = mixed
+    with StreamPool(2, start_method="spawn") as pool:
+        handle = pool.start(report, chunk_size=1000)
+        with pytest.raises(
+            WorkerCrashed, match=r"rows (\d+)\.\.(\d+) \(batch \d+\) killed 3 transformer"
+        ) as err:
+            for _ in handle:
+                pass
+        first, last = (
+            int(x) for x in err.value.args[0].split("rows ")[1].split(" ")[0].split("..")
+        )
+        assert first <= crash_at_row <= last
+        assert pool.status(handle.id)["status"] == "failed"
+
+
+def test_skip_policy_leaves_the_poison_rows_out_and_reports_them(mixed, crash_at_row):
+    report, table = mixed
+    with StreamPool(2, start_method="spawn", poison_policy="skip") as pool:
+        handle = pool.start(report, chunk_size=1000)
+        text = b"".join(c.text for c in handle)
+        assert len(handle.skipped) == 1
+        first, last = handle.skipped[0]
+        assert first <= crash_at_row <= last
+        kept = pa.concat_tables([table.slice(0, first), table.slice(last + 1)])
+        assert text == text_of(kept)
+        assert pool.status(handle.id)["skipped"] == [(first, last)]
+
+
+def test_too_many_restarts_and_the_pool_gives_up(mixed, crash_at_row):
+    report, _ = mixed
+    with StreamPool(2, start_method="spawn", max_restarts=2) as pool:
+        with pytest.raises(WorkerCrashed, match=r"died 3 times within 60 s .* the pool gives up"):
+            list(pool.stream(report, chunk_size=1000))
+        with pytest.raises(PipelineError, match="the pool can run no more streams"):
+            pool.start(report)
+
+
+def test_sigkill_the_producer_fails_the_stream_cleanly(tolerant_pool, tmp_path):
+    report = write_report(
+        tmp_path, 'name: p\nsource: {duckdb: {query: "SELECT * FROM range(100000000) t(i)"}}\n'
+    )
+    handle = tolerant_pool.start(report, chunk_size=1000)
+    stream = iter(handle)
+    next(stream)
+    os.kill(tolerant_pool.status(handle.id)["pids"]["producer"], signal.SIGKILL)
+    with pytest.raises(
+        WorkerCrashed, match=r"the producer process of stream \w+ died \(exit code -9\)"
+    ):
+        for _ in stream:
+            pass
+    assert tolerant_pool.status(handle.id)["status"] == "failed"
+    assert our_segments() == []
+
+
+def test_twenty_concurrent_streams_on_one_pool(tolerant_pool, tmp_path):
+    reports = [
+        write_report(
+            tmp_path,
+            {"name": f"s{i}", "source": {"duckdb": {"query": mixed_sql(1000 + 97 * i)}}},
+            f"s{i}.yaml",
+        )
+        for i in range(20)
+    ]
+    results: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+
+    def consume(i: int) -> None:
+        try:
+            results[i] = b"".join(c.text for c in tolerant_pool.stream(reports[i], chunk_size=250))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert not errors
+    for i in range(20):
+        assert results[i] == text_of(mixed_table(1000 + 97 * i))
