@@ -1,5 +1,6 @@
 """ashstream: stream DuckDB queries and Parquet files into Typst values."""
 
+from ashstream import telemetry
 from ashstream.encode import (
     EncodeOptions,
     EncodeStats,
@@ -46,4 +47,5 @@ __all__ = [
     "encode_rows",
     "encode_value",
     "load_report",
+    "telemetry",
 ]

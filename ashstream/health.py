@@ -1,20 +1,38 @@
-"""The health loop: a parent thread that measures the streams and publishes them.
+"""The health loop: a parent thread that measures the streams and acts on memory and stalls.
 
-Every ``interval_s`` it copies each stream's counters into the registry and measures the
-memory of the process tree. It observes; it never kills (the supervisor acts on deaths,
-which it sees through process sentinels at once).
+Every ``interval_s`` it measures the memory of the whole process tree, publishes each
+stream's counters to the registry and emits ``health.checked``. Against the memory
+limit it works like a circuit breaker with hysteresis:
+
+* at ``WARNING_FRACTION`` (0.8) of the limit it warns (``memory.warning``);
+* at ``CRITICAL_FRACTION`` (0.95) it pauses admission of new batches (``memory.critical``,
+  ``backpressure.on``); results keep draining, so memory can only go down;
+* it resumes when memory falls below the warning level (``backpressure.off``);
+* if memory stays critical for ``pause_timeout_s`` even so, it fails the streams with a
+  ``ResourceError`` that says what to change.
+
+A stream that makes no progress for ``stall_timeout_s`` while nothing waits for its
+caller fails with a clear error instead of hanging. Process deaths are not its job: the
+supervisor sees them at once through process sentinels.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 
 import psutil
 
+from ashstream import telemetry
+from ashstream.errors import PipelineError, ResourceError
 from ashstream.supervisor import Supervisor
 
 HEALTH_INTERVAL_S = 1.0
+WARNING_FRACTION = 0.8
+CRITICAL_FRACTION = 0.95
+PAUSE_TIMEOUT_S = 30.0  # critical this long with admission paused: give up
+STALL_TIMEOUT_S = 600.0  # a big ORDER BY can take minutes before its first row
 
 
 def tree_memory_bytes(arena_bytes: int = 0) -> int:
@@ -31,12 +49,38 @@ def tree_memory_bytes(arena_bytes: int = 0) -> int:
     return total
 
 
+def default_memory_limit() -> int:
+    """The cgroup's memory limit when there is one (containers), else the machine's RAM."""
+    candidates = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+    for path in candidates:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max" or a huge number: no limit
+            return int(text)
+    return psutil.virtual_memory().total
+
+
 class HealthLoop:
-    def __init__(self, supervisor: Supervisor, interval_s: float = HEALTH_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        interval_s: float = HEALTH_INTERVAL_S,
+        memory_limit: int | None = None,
+        pause_timeout_s: float = PAUSE_TIMEOUT_S,
+        stall_timeout_s: float = STALL_TIMEOUT_S,
+    ) -> None:
         self.supervisor = supervisor
         self.interval_s = interval_s
+        self.pool_memory_limit = memory_limit or default_memory_limit()
+        self.pause_timeout_s = pause_timeout_s
+        self.stall_timeout_s = stall_timeout_s
         self.memory_bytes = 0  # the latest tree measurement, read by the progress display
         self.peak_memory_bytes = 0
+        self._warned = False  # above the warning level at the last check
+        self._paused_since: float | None = None  # monotonic time admission was paused
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ashstream-health", daemon=True)
 
@@ -48,11 +92,76 @@ class HealthLoop:
         if self._thread.is_alive():
             self._thread.join(5)
 
+    def memory_limit(self) -> int:
+        """The pool's limit, or a running report's ``pipeline.memory_limit`` if lower."""
+        limits = [s.report.pipeline.memory_limit for s in self.supervisor.streams()]
+        return min([self.pool_memory_limit, *(x for x in limits if x)])
+
     def check(self) -> None:
         streams = self.supervisor.streams()
         self.memory_bytes = tree_memory_bytes(sum(s.arena.resident_bytes() for s in streams))
         self.peak_memory_bytes = max(self.peak_memory_bytes, self.memory_bytes)
-        self.supervisor.publish()
+        limit = self.memory_limit()
+        self._breaker(self.memory_bytes, limit)
+        self._stalls(time.monotonic())
+        self.supervisor.publish(memory_bytes=self.memory_bytes)
+        telemetry.emit(
+            "health.checked",
+            {
+                "memory_bytes": self.memory_bytes,
+                "memory_limit_bytes": limit,
+                "streams": len(streams),
+            },
+        )
+        for stream in streams:
+            elapsed = time.time() - stream.started_at
+            if elapsed > 0:
+                telemetry.emit(
+                    "throughput", {"rows_per_s": stream.rows / elapsed}, {"stream_id": stream.id}
+                )
+
+    def _breaker(self, used: int, limit: int) -> None:
+        sizes = {"memory_bytes": used, "memory_limit_bytes": limit}
+        fraction = used / limit
+        if fraction >= WARNING_FRACTION and not self._warned:
+            telemetry.emit("memory.warning", sizes)
+        self._warned = fraction >= WARNING_FRACTION
+        if self._paused_since is None:
+            if fraction >= CRITICAL_FRACTION:
+                self._paused_since = time.monotonic()
+                self.supervisor.pause_admission(True)
+                telemetry.emit("memory.critical", sizes)
+                telemetry.emit("backpressure.on", sizes, {"reason": "memory"})
+            return
+        if fraction < WARNING_FRACTION:
+            self._paused_since = None
+            self.supervisor.pause_admission(False)
+            telemetry.emit("backpressure.off", sizes, {"reason": "memory"})
+        elif (
+            fraction >= CRITICAL_FRACTION
+            and time.monotonic() - self._paused_since > self.pause_timeout_s
+        ):
+            self.supervisor.fail_all(
+                ResourceError(
+                    f"memory stayed at {used / 2**20:,.0f} MiB, over {CRITICAL_FRACTION:.0%} of "
+                    f"the {limit / 2**20:,.0f} MiB limit, for {self.pause_timeout_s:g} s "
+                    "although no new batches were started. Raise memory_limit, or use fewer "
+                    "workers or a smaller chunk_size."
+                )
+            )
+            self._paused_since = None
+            self.supervisor.pause_admission(False)
+            telemetry.emit("backpressure.off", sizes, {"reason": "memory"})
+
+    def _stalls(self, now: float) -> None:
+        for stream in self.supervisor.stalled_streams(now - self.stall_timeout_s):
+            self.supervisor.fail(
+                stream,
+                PipelineError(
+                    f"stream {stream.id} made no progress for {self.stall_timeout_s:g} s "
+                    f"(after {stream.rows} rows); the source or a transformer is stuck"
+                ),
+            )
 
     def _run(self) -> None:
         while not self._stop.is_set():

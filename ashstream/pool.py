@@ -8,8 +8,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ashstream.errors import AshstreamError, PipelineError, ReportError
-from ashstream.health import HealthLoop
-from ashstream.report import Report, load_report, parse_param
+from ashstream.health import HEALTH_INTERVAL_S, STALL_TIMEOUT_S, HealthLoop
+from ashstream.report import Report, load_report, parse_param, parse_size
 from ashstream.supervisor import (
     MAX_RESTARTS,
     RESTART_WINDOW_S,
@@ -104,6 +104,12 @@ class StreamPool:
         poison_policy: a batch that has killed 3 transformers fails its stream
             (``"fail"``, naming its rows) or is left out and reported in
             ``StreamHandle.skipped`` (``"skip"``).
+        memory_limit: bytes or a size such as ``"2GiB"`` for the whole process tree;
+            default the cgroup's limit, else the machine's RAM. A report's
+            ``pipeline.memory_limit`` applies while it runs, when lower. See
+            :mod:`ashstream.health` for the breaker.
+        health_interval_s: how often the health loop measures.
+        stall_timeout_s: a stream with no progress this long fails instead of hanging.
     """
 
     def __init__(
@@ -115,6 +121,9 @@ class StreamPool:
         max_restarts: int = MAX_RESTARTS,
         restart_window_s: float = RESTART_WINDOW_S,
         poison_policy: str = "fail",
+        memory_limit: int | str | None = None,
+        health_interval_s: float = HEALTH_INTERVAL_S,
+        stall_timeout_s: float = STALL_TIMEOUT_S,
     ) -> None:
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
@@ -126,7 +135,12 @@ class StreamPool:
         self._supervisor = Supervisor(
             self.workers, slot_bytes, start_method, max_restarts, restart_window_s, poison_policy
         )
-        self._health = HealthLoop(self._supervisor)
+        self._health = HealthLoop(
+            self._supervisor,
+            health_interval_s,
+            parse_size(memory_limit, "memory_limit") if memory_limit is not None else None,
+            stall_timeout_s=stall_timeout_s,
+        )
         self._open = False
         self._closed = False  # processes and threads are started once per pool
 
@@ -202,6 +216,11 @@ class StreamPool:
     @property
     def peak_memory_bytes(self) -> int:
         return self._health.peak_memory_bytes
+
+    @property
+    def memory_limit(self) -> int:
+        """The memory limit in force now, in bytes."""
+        return self._health.memory_limit()
 
     @property
     def restarts(self) -> int:

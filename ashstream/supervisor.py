@@ -43,7 +43,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from ashstream import errors
+from ashstream import errors, telemetry
 from ashstream.encode import EncodeStats
 from ashstream.errors import AshstreamError, PipelineError, WorkerCrashed
 from ashstream.pipeline.comms import (
@@ -138,6 +138,7 @@ class StreamState:
         self.error: AshstreamError | None = None
         self.status = "starting"
         self.started_at = time.time()
+        self.last_progress = time.monotonic()  # a batch read, encoded or taken by the caller
         self.finished_at: float | None = None
         self.closing = False
         self.reusable = False  # its producer may serve the next stream
@@ -158,6 +159,7 @@ class StreamState:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "pids": {"producer": self.producer.pid if self.producer else None},
+            "memory_bytes": None,
             "error": str(self.error) if self.error else None,
         }
 
@@ -191,6 +193,8 @@ class Supervisor:
         self._wake_r, self._wake_w = self.ctx.Pipe(duplex=False)
         self._commands: deque = deque()  # run by the dispatcher, under the lock
         self._closing = False  # close() has begun: start no more processes
+        self._paused = False  # admission of new batches paused by the memory breaker
+        self._events: list[tuple[str, dict, dict]] = []  # emitted once the lock is released
         self._stopping = False  # the dispatcher is to exit
         self._rr = itertools.count()  # round robin over streams
         self._thread: threading.Thread | None = None
@@ -292,6 +296,7 @@ class Supervisor:
             self._streams[stream.id] = stream
             self._wake()
         self.registry.put(stream.id, stream.registry_entry())
+        telemetry.emit("pipeline.started", {}, {"stream_id": stream.id, "report": report.name})
         return stream
 
     def next_chunk(self, stream: StreamState) -> Chunk | None:
@@ -322,6 +327,7 @@ class Supervisor:
             start, row = end, row + rows
         with self._cond:
             stream.result_free.append(result.out_slot)
+            stream.last_progress = time.monotonic()
             stream.next_batch += 1
             stream.rows += result.rows
             stream.chunks += len(result.chunk_ends)
@@ -373,6 +379,19 @@ class Supervisor:
             _stop_process(stream.producer)
             stream.producer_conn.close()
         self.registry.put(stream.id, stream.registry_entry())
+        with self._lock:
+            events, self._events = self._events, []
+        for event in events:
+            telemetry.emit(*event)
+        telemetry.emit(
+            "pipeline.stopped",
+            {
+                "rows": stream.rows,
+                "chunks": stream.chunks,
+                "duration_s": stream.finished_at - stream.started_at,
+            },
+            {"stream_id": stream.id, "status": stream.status},
+        )
 
     def _release(self, stream: StreamState) -> None:
         """Dispatcher side of close_stream: tell the children, stop waiting on the producer."""
@@ -385,12 +404,47 @@ class Supervisor:
                 worker.conn.send(ReleaseArena(stream.arena.name))
         stream.released.set()
 
-    def publish(self) -> None:
+    def publish(self, memory_bytes: int | None = None) -> None:
         """Copy every running stream's counters to the registry (the health loop calls it)."""
         with self._lock:
             entries = [s.registry_entry() for s in self._streams.values()]
         for entry in entries:
+            entry["memory_bytes"] = memory_bytes
             self.registry.put(entry["id"], entry)
+
+    def pause_admission(self, paused: bool) -> None:
+        """Stop (or restart) starting new batches; results keep draining."""
+        with self._lock:
+            self._paused = paused
+            for stream in self._streams.values():
+                if stream.status in ("running", "paused"):
+                    stream.status = "paused" if paused else "running"
+            self._wake()
+
+    def fail(self, stream: StreamState, error: AshstreamError) -> None:
+        with self._lock:
+            self._fail(stream, error)
+            self._cond.notify_all()
+            events, self._events = self._events, []
+        for event in events:
+            telemetry.emit(*event)
+
+    def fail_all(self, error: AshstreamError) -> None:
+        for stream in self.streams():
+            self.fail(stream, error)
+
+    def stalled_streams(self, no_progress_since: float) -> list[StreamState]:
+        """Streams with no progress since then, that are not waiting for their caller."""
+        with self._lock:
+            return [
+                s
+                for s in self._streams.values()
+                if s.error is None
+                and not s.closing
+                and not s.done
+                and not self._paused
+                and s.last_progress < no_progress_since
+            ]
 
     def streams(self) -> list[StreamState]:
         with self._lock:
@@ -416,6 +470,9 @@ class Supervisor:
                     self._commands.popleft()()
                 self._schedule()
                 self._cond.notify_all()
+                events, self._events = self._events, []
+            for event in events:  # handlers may call back into the pool: never under the lock
+                telemetry.emit(*event)
 
     def _handlers(self) -> dict[Any, Any]:
         handlers: dict[Any, Any] = {self._wake_r: self._drain_wakeups}
@@ -433,7 +490,7 @@ class Supervisor:
             self._wake_r.recv_bytes()
 
     def _schedule(self) -> None:
-        if self.broken:
+        if self.broken or self._paused:
             return
         for worker in sorted(self._workers, key=lambda w: len(w.tasks)):
             while worker.ready and len(worker.tasks) < TASKS_PER_WORKER:
@@ -506,6 +563,7 @@ class Supervisor:
             )
 
     def _handle_producer_message(self, stream: StreamState, message: object) -> None:
+        stream.last_progress = time.monotonic()
         if isinstance(message, BatchReady):
             stream.ready.append(message)
         elif isinstance(message, SourceOpened):
@@ -543,7 +601,15 @@ class Supervisor:
             self._fail(stream, _error_from(message))
             return
         stream.done[message.seq] = (batch, message)
+        stream.last_progress = time.monotonic()
         self._credit_input(stream, batch)
+        self._events.append(
+            (
+                "chunk.done",
+                {"rows": message.rows, "bytes": message.nbytes},
+                {"stream_id": stream.id, "seq": message.seq},
+            )
+        )
 
     def _credit_input(self, stream: StreamState, batch: BatchReady) -> None:
         """The batch's input slot is free again: the producer may write into it."""
@@ -574,6 +640,13 @@ class Supervisor:
             )
             return
         replacement = self._start_worker(worker.worker_id)
+        self._events.append(
+            (
+                "worker.restarted",
+                {"restarts_in_window": len(self._restarts)},
+                {"worker_id": worker.worker_id, "exit_code": code, "pid": replacement.process.pid},
+            )
+        )
         worker.process, worker.conn = replacement.process, replacement.conn
         for position, (stream_id, seq) in enumerate(lost):
             stream = self._streams.get(stream_id)
@@ -588,6 +661,18 @@ class Supervisor:
                 stream.retry = deque(sorted(stream.retry, key=lambda item: item[0].seq))
                 continue
             last = batch.first_row + batch.rows - 1
+            self._events.append(
+                (
+                    "chunk.quarantined",
+                    {"rows": batch.rows},
+                    {
+                        "stream_id": stream.id,
+                        "first_row": batch.first_row,
+                        "last_row": last,
+                        "policy": self.poison_policy,
+                    },
+                )
+            )
             if self.poison_policy == "skip":
                 self._skip(stream, batch, out_slot)
                 continue
@@ -614,9 +699,21 @@ class Supervisor:
             self._fail(stream, WorkerCrashed(reason))
 
     def _fail(self, stream: StreamState, error: AshstreamError) -> None:
+        """Under the lock."""
         if stream.error is None:
             stream.error = error
             stream.status = "failed"
+            self._events.append(
+                (
+                    "pipeline.failed",
+                    {"rows": stream.rows},
+                    {
+                        "stream_id": stream.id,
+                        "error": str(error),
+                        "error_type": type(error).__name__,
+                    },
+                )
+            )
 
 
 def _error_from(message: StageFailed) -> AshstreamError:

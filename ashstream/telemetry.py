@@ -1,0 +1,92 @@
+"""Telemetry: named events with measurements and metadata, fanned out to handlers.
+
+Handlers attach per event name (or ``"*"`` for all) and are called in the thread that
+emits, so they must be quick. A handler that raises is logged and skipped: telemetry
+never breaks a stream. Every event also goes to the ``ashstream.telemetry`` logger with
+its fields as structured ``extra`` data.
+
+    from ashstream import telemetry
+
+    def on_chunk(event, measurements, metadata):
+        print(metadata["stream_id"], measurements["rows"])
+
+    telemetry.attach("chunk.done", on_chunk)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["EVENTS", "Handler", "attach", "detach", "emit"]
+
+# Event names: <component>.<what happened>. Measurements carry units in their names.
+EVENTS = (
+    "pipeline.started",  # metadata: stream_id, report
+    "pipeline.stopped",  # measurements: rows, chunks, duration_s; metadata: status
+    "pipeline.failed",  # metadata: stream_id, error, error_type
+    "chunk.done",  # measurements: rows, bytes; metadata: stream_id, seq (batch)
+    "worker.restarted",  # metadata: worker_id, exit_code, pid
+    "chunk.quarantined",  # metadata: stream_id, first_row, last_row, policy
+    "health.checked",  # measurements: memory_bytes, memory_limit_bytes, rows_per_s
+    "memory.warning",  # measurements: memory_bytes, memory_limit_bytes
+    "memory.critical",  # same; admission of new batches pauses
+    "backpressure.on",  # metadata: reason ("memory")
+    "backpressure.off",
+    "throughput",  # measurements: rows_per_s; metadata: stream_id
+)
+
+Handler = Callable[[str, Mapping[str, Any], Mapping[str, Any]], None]
+
+logger = logging.getLogger("ashstream.telemetry")
+_lock = threading.Lock()
+_handlers: dict[str, tuple[Handler, ...]] = {}  # copy-on-write: emit reads without the lock
+
+
+def attach(event: str, handler: Handler) -> None:
+    """Call ``handler(event, measurements, metadata)`` for each ``event`` (``"*"``: all)."""
+    if event != "*" and event not in EVENTS:
+        raise ValueError(f"unknown telemetry event {event!r}; known: {', '.join(EVENTS)}")
+    with _lock:
+        _handlers[event] = (*_handlers.get(event, ()), handler)
+
+
+def detach(event: str, handler: Handler) -> bool:
+    """Remove a handler; False if it was not attached."""
+    with _lock:
+        handlers = _handlers.get(event, ())
+        if handler not in handlers:
+            return False
+        remaining = list(handlers)
+        remaining.remove(handler)
+        _handlers[event] = tuple(remaining)
+        return True
+
+
+def emit(
+    event: str,
+    measurements: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Send an event to its handlers and to the log. Never raises."""
+    measurements = dict(measurements or {})
+    metadata = dict(metadata or {})
+    level = logging.WARNING if event in ("memory.warning", "memory.critical") else logging.DEBUG
+    if event == "pipeline.failed":
+        level = logging.ERROR
+    if logger.isEnabledFor(level):
+        logger.log(
+            level,
+            "%s %s %s",
+            event,
+            measurements,
+            metadata,
+            extra={"event": event, "measurements": measurements, "metadata": metadata},
+        )
+    for handler in _handlers.get(event, ()) + _handlers.get("*", ()):
+        try:
+            handler(event, measurements, metadata)
+        except Exception:
+            logger.exception("telemetry handler %r failed on %s; ignored", handler, event)
