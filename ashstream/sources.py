@@ -87,6 +87,8 @@ def open_source(report: Report, rows_per_batch: int) -> OpenSource:
         raise SourceError(
             f"{report.path}: cannot open DuckDB database {src.database}: {exc}"
         ) from None
+    if src.parquet:
+        _check_parquet_files(report)
     con.execute(f"SET threads = {PRODUCER_DUCKDB_THREADS}")
     con.execute("SET enable_progress_bar = false")  # it would draw on our terminal
     base = base_relation_sql(report)
@@ -100,6 +102,36 @@ def open_source(report: Report, rows_per_batch: int) -> OpenSource:
         raise _query_error(report, exc, sql) from None
     total = _total_rows(con, report, sql, params)
     return OpenSource(schema, total, _read(con, relation, rows_per_batch, report))
+
+
+def _check_parquet_files(report: Report) -> None:
+    """Every file must be readable Parquet with the first file's columns and types:
+    DuckDB would otherwise cast a drifted column silently, or fail half-way through."""
+    import pyarrow.parquet as pq
+
+    first_file, first = None, None
+    for path in report.source.parquet:
+        try:
+            schema = pq.read_schema(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise SourceError(
+                f"{report.path}: source.parquet: {path} is not a readable Parquet file: {exc}"
+            ) from None
+        if first is None:
+            first_file, first = path, schema
+            continue
+        if schema.names != first.names:
+            raise SourceError(
+                f"{report.path}: source.parquet: {path} has columns {schema.names}, but "
+                f"{first_file} has {first.names}; the files of one source must share a schema"
+            )
+        for name, a, b in zip(first.names, first.types, schema.types, strict=True):
+            if a != b:
+                raise SourceError(
+                    f"{report.path}: source.parquet: column {name!r} is {b} in {path} but {a} "
+                    f"in {first_file}; cast it when writing the files, or read them with a "
+                    "DuckDB query that casts"
+                )
 
 
 def _check_fields(con: Any, report: Report, base: str, params: Mapping[str, Any]) -> None:
