@@ -45,7 +45,7 @@ from typing import Any
 
 from ashstream import errors, telemetry
 from ashstream.encode import EncodeStats
-from ashstream.errors import AshstreamError, PipelineError, WorkerCrashed
+from ashstream.errors import AshstreamError, Cancelled, PipelineError, WorkerCrashed
 from ashstream.pipeline.comms import (
     READY,
     STOP,
@@ -153,6 +153,8 @@ class StreamState:
             "chunks": self.chunks,
             "bytes": self.bytes,
             "total_rows": self.total_rows,
+            "rows_per_s": self.rows
+            / max((self.finished_at or time.time()) - self.started_at, 1e-9),
             "restarts": self.restarts,
             "redispatched": self.redispatched,
             "skipped": list(self.skipped),
@@ -307,6 +309,8 @@ class Supervisor:
             while True:
                 if stream.error is not None:
                     raise stream.error
+                if stream.closing:
+                    raise Cancelled(f"stream {stream.id} was cancelled")
                 if stream.next_batch in stream.done:
                     batch, result = stream.done.pop(stream.next_batch)
                     break
@@ -408,8 +412,10 @@ class Supervisor:
         """Copy every running stream's counters to the registry (the health loop calls it)."""
         with self._lock:
             entries = [s.registry_entry() for s in self._streams.values()]
+            transformers = [w.process.pid for w in self._workers]
         for entry in entries:
             entry["memory_bytes"] = memory_bytes
+            entry["pids"]["transformers"] = transformers
             self.registry.put(entry["id"], entry)
 
     def pause_admission(self, paused: bool) -> None:

@@ -295,7 +295,8 @@ def test_an_interrupted_run_exits_cleanly_and_writes_nothing(tmp_path, signum, c
     started = time.monotonic()
     process.send_signal(signum)
     stderr = process.communicate(timeout=30)[1]
-    assert time.monotonic() - started < 5
+    elapsed = time.monotonic() - started
+    assert elapsed < 2
     assert process.returncode == code, stderr
     assert "nothing was written" in stderr
     assert "Traceback" not in stderr

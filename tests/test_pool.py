@@ -224,13 +224,17 @@ def test_registry_records_each_stream(pools, tmp_path):
     )
     pool = pools(2)
     handle = pool.start(report, chunk_size=500)
-    assert pool.status(handle.id)["status"] in ("starting", "running")
+    running = pool.status(handle.id)
+    assert running["status"] in ("starting", "running")
+    assert running["pids"]["transformers"] == pool.worker_pids()
     rows = sum(c.num_rows for c in handle)
     entry = pool.status(handle.id)
     assert entry["status"] == "completed"
     assert entry["rows"] == rows == 5000
     assert entry["chunks"] == 10
     assert entry["report"] == "reg"
+    assert entry["rows_per_s"] > 0
+    assert entry["restarts"] == 0 and entry["error"] is None
     assert handle.id in {e["id"] for e in pool.list(status="completed")}
 
 
@@ -385,3 +389,36 @@ def test_a_file_deleted_mid_run_is_read_in_full_or_fails_clearly(pools, tmp_path
         assert "p2.parquet" in str(exc)  # named, and nothing else is claimed
     else:
         assert b"".join(parts) == expected_text(table)  # DuckDB had it open already
+
+
+def test_cancel_from_another_thread_stops_the_stream(pools, tmp_path):
+    from ashstream import Cancelled
+
+    report = write_report(
+        tmp_path, 'name: c\nsource: {duckdb: {query: "SELECT * FROM range(100000000) t(i)"}}\n'
+    )
+    pool = pools(2)
+    handle = pool.start(report, chunk_size=1000)
+    stream = iter(handle)
+    next(stream)
+    canceller = threading.Thread(target=pool.cancel, args=(handle.id,))
+    canceller.start()
+    canceller.join(10)
+    with pytest.raises(Cancelled, match=f"stream {handle.id} was cancelled"):
+        for _ in stream:
+            pass
+    assert pool.status(handle.id)["status"] == "cancelled"
+    assert our_segments() == []
+
+
+def test_closing_the_iterator_cancels_the_stream(pools, tmp_path):
+    report = write_report(
+        tmp_path, 'name: c\nsource: {duckdb: {query: "SELECT * FROM range(100000000) t(i)"}}\n'
+    )
+    pool = pools(2)
+    handle = pool.start(report, chunk_size=1000)
+    stream = iter(handle)
+    next(stream)
+    stream.close()
+    assert pool.status(handle.id)["status"] == "cancelled"
+    assert our_segments() == []
