@@ -7,7 +7,7 @@ process with threads must not fork, so the parent never imports it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,8 +71,13 @@ class OpenSource:
     batches: Iterator[pa.RecordBatch]
 
 
-def open_source(report: Report, rows_per_batch: int) -> OpenSource:
+def open_source(
+    report: Report, rows_per_batch: int, on_connect: Callable[[Any], None] | None = None
+) -> OpenSource:
     """Connect, check the fields against the source, and start streaming.
+
+    ``on_connect`` receives the DuckDB connection as soon as it exists, so that another
+    thread can interrupt a long query.
 
     Raises:
         ReportError: the SQL does not parse or bind, or a field names a missing column.
@@ -87,6 +92,8 @@ def open_source(report: Report, rows_per_batch: int) -> OpenSource:
         raise SourceError(
             f"{report.path}: cannot open DuckDB database {src.database}: {exc}"
         ) from None
+    if on_connect is not None:
+        on_connect(con)
     if src.parquet:
         _check_parquet_files(report)
     con.execute(f"SET threads = {PRODUCER_DUCKDB_THREADS}")

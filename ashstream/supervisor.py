@@ -5,7 +5,7 @@
     caller thread                 dispatcher thread "ashstream-dispatch"        children
     -------------                 ---------------------------------------        --------
                                   BatchReady  -> stream.ready        <--pipe--  producer
-                                  SlotCredit  (input slot freed)     --pipe-->  (one per stream)
+                                  SlotCredit  (input slot freed)     --pipe-->  (a thread a stream)
                                   Task(seq, in slot, out slot)       --pipe-->  transformer 0..N-1
     next_chunk() <--condition---  TaskDone    -> stream.done[seq]    <--pipe--  (shared by all streams)
       reads the out slot, frees it, wakes the dispatcher
@@ -24,7 +24,14 @@ result slot: the reorder window is bounded by the arena and cannot deadlock.
 **Crashes.** A chunk stays in its input slot until its result exists, so the tasks of a
 transformer that dies are dispatched again (keeping their result slots) to a
 replacement process; a chunk that has killed ``MAX_CHUNK_KILLS`` transformers fails its
-stream, naming its rows. A producer that dies before the end fails its stream.
+stream, naming its rows. A producer that dies fails the streams it had not finished and
+is replaced; re-reading a source from the middle is not attempted, since a query
+without ORDER BY need not return its rows in the same order twice.
+
+**Producers.** ``n_producers`` processes (one per ``PRODUCER_PER_WORKERS`` transformers)
+start with the pool and each serves many streams, one thread and DuckDB connection per
+stream: a process costs ~50 MB once DuckDB is up, so memory does not grow with the
+number of streams, and no stream waits for a process start.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from ashstream.pipeline.comms import (
     SourceDone,
     SourceOpened,
     StageFailed,
+    StopStream,
     Task,
     TaskDone,
 )
@@ -66,6 +74,9 @@ from ashstream.registry import Registry
 from ashstream.report import Report
 from ashstream.shm import Arena, sweep_stale_segments
 
+# One producer process per this many transformers: a producer serves several streams on
+# threads, so memory does not grow with the number of streams.
+PRODUCER_PER_WORKERS = 4
 # Tasks handed to one transformer before it finishes the first: 2 hides the round trip
 # through the dispatcher without letting one slow transformer hoard chunks.
 TASKS_PER_WORKER = 2
@@ -95,12 +106,15 @@ class Chunk:
 
 
 @dataclass
-class _Worker:
+class _Child:
+    """A transformer or a producer process, and the parent's end of its pipe."""
+
     worker_id: int  # the slot number 0..N-1, kept across restarts
     process: BaseProcess
     conn: Connection
     ready: bool = False
     tasks: list[tuple[str, int]] = field(default_factory=list)  # (stream id, seq), in flight
+    streams: set[str] = field(default_factory=set)  # producers: the streams it serves
 
 
 class StreamState:
@@ -114,9 +128,7 @@ class StreamState:
         self.arena_ref = ArenaRef(arena.name, arena.slot_bytes, arena.slots)
         self.input_slots = tuple(range(window))
         self.result_free: deque[int] = deque(range(window, 2 * window))
-        self.producer: BaseProcess | None = None
-        self.producer_conn: Connection | None = None
-        self.producer_watched = True  # the dispatcher still waits on the producer
+        self.producer: _Child | None = None  # the producer process serving it
         self.source_done = False
         self.ready: deque[BatchReady] = deque()  # produced, not dispatched, in seq order
         self.retry: deque[tuple[BatchReady, int]] = deque()  # a dead transformer's chunks
@@ -141,7 +153,6 @@ class StreamState:
         self.last_progress = time.monotonic()  # a batch read, encoded or taken by the caller
         self.finished_at: float | None = None
         self.closing = False
-        self.reusable = False  # its producer may serve the next stream
         self.released = threading.Event()
 
     def registry_entry(self) -> dict[str, Any]:
@@ -160,7 +171,7 @@ class StreamState:
             "skipped": list(self.skipped),
             "started_at": self.started_at,
             "finished_at": self.finished_at,
-            "pids": {"producer": self.producer.pid if self.producer else None},
+            "pids": {"producer": self.producer.process.pid if self.producer else None},
             "memory_bytes": None,
             "error": str(self.error) if self.error else None,
         }
@@ -190,8 +201,9 @@ class Supervisor:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._streams: dict[str, StreamState] = {}
-        self._workers: list[_Worker] = []
-        self._spare: tuple[BaseProcess, Connection] | None = None  # a producer, warmed up
+        self._workers: list[_Child] = []
+        self.n_producers = max(1, -(-workers // PRODUCER_PER_WORKERS))
+        self._producers: list[_Child] = []
         self._wake_r, self._wake_w = self.ctx.Pipe(duplex=False)
         self._commands: deque = deque()  # run by the dispatcher, under the lock
         self._closing = False  # close() has begun: start no more processes
@@ -215,11 +227,11 @@ class Supervisor:
         sweep_stale_segments()
         self.registry = Registry(self.ctx)
         self._workers = [self._start_worker(i) for i in range(self.n_workers)]
-        self._spare = self._start_producer()
+        self._producers = [self._start_producer(i) for i in range(self.n_producers)]
         deadline = time.monotonic() + START_TIMEOUT_S
-        for worker in self._workers:  # no chunk is read before every transformer is up
+        for worker in self._workers + self._producers:  # no chunk is read before all are up
             if not worker.conn.poll(max(0.0, deadline - time.monotonic())):
-                raise PipelineError("transformer processes did not start within 60 s")
+                raise PipelineError("ashstream's processes did not start within 60 s")
             worker.ready = worker.conn.recv() == READY
         self._thread = threading.Thread(target=self._run, name="ashstream-dispatch", daemon=True)
         self._thread.start()
@@ -235,9 +247,7 @@ class Supervisor:
             self._wake()
         if self._thread is not None:
             self._thread.join(5)
-        children = [(w.process, w.conn) for w in self._workers]
-        if self._spare is not None:
-            children.append(self._spare)
+        children = [(c.process, c.conn) for c in self._workers + self._producers]
         for _, conn in children:
             with contextlib.suppress(OSError):
                 conn.send(STOP)
@@ -245,13 +255,13 @@ class Supervisor:
             _stop_process(process)
             conn.close()
         self._workers = []
-        self._spare = None
+        self._producers = []
         if self.registry is not None:
             self.registry.close()
         self._wake_r.close()
         self._wake_w.close()
 
-    def _start_worker(self, worker_id: int) -> _Worker:
+    def _start_worker(self, worker_id: int) -> _Child:
         parent_end, child_end = self.ctx.Pipe()
         process = self.ctx.Process(
             target=run_worker,
@@ -261,16 +271,19 @@ class Supervisor:
         )
         process.start()
         child_end.close()
-        return _Worker(worker_id, process, parent_end)
+        return _Child(worker_id, process, parent_end)
 
-    def _start_producer(self) -> tuple[BaseProcess, Connection]:
+    def _start_producer(self, producer_id: int) -> _Child:
         parent_end, child_end = self.ctx.Pipe()
         process = self.ctx.Process(
-            target=run_producer, args=(child_end,), name="ashstream-producer", daemon=True
+            target=run_producer,
+            args=(child_end,),
+            name=f"ashstream-producer-{producer_id}",
+            daemon=True,
         )
         process.start()
         child_end.close()
-        return process, parent_end
+        return _Child(producer_id, process, parent_end)
 
     def worker_pids(self) -> list[int]:
         with self._lock:
@@ -288,14 +301,14 @@ class Supervisor:
         window = self.n_workers + EXTRA_WINDOW
         arena = Arena.create(self.slot_bytes, 2 * window)
         stream = StreamState(secrets.token_hex(4), report, chunk_size, arena, window)
+        job = ProducerJob(stream.id, report, chunk_size, stream.arena_ref, stream.input_slots)
         with self._lock:
-            process, conn = self._spare or self._start_producer()
-            self._spare = None
-        # The dispatcher does not know this pipe yet, so this thread may write to it.
-        conn.send(ProducerJob(stream.id, report, chunk_size, stream.arena_ref, stream.input_slots))
-        stream.producer, stream.producer_conn = process, conn
-        with self._lock:
+            producer = min(self._producers, key=lambda p: len(p.streams))
+            producer.streams.add(stream.id)
+            stream.producer = producer
             self._streams[stream.id] = stream
+            # Only the dispatcher writes to a child's pipe.
+            self._commands.append(lambda: self._send(producer, job))
             self._wake()
         self.registry.put(stream.id, stream.registry_entry())
         telemetry.emit("pipeline.started", {}, {"stream_id": stream.id, "report": report.name})
@@ -342,22 +355,13 @@ class Supervisor:
         return stream.pending.popleft() if stream.pending else self.next_chunk(stream)
 
     def close_stream(self, stream: StreamState, status: str) -> None:
-        """Stop the stream's producer, release its arena everywhere, record its status.
+        """Stop the stream's production, release its arena everywhere, record its status.
 
         Runs in the caller's thread; returns when nothing of the stream is left."""
         with self._lock:
             if stream.closing:
                 return
             stream.closing = True
-            # A producer that reached the end of its source cleanly can serve the next
-            # stream, which then skips a process start and its imports.
-            stream.reusable = (
-                status == "completed"
-                and stream.source_done
-                and stream.error is None
-                and stream.producer is not None
-                and stream.producer.is_alive()
-            )
             if stream.error is None:
                 stream.status = status
             stream.finished_at = time.time()
@@ -369,22 +373,8 @@ class Supervisor:
         stream.arena.close()
         with self._lock:
             self._streams.pop(stream.id, None)
-            keep = stream.reusable and self._spare is None and not self._closing
-            if keep:
-                self._spare = (stream.producer, stream.producer_conn)
-            elif self._spare is None and not self._streams and not self._closing:
-                # Warm up the next stream's producer (its imports take ~0.3 s of CPU)
-                # while nothing runs, rather than competing with a running stream.
-                self._spare = self._start_producer()
-        if not keep and stream.producer is not None:
-            if stream.reusable:
-                with contextlib.suppress(OSError):
-                    stream.producer_conn.send(STOP)
-            _stop_process(stream.producer)
-            stream.producer_conn.close()
-        self.registry.put(stream.id, stream.registry_entry())
-        with self._lock:
             events, self._events = self._events, []
+        self.registry.put(stream.id, stream.registry_entry())
         for event in events:
             telemetry.emit(*event)
         telemetry.emit(
@@ -398,15 +388,20 @@ class Supervisor:
         )
 
     def _release(self, stream: StreamState) -> None:
-        """Dispatcher side of close_stream: tell the children, stop waiting on the producer."""
-        if stream.producer_conn is not None and stream.producer_watched and not stream.reusable:
-            with contextlib.suppress(OSError):
-                stream.producer_conn.send(STOP)
-        stream.producer_watched = False
+        """Dispatcher side of close_stream: tell the children the stream is over."""
+        producer = stream.producer
+        if producer is not None and stream.id in producer.streams:
+            producer.streams.discard(stream.id)
+            if not stream.source_done:
+                self._send(producer, StopStream(stream.id))
         for worker in self._workers:
-            with contextlib.suppress(OSError):
-                worker.conn.send(ReleaseArena(stream.arena.name))
+            self._send(worker, ReleaseArena(stream.arena.name))
         stream.released.set()
+
+    def _send(self, child: _Child, message: object) -> None:
+        """Dispatcher thread only. A dead child's sentinel reports its death."""
+        with contextlib.suppress(OSError):
+            child.conn.send(message)
 
     def publish(self, memory_bytes: int | None = None) -> None:
         """Copy every running stream's counters to the registry (the health loop calls it)."""
@@ -485,10 +480,9 @@ class Supervisor:
         for worker in self._workers:
             handlers[worker.conn] = lambda w=worker: self._on_worker_message(w)
             handlers[worker.process.sentinel] = lambda w=worker: self._on_worker_exit(w)
-        for stream in self._streams.values():
-            if stream.producer_watched:
-                handlers[stream.producer_conn] = lambda s=stream: self._on_producer_message(s)
-                handlers[stream.producer.sentinel] = lambda s=stream: self._on_producer_exit(s)
+        for producer in self._producers:
+            handlers[producer.conn] = lambda p=producer: self._on_producer_message(p)
+            handlers[producer.process.sentinel] = lambda p=producer: self._on_producer_exit(p)
         return handlers
 
     def _drain_wakeups(self) -> None:
@@ -539,36 +533,18 @@ class Supervisor:
 
     # ---- producer events
 
-    def _on_producer_message(self, stream: StreamState) -> None:
+    def _on_producer_message(self, producer: _Child) -> bool:
+        """Handle one message; False when the pipe is closed (the sentinel reports why)."""
         try:
-            message = stream.producer_conn.recv()
+            message = producer.conn.recv()
         except (EOFError, OSError):
-            self._on_producer_exit(stream)
-            return
-        self._handle_producer_message(stream, message)
-
-    def _on_producer_exit(self, stream: StreamState) -> None:
-        if not stream.producer_watched:
-            return
-        while stream.producer_conn.poll():  # what it said before it went still counts
-            try:
-                message = stream.producer_conn.recv()
-            except (EOFError, OSError):
-                break
-            self._handle_producer_message(stream, message)
-        stream.producer_watched = False
-        if not stream.source_done and stream.error is None and not stream.closing:
-            stream.producer.join(JOIN_TIMEOUT_S)  # reap it, for its exit code
-            code = stream.producer.exitcode
-            self._fail(
-                stream,
-                WorkerCrashed(
-                    f"the producer process of stream {stream.id} died (exit code {code}); "
-                    "if the system was out of memory, lower chunk_size or the number of workers"
-                ),
-            )
-
-    def _handle_producer_message(self, stream: StreamState, message: object) -> None:
+            return False
+        if message == READY:
+            producer.ready = True
+            return True
+        stream = self._streams.get(getattr(message, "stream_id", None))
+        if stream is None or stream.closing:
+            return True  # a cancelled stream's late word
         stream.last_progress = time.monotonic()
         if isinstance(message, BatchReady):
             stream.ready.append(message)
@@ -578,12 +554,35 @@ class Supervisor:
         elif isinstance(message, SourceDone):
             stream.total_batches = message.batches
             stream.source_done = True
+            producer.streams.discard(stream.id)
         elif isinstance(message, StageFailed):
             self._fail(stream, _error_from(message))
+        return True
+
+    def _on_producer_exit(self, producer: _Child) -> None:
+        while producer.conn.poll() and self._on_producer_message(producer):
+            pass  # what it said before it went still counts
+        producer.process.join(JOIN_TIMEOUT_S)  # reap it, for its exit code
+        code = producer.process.exitcode
+        producer.conn.close()
+        for stream_id in producer.streams:
+            stream = self._streams.get(stream_id)
+            if stream is not None and not stream.source_done and not stream.closing:
+                self._fail(
+                    stream,
+                    WorkerCrashed(
+                        f"the producer process of stream {stream.id} died (exit code {code}); "
+                        "if the system was out of memory, lower chunk_size or the number of "
+                        "workers"
+                    ),
+                )
+        replacement = self._start_producer(producer.worker_id)
+        producer.process, producer.conn = replacement.process, replacement.conn
+        producer.ready, producer.streams = False, set()
 
     # ---- transformer events
 
-    def _on_worker_message(self, worker: _Worker) -> bool:
+    def _on_worker_message(self, worker: _Child) -> bool:
         """Handle one message; False when the pipe is closed (the sentinel reports why)."""
         try:
             message = worker.conn.recv()
@@ -595,7 +594,7 @@ class Supervisor:
             self._on_task_result(worker, message)
         return True
 
-    def _on_task_result(self, worker: _Worker, message: TaskDone | StageFailed) -> None:
+    def _on_task_result(self, worker: _Child, message: TaskDone | StageFailed) -> None:
         key = (message.stream_id, message.seq)
         if key in worker.tasks:
             worker.tasks.remove(key)
@@ -619,11 +618,10 @@ class Supervisor:
 
     def _credit_input(self, stream: StreamState, batch: BatchReady) -> None:
         """The batch's input slot is free again: the producer may write into it."""
-        if batch.slot is not None and not stream.source_done and stream.producer_watched:
-            with contextlib.suppress(OSError):
-                stream.producer_conn.send(SlotCredit(batch.slot))
+        if batch.slot is not None and not stream.source_done and stream.producer is not None:
+            self._send(stream.producer, SlotCredit(stream.id, batch.slot))
 
-    def _on_worker_exit(self, worker: _Worker) -> None:
+    def _on_worker_exit(self, worker: _Child) -> None:
         while worker.conn.poll() and self._on_worker_message(worker):
             pass  # results it sent before dying still count
         worker.process.join(JOIN_TIMEOUT_S)  # reap it, for its exit code

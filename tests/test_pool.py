@@ -298,21 +298,21 @@ def test_stale_segments_of_dead_processes_are_swept_at_start(tmp_path):
             os.unlink(path)
 
 
-def test_a_producer_that_finished_serves_the_next_stream_and_a_cancelled_one_does_not(tmp_path):
+def test_streams_share_the_pools_producer_process_and_a_cancel_disturbs_no_other(tmp_path):
     report = write_report(
         tmp_path, 'name: r\nsource: {duckdb: {query: "SELECT * FROM range(50000) t(i)"}}\n'
     )
     with StreamPool(1) as pool:
         first = pool.start(report, chunk_size=1000)
-        assert sum(c.num_rows for c in first) == 50000
         second = pool.start(report, chunk_size=1000)
         next(iter(second))
-        second.cancel()
+        second.cancel()  # while the first one is open on the same producer
+        assert sum(c.num_rows for c in first) == 50000
         third = pool.start(report, chunk_size=1000)
         assert sum(c.num_rows for c in third) == 50000
-        pids = [pool.status(h.id)["pids"]["producer"] for h in (first, second, third)]
-    assert pids[0] == pids[1]  # reused after a clean end
-    assert pids[2] != pids[1]  # not after a cancel
+        pids = {pool.status(h.id)["pids"]["producer"] for h in (first, second, third)}
+        assert pool.status(second.id)["status"] == "cancelled"
+    assert len(pids) == 1
 
 
 def _write_parquet(path, table):

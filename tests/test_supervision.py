@@ -143,7 +143,7 @@ def test_sigkill_the_producer_fails_the_stream_cleanly(tolerant_pool, tmp_path):
     assert our_segments() == []
 
 
-def test_twenty_concurrent_streams_on_one_pool(tolerant_pool, tmp_path):
+def test_twenty_concurrent_streams_on_one_pool(tmp_path):
     reports = [
         write_report(
             tmp_path,
@@ -154,18 +154,29 @@ def test_twenty_concurrent_streams_on_one_pool(tolerant_pool, tmp_path):
     ]
     results: dict[int, bytes] = {}
     errors: list[BaseException] = []
+    with StreamPool(2, health_interval_s=0.05) as pool:
 
-    def consume(i: int) -> None:
-        try:
-            results[i] = b"".join(c.text for c in tolerant_pool.stream(reports[i], chunk_size=250))
-        except BaseException as exc:  # reported below
-            errors.append(exc)
+        def consume(i: int) -> None:
+            try:
+                results[i] = b"".join(c.text for c in pool.stream(reports[i], chunk_size=250))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
 
-    threads = [threading.Thread(target=consume, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(90)
+        consume(19)  # one stream alone first: every process warm, its peak measured
+        time.sleep(0.2)
+        pool._health.peak_memory_bytes = 0
+        consume(19)
+        time.sleep(0.2)
+        one_stream = pool.peak_memory_bytes
+        pool._health.peak_memory_bytes = 0
+        threads = [threading.Thread(target=consume, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        time.sleep(0.2)
+        twenty = pool.peak_memory_bytes
     assert not errors
+    assert twenty < 3 * one_stream, (twenty >> 20, one_stream >> 20)
     for i in range(20):
         assert results[i] == text_of(mixed_table(1000 + 97 * i))

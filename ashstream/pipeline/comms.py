@@ -9,6 +9,7 @@ result too big for its slot, which travel inline as bytes.
 
     parent --ProducerJob--> producer --SourceOpened/BatchReady/SourceDone/StageFailed--> parent
     parent --SlotCredit---> producer        (a free input slot: credit-based backpressure)
+    parent --StopStream---> producer        (a stream was cancelled or failed)
     parent --Task---------> transformer --TaskDone/StageFailed--> parent
     parent --ReleaseArena-> transformer     (the stream is over: unmap its arena)
     parent --STOP---------> any child
@@ -40,11 +41,18 @@ class ProducerJob:
 
 @dataclass(frozen=True)
 class SlotCredit:
+    stream_id: str
     slot: int
 
 
 @dataclass(frozen=True)
+class StopStream:
+    stream_id: str
+
+
+@dataclass(frozen=True)
 class SourceOpened:
+    stream_id: str
     columns: tuple[str, ...]
     total_rows: int | None
 
@@ -54,6 +62,7 @@ class BatchReady:
     """A batch in a slot. Batches are the unit of transport and encoding; the caller's
     chunks (at most ``chunk_size`` rows) are consecutive slices of one batch."""
 
+    stream_id: str
     seq: int  # batch number in source order, the only key for ordering
     first_row: int
     first_chunk: int  # seq of the batch's first chunk
@@ -65,6 +74,7 @@ class BatchReady:
 
 @dataclass(frozen=True)
 class SourceDone:
+    stream_id: str
     batches: int
     rows: int
 

@@ -1,16 +1,22 @@
-"""The producer process: source → Arrow IPC in shared-memory slots → descriptors to the parent.
+"""The producer process: sources → Arrow IPC in shared-memory slots → descriptors to the parent.
 
-One producer runs per stream. It writes a batch only into a slot the parent credited to
-it, so it can never run further ahead of the transformers than the arena allows.
+A producer process serves several streams at once, one thread and one DuckDB connection
+each (DuckDB and Arrow release the GIL while they work). Sharing it keeps memory flat
+however many streams run: each process costs ~50 MB once its imports and DuckDB are up.
+A stream writes a batch only into a slot the parent credited to it, so it can never run
+further ahead of the transformers than its arena allows.
 """
 
 from __future__ import annotations
 
+import queue
 import signal
+import threading
 import traceback
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
+from typing import Any
 
 import pyarrow as pa
 
@@ -24,6 +30,7 @@ from ashstream.pipeline.comms import (
     SourceDone,
     SourceOpened,
     StageFailed,
+    StopStream,
 )
 from ashstream.shm import Arena, ipc_size
 from ashstream.sources import open_source
@@ -38,80 +45,142 @@ INPUT_SHARE_OF_SLOT = 4
 
 
 class _Stopped(Exception):
-    """The parent asked this producer to stop."""
+    """The parent asked this stream to stop."""
+
+
+class _Job:
+    """One stream being produced: its thread, its credits, its DuckDB connection."""
+
+    def __init__(self, job: ProducerJob, send: Callable[[object], None]) -> None:
+        self.job = job
+        self.send = send
+        self.credits: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # None: stop
+        self.stopped = threading.Event()
+        self.connection: Any = None  # set from the job's thread, read to interrupt it
+        self.thread = threading.Thread(
+            target=self.run, name=f"ashstream-produce-{job.stream_id}", daemon=True
+        )
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.credits.put(None)
+        connection = self.connection
+        if connection is not None:
+            try:
+                connection.interrupt()  # a long query gives up at once
+            except Exception:
+                pass
+
+    def run(self) -> None:
+        job = self.job
+        arena = Arena.attach(job.arena.name, job.arena.slot_bytes, job.arena.slots)
+        try:
+            self.produce(arena)
+        except _Stopped:
+            pass
+        except AshstreamError as exc:
+            if not self.stopped.is_set():
+                self.send(StageFailed(job.stream_id, None, type(exc).__name__, str(exc)))
+        except Exception as exc:
+            if not self.stopped.is_set():
+                detail = "".join(traceback.format_exception(exc))
+                message = f"producer failed: {detail}"
+                self.send(StageFailed(job.stream_id, None, "PipelineError", message))
+        finally:
+            arena.close()
+
+    def produce(self, arena: Arena) -> None:
+        job = self.job
+        free_slots = deque(job.input_slots)
+        source = open_source(
+            job.report, max(job.chunk_size, MIN_BATCH_ROWS), on_connect=self._connected
+        )
+        self.send(SourceOpened(job.stream_id, tuple(source.schema.names), source.total_rows))
+        seq = first_row = first_chunk = 0
+        for batch in _first_chunk_alone(source.batches, job.chunk_size):
+            for part in split_to_fit(batch, arena.slot_bytes // INPUT_SHARE_OF_SLOT):
+                while not free_slots:
+                    free_slots.append(self._wait_for_credit())
+                slot = free_slots.popleft()
+                nbytes = arena.write_batch(slot, part)
+                if nbytes is None:  # one row bigger than a slot: send it through the pipe
+                    free_slots.appendleft(slot)
+                    inline = _ipc_bytes(part)
+                    ready = BatchReady(
+                        job.stream_id,
+                        seq,
+                        first_row,
+                        first_chunk,
+                        part.num_rows,
+                        None,
+                        len(inline),
+                        inline,
+                    )
+                else:
+                    ready = BatchReady(
+                        job.stream_id, seq, first_row, first_chunk, part.num_rows, slot, nbytes
+                    )
+                self.send(ready)
+                seq += 1
+                first_row += part.num_rows
+                first_chunk += -(-part.num_rows // job.chunk_size)
+        self.send(SourceDone(job.stream_id, seq, first_row))
+
+    def _connected(self, connection: Any) -> None:
+        self.connection = connection
+        if self.stopped.is_set():
+            raise _Stopped
+
+    def _wait_for_credit(self) -> int:
+        slot = self.credits.get()
+        if slot is None or self.stopped.is_set():
+            raise _Stopped
+        return slot
 
 
 def run_producer(conn: Connection) -> None:
-    """Process entry point: serve streams one at a time until STOP. Runs in a producer.
+    """Process entry point: produce the streams the parent hands over until STOP.
 
-    The process is started ahead of need, with its imports done, so a stream's first
-    chunk does not wait for a process start; after a stream that ended normally the
-    parent may hand it the next one. After a failure or a stop it exits.
+    Runs in a producer process, started with the pool and kept, so that a stream's
+    first chunk never waits for a process start or imports.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the parent decides what Ctrl-C means
-    # Import while idle, not on the stream's clock (~0.3 s of CPU). Safe here: this
+    # Import while idle, not on a stream's clock (~0.3 s of CPU). Safe here: this
     # process never forks, and DuckDB's threads start only with a connection.
     import duckdb  # noqa: F401
     import pyarrow.parquet  # noqa: F401
 
-    conn.send(READY)
+    send_lock = threading.Lock()
+
+    def send(message: object) -> None:
+        with send_lock:  # one pipe, many threads
+            conn.send(message)
+
+    jobs: dict[str, _Job] = {}
+    send(READY)
     try:
         while True:
             try:
-                job = conn.recv()
+                message = conn.recv()
             except EOFError:
                 return
-            if job == STOP:
+            if message == STOP:
                 return
-            if isinstance(job, ProducerJob) and not _run_job(conn, job):
-                return
-            # anything else is a credit the last stream no longer needed
+            for stream_id in [i for i, j in jobs.items() if not j.thread.is_alive()]:
+                del jobs[stream_id]
+            if isinstance(message, ProducerJob):
+                jobs[message.stream_id] = job = _Job(message, send)
+                job.thread.start()
+            elif isinstance(message, SlotCredit) and message.stream_id in jobs:
+                jobs[message.stream_id].credits.put(message.slot)
+            elif isinstance(message, StopStream) and message.stream_id in jobs:
+                jobs.pop(message.stream_id).stop()
     finally:
+        for job in jobs.values():
+            job.stop()
+        for job in jobs.values():
+            job.thread.join(1.0)
         conn.close()
-
-
-def _run_job(conn: Connection, job: ProducerJob) -> bool:
-    """Stream one job; True when it reached the end of its source."""
-    arena = Arena.attach(job.arena.name, job.arena.slot_bytes, job.arena.slots)
-    try:
-        _produce(conn, job, arena)
-        return True
-    except _Stopped:
-        return False
-    except AshstreamError as exc:
-        conn.send(StageFailed(job.stream_id, None, type(exc).__name__, str(exc)))
-    except Exception as exc:
-        detail = "".join(traceback.format_exception(exc))
-        conn.send(StageFailed(job.stream_id, None, "PipelineError", f"producer failed: {detail}"))
-    finally:
-        arena.close()
-    return False
-
-
-def _produce(conn: Connection, job: ProducerJob, arena: Arena) -> None:
-    free_slots = deque(job.input_slots)
-    source = open_source(job.report, max(job.chunk_size, MIN_BATCH_ROWS))
-    conn.send(SourceOpened(tuple(source.schema.names), source.total_rows))
-    seq = first_row = first_chunk = 0
-    for batch in _first_chunk_alone(source.batches, job.chunk_size):
-        for part in split_to_fit(batch, arena.slot_bytes // INPUT_SHARE_OF_SLOT):
-            while not free_slots:
-                free_slots.append(_wait_for_credit(conn))
-            slot = free_slots.popleft()
-            nbytes = arena.write_batch(slot, part)
-            if nbytes is None:  # one row bigger than a slot: send it through the pipe
-                free_slots.appendleft(slot)
-                inline = _ipc_bytes(part)
-                ready = BatchReady(
-                    seq, first_row, first_chunk, part.num_rows, None, len(inline), inline
-                )
-            else:
-                ready = BatchReady(seq, first_row, first_chunk, part.num_rows, slot, nbytes)
-            conn.send(ready)
-            seq += 1
-            first_row += part.num_rows
-            first_chunk += -(-part.num_rows // job.chunk_size)
-    conn.send(SourceDone(seq, first_row))
 
 
 def _first_chunk_alone(batches: Iterator[pa.RecordBatch], chunk_size: int):
@@ -122,13 +191,6 @@ def _first_chunk_alone(batches: Iterator[pa.RecordBatch], chunk_size: int):
             yield batch.slice(0, chunk_size)
             batch = batch.slice(chunk_size)
         yield batch
-
-
-def _wait_for_credit(conn: Connection) -> int:
-    message = conn.recv()
-    if isinstance(message, SlotCredit):
-        return message.slot
-    raise _Stopped  # STOP, or anything unexpected
 
 
 def split_to_fit(batch: pa.RecordBatch, slot_bytes: int) -> list[pa.RecordBatch]:
@@ -148,6 +210,3 @@ def _ipc_bytes(batch: pa.RecordBatch) -> bytes:
     with pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_batch(batch)
     return sink.getvalue().to_pybytes()
-
-
-__all__ = ["STOP", "run_producer", "split_to_fit"]
