@@ -338,7 +338,10 @@ class Supervisor:
             if result.inline is not None:
                 text = result.inline[start:end]
             else:
-                text = stream.arena.read_bytes(result.out_slot, end, start)
+                try:
+                    text = stream.arena.read_bytes(result.out_slot, end, start)
+                except ValueError:  # the arena was closed: cancelled from another thread
+                    raise Cancelled(f"stream {stream.id} was cancelled") from None
             rows = min(stream.chunk_size, result.rows - row)
             stream.pending.append(Chunk(batch.first_chunk + i, batch.first_row + row, rows, text))
             start, row = end, row + rows
