@@ -536,15 +536,23 @@ class Supervisor:
 
     # ---- producer events
 
-    def _on_producer_message(self, producer: _Child) -> bool:
-        """Handle one message; False when the pipe is closed (the sentinel reports why)."""
+    @staticmethod
+    def _receive(child: _Child) -> object | None:
+        """The child's next message; None when its pipe is closed (its sentinel says why).
+        A child's first message says it has finished importing."""
         try:
-            message = producer.conn.recv()
+            message = child.conn.recv()
         except (EOFError, OSError):
-            return False
+            return None
         if message == READY:
-            producer.ready = True
-            return True
+            child.ready = True
+        return message
+
+    def _on_producer_message(self, producer: _Child) -> bool:
+        """Handle one message; False when the pipe is closed."""
+        message = self._receive(producer)
+        if message is None:
+            return False
         stream = self._streams.get(getattr(message, "stream_id", None))
         if stream is None or stream.closing:
             return True  # a cancelled stream's late word
@@ -586,14 +594,11 @@ class Supervisor:
     # ---- transformer events
 
     def _on_worker_message(self, worker: _Child) -> bool:
-        """Handle one message; False when the pipe is closed (the sentinel reports why)."""
-        try:
-            message = worker.conn.recv()
-        except (EOFError, OSError):
+        """Handle one message; False when the pipe is closed."""
+        message = self._receive(worker)
+        if message is None:
             return False
-        if message == READY:
-            worker.ready = True
-        elif isinstance(message, TaskDone | StageFailed):
+        if isinstance(message, TaskDone | StageFailed):
             self._on_task_result(worker, message)
         return True
 

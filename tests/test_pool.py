@@ -391,9 +391,9 @@ def test_a_file_deleted_mid_run_is_read_in_full_or_fails_clearly(pools, tmp_path
         assert b"".join(parts) == expected_text(table)  # DuckDB had it open already
 
 
-def test_cancel_from_another_thread_stops_the_stream(pools, tmp_path):
-    from ashstream import Cancelled
-
+@pytest.fixture
+def running_stream(pools, tmp_path):
+    """A long stream on the shared 2-worker pool, past its first chunk."""
     report = write_report(
         tmp_path, 'name: c\nsource: {duckdb: {query: "SELECT * FROM range(100000000) t(i)"}}\n'
     )
@@ -401,6 +401,13 @@ def test_cancel_from_another_thread_stops_the_stream(pools, tmp_path):
     handle = pool.start(report, chunk_size=1000)
     stream = iter(handle)
     next(stream)
+    return pool, handle, stream
+
+
+def test_cancel_from_another_thread_stops_the_stream(running_stream):
+    from ashstream import Cancelled
+
+    pool, handle, stream = running_stream
     canceller = threading.Thread(target=pool.cancel, args=(handle.id,))
     canceller.start()
     canceller.join(10)
@@ -411,14 +418,8 @@ def test_cancel_from_another_thread_stops_the_stream(pools, tmp_path):
     assert our_segments() == []
 
 
-def test_closing_the_iterator_cancels_the_stream(pools, tmp_path):
-    report = write_report(
-        tmp_path, 'name: c\nsource: {duckdb: {query: "SELECT * FROM range(100000000) t(i)"}}\n'
-    )
-    pool = pools(2)
-    handle = pool.start(report, chunk_size=1000)
-    stream = iter(handle)
-    next(stream)
+def test_closing_the_iterator_cancels_the_stream(running_stream):
+    pool, handle, stream = running_stream
     stream.close()
     assert pool.status(handle.id)["status"] == "cancelled"
     assert our_segments() == []
