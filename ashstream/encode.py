@@ -128,9 +128,6 @@ class EncodeStats:
         if n:
             self.counts[(column, reason)] += n
 
-    def merge(self, other: EncodeStats) -> None:
-        self.counts.update(other.counts)
-
     @property
     def total(self) -> int:
         return sum(self.counts.values())

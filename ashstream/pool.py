@@ -49,10 +49,6 @@ class StreamHandle:
         return self._state.total_rows
 
     @property
-    def rows_done(self) -> int:
-        return self._state.rows
-
-    @property
     def skipped(self) -> list[tuple[int, int]]:
         """Row ranges (first, last) left out under ``poison_policy="skip"``."""
         return list(self._state.skipped)

@@ -26,10 +26,6 @@ class Registry:
         self._manager.start(_ignore_sigint)
         self._streams = self._manager.dict()
 
-    @property
-    def manager_pid(self) -> int | None:
-        return self._manager._process.pid  # for tests that look for leftover processes
-
     def put(self, stream_id: str, entry: dict[str, Any]) -> None:
         self._streams[stream_id] = dict(entry)
 

@@ -129,10 +129,6 @@ class Arena:
             os.close(fd)
         return cls(name, slot_bytes, slots, mapping, owner=False)
 
-    @property
-    def size_bytes(self) -> int:
-        return self.slot_bytes * self.slots
-
     def resident_bytes(self) -> int:
         """Shared memory the segment really uses: tmpfs allocates pages on first touch."""
         try:
