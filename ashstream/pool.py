@@ -29,8 +29,8 @@ DEFAULT_SLOT_BYTES = 8 * 2**20
 class StreamHandle:
     """One running stream: iterate it for its chunks in source order.
 
-    Leaving the loop early, closing the iterator or :meth:`cancel` stops the stream and
-    frees its producer and shared memory.
+    Leaving the loop early, closing the iterator or :meth:`cancel` stops the stream's
+    reading and frees its shared memory.
     """
 
     def __init__(self, pool: StreamPool, state: StreamState) -> None:
@@ -81,7 +81,7 @@ class StreamHandle:
 
 
 class StreamPool:
-    """Persistent transformer processes shared by every stream started on the pool.
+    """Producer and transformer processes, started once and shared by every stream.
 
     Use it as a context manager::
 
