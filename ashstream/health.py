@@ -33,6 +33,7 @@ WARNING_FRACTION = 0.8
 CRITICAL_FRACTION = 0.95
 PAUSE_TIMEOUT_S = 30.0  # critical this long with admission paused: give up
 STALL_TIMEOUT_S = 600.0  # a big ORDER BY can take minutes before its first row
+PSS_EVERY_CHECKS = 10
 
 
 def tree_memory_bytes(arena_bytes: int = 0) -> int:
@@ -46,6 +47,20 @@ def tree_memory_bytes(arena_bytes: int = 0) -> int:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         total += max(info.rss - getattr(info, "shared", 0), 0)
+    return total
+
+
+def tree_pss_bytes() -> int:
+    """The proportional set size of the process tree: shared pages (libraries, arenas)
+    split among the processes that map them. Exact, but it walks every page table, so the
+    health loop takes it only every ``PSS_EVERY_CHECKS`` checks."""
+    total = 0
+    me = psutil.Process(os.getpid())
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            total += process.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
     return total
 
 
@@ -79,6 +94,8 @@ class HealthLoop:
         self.stall_timeout_s = stall_timeout_s
         self.memory_bytes = 0  # the latest tree measurement, read by the progress display
         self.peak_memory_bytes = 0
+        self.pss_bytes: int | None = None  # the latest (rare) PSS of the tree
+        self._checks = 0
         self._warned = False  # above the warning level at the last check
         self._paused_since: float | None = None  # monotonic time admission was paused
         self._stop = threading.Event()
@@ -101,14 +118,19 @@ class HealthLoop:
         streams = self.supervisor.streams()
         self.memory_bytes = tree_memory_bytes(sum(s.arena.resident_bytes() for s in streams))
         self.peak_memory_bytes = max(self.peak_memory_bytes, self.memory_bytes)
+        if self._checks % PSS_EVERY_CHECKS == 0:
+            self.pss_bytes = tree_pss_bytes()
+        self._checks += 1
         limit = self.memory_limit()
         self._breaker(self.memory_bytes, limit)
         self._stalls(time.monotonic())
-        self.supervisor.publish(memory_bytes=self.memory_bytes)
+        self.supervisor.memory = (self.memory_bytes, self.pss_bytes)
+        self.supervisor.publish()
         telemetry.emit(
             "health.checked",
             {
                 "memory_bytes": self.memory_bytes,
+                "pss_bytes": self.pss_bytes,
                 "memory_limit_bytes": limit,
                 "streams": len(streams),
             },

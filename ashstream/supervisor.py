@@ -172,7 +172,6 @@ class StreamState:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "pids": {"producer": self.producer.process.pid if self.producer else None},
-            "memory_bytes": None,
             "error": str(self.error) if self.error else None,
         }
 
@@ -198,6 +197,9 @@ class Supervisor:
         self.broken: str | None = None  # why the pool gave up, once it has
         self._restarts: deque[float] = deque()  # monotonic times of recent transformer deaths
         self.restarts_total = 0  # transformer deaths since the pool started
+        # The process tree's memory at the last health check, written by the health loop:
+        # (RSS - shared plus the arenas once, cheap; PSS, exact and taken rarely).
+        self.memory: tuple[int | None, int | None] = (None, None)
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._streams: dict[str, StreamState] = {}
@@ -310,7 +312,7 @@ class Supervisor:
             # Only the dispatcher writes to a child's pipe.
             self._commands.append(lambda: self._send(producer, job))
             self._wake()
-        self.registry.put(stream.id, stream.registry_entry())
+        self.registry.put(stream.id, self._entry(stream))
         telemetry.emit("pipeline.started", {}, {"stream_id": stream.id, "report": report.name})
         return stream
 
@@ -377,7 +379,8 @@ class Supervisor:
         with self._lock:
             self._streams.pop(stream.id, None)
             events, self._events = self._events, []
-        self.registry.put(stream.id, stream.registry_entry())
+            entry = self._entry(stream)
+        self.registry.put(stream.id, entry)
         for event in events:
             telemetry.emit(*event)
         telemetry.emit(
@@ -406,15 +409,19 @@ class Supervisor:
         with contextlib.suppress(OSError):
             child.conn.send(message)
 
-    def publish(self, memory_bytes: int | None = None) -> None:
+    def publish(self) -> None:
         """Copy every running stream's counters to the registry (the health loop calls it)."""
         with self._lock:
-            entries = [s.registry_entry() for s in self._streams.values()]
-            transformers = [w.process.pid for w in self._workers]
+            entries = [self._entry(s) for s in self._streams.values()]
         for entry in entries:
-            entry["memory_bytes"] = memory_bytes
-            entry["pids"]["transformers"] = transformers
             self.registry.put(entry["id"], entry)
+
+    def _entry(self, stream: StreamState) -> dict[str, Any]:
+        """The stream's registry entry, with what the pool knows of its processes."""
+        entry = stream.registry_entry()
+        entry["memory_bytes"], entry["memory_pss_bytes"] = self.memory
+        entry["pids"]["transformers"] = [w.process.pid for w in self._workers]
+        return entry
 
     def pause_admission(self, paused: bool) -> None:
         """Stop (or restart) starting new batches; results keep draining."""

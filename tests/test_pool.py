@@ -234,6 +234,7 @@ def test_registry_records_each_stream(pools, tmp_path):
     assert entry["chunks"] == 10
     assert entry["report"] == "reg"
     assert entry["rows_per_s"] > 0
+    assert entry["memory_pss_bytes"] > 0 and entry["memory_bytes"] > 0
     assert entry["restarts"] == 0 and entry["error"] is None
     assert handle.id in {e["id"] for e in pool.list(status="completed")}
 
