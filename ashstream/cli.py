@@ -6,6 +6,8 @@ Exit codes: 0 ok, 1 error, 2 bad usage or report definition, 130 interrupted (Ct
 
 from __future__ import annotations
 
+import json
+import logging
 import signal
 import sys
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
     Progress,
@@ -81,32 +84,71 @@ def _sigterm_cancels():
 @click.option("--pdf", type=click.Path(dir_okay=False), help="Also compile a PDF to this path.")
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
-def run(report_path, chunk_size, workers, params, output, pdf, no_progress, quiet) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON summary on stdout and nothing else."
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="warning",
+    show_default=True,
+    help="Log messages of this level and above go to stderr.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one object per line, with telemetry fields.",
+)
+def run(
+    report_path,
+    chunk_size,
+    workers,
+    params,
+    output,
+    pdf,
+    no_progress,
+    quiet,
+    as_json,
+    log_level,
+    log_format,
+) -> None:
     """Stream REPORT's source into a Typst data module (and a PDF)."""
+    configure_logging(log_level, log_format)
     try:
         with _sigterm_cancels():
-            _run(
+            summary = _run(
                 report_path,
                 chunk_size,
                 workers,
                 _parse_params(params),
                 output,
                 pdf,
-                show_progress=not (no_progress or quiet),
-                quiet=quiet,
+                show_progress=not (no_progress or quiet or as_json),
+                quiet=quiet or as_json,
             )
     except KeyboardInterrupt:
-        stderr.print("Interrupted: nothing was written.")
-        sys.exit(ExitCode.INTERRUPTED)
-    except Cancelled as exc:
-        stderr.print(f"Cancelled ({exc}): nothing was written.")
-        sys.exit(exc.exit_code)
+        _fail(Cancelled("interrupted (Ctrl-C)", ExitCode.INTERRUPTED), as_json)
     except AshstreamError as exc:
+        _fail(exc, as_json)
+    if as_json:
+        click.echo(json.dumps(summary))
+    elif not quiet:
+        _print_summary(summary)
+
+
+def _fail(exc: AshstreamError, as_json: bool) -> None:
+    if isinstance(exc, Cancelled):
+        stderr.print(f"Cancelled ({exc}): nothing was written.")
+    else:
         stderr.print(f"[bold red]Error:[/] {exc}", markup=True, soft_wrap=True)
-        sys.exit(exc.exit_code)
+    if as_json:
+        click.echo(json.dumps({"error": str(exc), "exit_code": int(exc.exit_code)}))
+    sys.exit(exc.exit_code)
 
 
-def _run(report_path, chunk_size, workers, params, output, pdf, show_progress, quiet) -> None:
+def _run(report_path, chunk_size, workers, params, output, pdf, show_progress, quiet) -> dict:
     report = load_report(report_path, params)
     workers = workers or report.pipeline.workers
     module_path = Path(output or report.output.typst or f"{report.name}.typ")
@@ -118,10 +160,12 @@ def _run(report_path, chunk_size, workers, params, output, pdf, show_progress, q
     try:
         with StreamPool(workers) as pool:
             handle = pool.start(report, chunk_size)
+            chunks = 0
             with _progress(show_progress) as progress:
                 task = progress.add_task(report.name, total=None, status="starting")
                 for chunk in handle:
                     sink.write(chunk)
+                    chunks += 1
                     progress.update(
                         task,
                         completed=sink.rows,
@@ -129,28 +173,73 @@ def _run(report_path, chunk_size, workers, params, output, pdf, show_progress, q
                         status=_status_line(pool, sink.rows, started),
                     )
             columns = handle.columns or ()
-            lossy = handle.lossy.messages()
-            peak = pool.peak_memory_bytes
-            workers = pool.workers
+            summary = {
+                "report": report.name,
+                "rows": sink.rows,
+                "chunks": chunks,
+                "workers": pool.workers,
+                "peak_memory_bytes": pool.peak_memory_bytes,
+                "restarts": pool.restarts,
+                "skipped_rows": handle.skipped,
+                "warnings": handle.lossy.messages(),
+            }
         sink.close(columns)
     except BaseException:
         sink.abort()
         raise
-    seconds = time.perf_counter() - started
+    summary["seconds"] = time.perf_counter() - started
+    summary["rows_per_s"] = summary["rows"] / summary["seconds"] if summary["seconds"] else 0.0
     if pdf_path:
         if not quiet:
             stderr.print(f"Compiling {pdf_path} with Typst…")
         compile_pdf(pdf_path, sink, columns, report.output.template)
-    if quiet:
-        return
-    for line in lossy:
+    summary["outputs"] = {"typst": str(module_path), "pdf": str(pdf_path) if pdf_path else None}
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    for line in summary["warnings"]:
         stderr.print(f"[yellow]Warning:[/] {line}", markup=True)
-    rate = sink.rows / seconds if seconds else 0.0
     stderr.print(
-        f"{sink.rows:,} rows in {seconds:.2f} s ({rate:,.0f} rows/s, {workers} workers, "
-        f"peak memory {peak / 2**20:,.0f} MiB)"
+        f"{summary['rows']:,} rows in {summary['seconds']:.2f} s "
+        f"({summary['rows_per_s']:,.0f} rows/s, {summary['workers']} workers, "
+        f"peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB)"
     )
-    stderr.print(f"Wrote {module_path}" + (f" and {pdf_path}" if pdf_path else ""))
+    outputs = summary["outputs"]
+    stderr.print(f"Wrote {outputs['typst']}" + (f" and {outputs['pdf']}" if outputs["pdf"] else ""))
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line; telemetry's structured fields included."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("event", "measurements", "metadata"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """ashstream's loggers to stderr: rich text (drawn above the progress display) or JSON."""
+    logger = logging.getLogger("ashstream")
+    logger.setLevel(level.upper())
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    if fmt == "json":
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler = RichHandler(console=stderr, show_path=False)
+    logger.addHandler(handler)
+    logger.propagate = False
 
 
 def _status_line(pool: StreamPool, rows: int, started: float) -> str:

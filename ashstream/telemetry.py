@@ -73,9 +73,10 @@ def emit(
     """Send an event to its handlers and to the log. Never raises."""
     measurements = dict(measurements or {})
     metadata = dict(metadata or {})
+    # The caller gets a failed stream's exception, so its event is news, not an error.
     level = logging.WARNING if event in ("memory.warning", "memory.critical") else logging.DEBUG
-    if event == "pipeline.failed":
-        level = logging.ERROR
+    if event in ("pipeline.failed", "worker.restarted", "chunk.quarantined"):
+        level = logging.INFO
     if logger.isEnabledFor(level):
         logger.log(
             level,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import textwrap
 from pathlib import Path
@@ -37,6 +38,18 @@ def no_segment_leaks():
     yield
     leaked = set(our_segments()) - before
     assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
+
+
+@pytest.fixture(autouse=True)
+def restore_ashstream_logging():
+    """`ashstream run` configures the ashstream logger for its process; in-process CLI
+    tests must not leave that configuration to the tests after them."""
+    logger = logging.getLogger("ashstream")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])  # setLevel, unlike assigning .level, clears the level cache
+    logger.propagate = saved[2]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -304,3 +304,62 @@ def test_an_interrupted_run_exits_cleanly_and_writes_nothing(tmp_path, signum, c
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive
     assert our_segments() == []
+
+
+@pytest.mark.process
+def test_run_json_prints_one_summary_and_nothing_else(tmp_path):
+    import json
+
+    report = write_report(
+        tmp_path,
+        {"name": "j", "source": {"duckdb": {"query": "SELECT * FROM range(12345) t(i)"}}},
+    )
+    out = tmp_path / "j.typ"
+    result = invoke("run", str(report), "-o", str(out), "--json", "--chunk-size", "1000")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)  # the whole of stdout is one JSON document
+    assert summary["rows"] == 12345
+    assert summary["chunks"] == 13
+    assert summary["outputs"] == {"typst": str(out), "pdf": None}
+    assert summary["restarts"] == 0 and summary["warnings"] == [] and summary["skipped_rows"] == []
+    assert summary["rows_per_s"] > 0 and summary["peak_memory_bytes"] > 0
+    assert summary["rows"] == out.read_text().count("),\n")  # matches what was written
+    assert result.stderr == ""
+
+
+@pytest.mark.process
+def test_run_json_reports_an_error_as_json_too(tmp_path):
+    import json
+
+    report = write_report(tmp_path, {"name": "e", "source": {"duckdb": {"query": "SELEC 1"}}})
+    result = invoke("run", str(report), "-o", str(tmp_path / "e.typ"), "--json")
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)
+    assert error["exit_code"] == 2 and "Parser Error" in error["error"]
+
+
+@pytest.mark.process
+def test_log_format_json_writes_one_object_per_line_with_telemetry_fields(tmp_path):
+    import json
+
+    report = write_report(
+        tmp_path, {"name": "l", "source": {"duckdb": {"query": "SELECT * FROM range(100) t(i)"}}}
+    )
+    result = invoke(
+        "run",
+        str(report),
+        "-o",
+        str(tmp_path / "l.typ"),
+        "--no-progress",
+        "--quiet",
+        "--log-level",
+        "debug",
+        "--log-format",
+        "json",
+    )
+    assert result.exit_code == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    events = {line.get("event") for line in lines}
+    assert {"pipeline.started", "chunk.done", "pipeline.stopped"} <= events
+    stopped = next(line for line in lines if line.get("event") == "pipeline.stopped")
+    assert stopped["measurements"]["rows"] == 100 and stopped["level"] == "debug"
