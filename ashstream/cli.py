@@ -25,14 +25,25 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
+from rich.text import Text
 
 from ashstream import __version__
+from ashstream.encode import (
+    EncodeOptions,
+    encode_array,
+    encode_rows,
+    encode_rows_text,
+    typst_type,
+)
 from ashstream.errors import AshstreamError, Cancelled, ExitCode
 from ashstream.pool import StreamPool
 from ashstream.report import load_report
 from ashstream.sinks import TypstModuleSink, compile_pdf
+from ashstream.sources import sample_source
 
 stderr = Console(stderr=True, highlight=False)
+ROWS_PER_PDF_PAGE = 40  # the built-in template's table at 8 pt on A4, measured
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -240,6 +251,93 @@ def configure_logging(level: str, fmt: str) -> None:
         handler = RichHandler(console=stderr, show_path=False)
     logger.addHandler(handler)
     logger.propagate = False
+
+
+@main.command()
+@click.argument("report_path", metavar="REPORT", type=click.Path(dir_okay=False))
+@click.option(
+    "--param", "params", multiple=True, metavar="NAME=VALUE", help="A report parameter; repeatable."
+)
+def validate(report_path, params) -> None:
+    """Check REPORT and its source without running it: exit 0 when a run can start.
+
+    Reads the definition, opens the source, resolves the fields and their types, and
+    encodes the first rows, so that a typo, a missing file, an SQL error or a column with
+    no Typst form is found now rather than an hour into a run.
+    """
+    try:
+        report, sample = _sample(report_path, params)
+        encode_rows(sample.sample, options=EncodeOptions(timezone=report.pipeline.timezone))
+    except AshstreamError as exc:
+        _fail(exc, as_json=False)
+    total = f"{sample.total_rows:,} rows" if sample.total_rows is not None else "rows not counted"
+    stderr.print(
+        f"OK: report {report.name!r} ({report_path}): {len(sample.schema)} fields, {total}",
+        soft_wrap=True,
+    )
+
+
+@main.command()
+@click.argument("report_path", metavar="REPORT", type=click.Path(dir_okay=False))
+@click.option(
+    "--param", "params", multiple=True, metavar="NAME=VALUE", help="A report parameter; repeatable."
+)
+def inspect(report_path, params) -> None:
+    """Show REPORT's source schema, the SQL it runs, each field's Typst form, and an
+    estimate of the output's size."""
+    try:
+        report, sample = _sample(report_path, params)
+        text, _ = encode_rows_text(
+            sample.sample, options=EncodeOptions(timezone=report.pipeline.timezone)
+        )
+    except AshstreamError as exc:
+        _fail(exc, as_json=False)
+    out = Console(highlight=False)
+    out.print(Text(f"{report.title or report.name} ({report_path})", style="bold"))
+    out.print(f"SQL: {sample.sql}", markup=False)
+    if report.param_values:
+        params_text = ", ".join(f"{k}={v!r}" for k, v in report.param_values.items())
+        out.print(f"Parameters: {params_text}", markup=False)
+    table = Table("field", "Arrow type", "Typst", "first value")
+    values = _first_values(sample.sample)
+    for field in sample.schema:  # Text: type names and values hold [brackets], not markup
+        cells = (field.name, str(field.type), typst_type(field.type), values.get(field.name, ""))
+        table.add_row(*(Text(cell) for cell in cells))
+    out.print(table)
+    rows = sample.total_rows
+    per_row = len(text) / sample.sample.num_rows if sample.sample.num_rows else 0
+    if rows is None:
+        out.print("Rows: not counted (set source.count_rows: true to count them first)")
+    else:
+        out.print(f"Rows: {rows:,}")
+    if per_row:
+        size = f"{per_row:,.0f} bytes a row in the first {sample.sample.num_rows:,} rows"
+        if rows is not None:
+            size += f"; the Typst module will be about {per_row * rows / 2**20:,.1f} MiB"
+        out.print(f"Size: {size}")
+    if rows is not None:
+        shown = min(rows, report.output.pdf_max_rows)
+        pages = 1 + -(-shown // ROWS_PER_PDF_PAGE)
+        out.print(
+            f"PDF (built-in template): {shown:,} rows shown, about {pages:,} pages "
+            f"at ~{ROWS_PER_PDF_PAGE} rows a page"
+        )
+
+
+def _sample(report_path: str, params: tuple[str, ...]):
+    report = load_report(report_path, _parse_params(params))
+    return report, sample_source(report)
+
+
+def _first_values(sample) -> dict[str, str]:
+    """Each field's first value as a Typst literal, shortened for a table cell."""
+    if not sample.num_rows:
+        return {}
+    values = {}
+    for name in sample.column_names:
+        literal = encode_array(sample[name].slice(0, 1))[0].as_py()
+        values[name] = literal if len(literal) <= 48 else literal[:45] + "…"
+    return values
 
 
 def _status_line(pool: StreamPool, rows: int, started: float) -> str:

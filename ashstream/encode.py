@@ -228,6 +228,49 @@ def encode_value(obj: object, *, options: EncodeOptions | None = None) -> str:
     return _PythonEncoder(options or EncodeOptions()).encode(obj)
 
 
+def typst_type(arrow_type: pa.DataType) -> str:
+    """The Typst type a column of ``arrow_type`` becomes, for people reading a schema."""
+    t = arrow_type
+    if pa.types.is_dictionary(t) or pa.types.is_run_end_encoded(t):
+        return typst_type(t.value_type)
+    checks = [
+        (pa.types.is_null, "none"),
+        (pa.types.is_boolean, "bool"),
+        (lambda x: x == pa.uint64(), "int (decimal above 2^63-1)"),
+        (pa.types.is_integer, "int"),
+        (pa.types.is_floating, "float"),
+        (pa.types.is_decimal, "decimal"),
+        (
+            lambda x: (
+                pa.types.is_string(x) or pa.types.is_large_string(x) or pa.types.is_string_view(x)
+            ),
+            "str",
+        ),
+        (
+            lambda x: (
+                pa.types.is_binary(x)
+                or pa.types.is_large_binary(x)
+                or pa.types.is_fixed_size_binary(x)
+                or pa.types.is_binary_view(x)
+            ),
+            "bytes",
+        ),
+        (pa.types.is_date, "datetime (date)"),
+        (pa.types.is_timestamp, "datetime"),
+        (pa.types.is_time, "datetime (time of day)"),
+        (pa.types.is_duration, "duration"),
+        (pa.types.is_interval, "dictionary (months, days, nanoseconds)"),
+        (pa.types.is_struct, "dictionary"),
+        (pa.types.is_map, "dictionary or array of (key, value)"),
+    ]
+    for check, name in checks:
+        if check(t):
+            return name
+    if hasattr(t, "value_type"):
+        return f"array of {typst_type(t.value_type)}"
+    return "unsupported: cast it in SQL"
+
+
 # --------------------------------------------------------------------- Python values
 
 

@@ -202,3 +202,29 @@ def _read(con: Any, relation: Any, rows_per_batch: int, report: Report) -> Itera
         ) from None
     finally:
         con.close()
+
+
+@dataclass
+class SourceSample:
+    """What ``validate`` and ``inspect`` learn without streaming: schema, cheap row
+    count, the SQL, and the first rows."""
+
+    schema: pa.Schema
+    total_rows: int | None
+    sql: str
+    sample: pa.Table
+
+
+def sample_source(report: Report, rows: int = 1000) -> SourceSample:
+    """Open the source as a stream would, read its first ``rows`` rows, and close it.
+
+    Runs in the calling process: use it only where no worker processes will be forked
+    afterwards (the ``validate`` and ``inspect`` commands)."""
+    source = open_source(report, rows)
+    batches = source.batches
+    try:
+        first = next(batches, None)
+    finally:
+        batches.close()
+    sample = pa.Table.from_batches([first] if first is not None else [], schema=source.schema)
+    return SourceSample(source.schema, source.total_rows, source_sql(report), sample)

@@ -363,3 +363,64 @@ def test_log_format_json_writes_one_object_per_line_with_telemetry_fields(tmp_pa
     assert {"pipeline.started", "chunk.done", "pipeline.stopped"} <= events
     stopped = next(line for line in lines if line.get("event") == "pipeline.stopped")
     assert stopped["measurements"]["rows"] == 100 and stopped["level"] == "debug"
+
+
+# ------------------------------------------------------------------ validate / inspect
+
+
+@pytest.mark.process
+def test_validate_accepts_a_good_report_without_running_it(tmp_path):
+    report = write_report(
+        tmp_path,
+        {"name": "v", "source": {"duckdb": {"query": mixed_sql(500)}, "count_rows": True}},
+    )
+    result = invoke("validate", str(report))
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.strip() == f"OK: report 'v' ({report}): 10 fields, 500 rows"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.yaml"]
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(
+    ("spec", "code", "message"),
+    [
+        (
+            {"duckdb": {"query": "SELECT union_value(k := 1) AS choice"}},
+            1,
+            "column 'choice' of type sparse_union",
+        ),
+        ({"duckdb": {"query": "SELECT 1 AS a"}, "where": "b > 0"}, 2, 'column "b" not found'),
+        ({"parquet": "nothing.parquet"}, 2, "source.parquet: no such Parquet file"),
+    ],
+    ids=["unsupported-type", "unknown-column-in-where", "missing-file"],
+)
+def test_validate_reports_what_a_run_would_fail_on(tmp_path, spec, code, message):
+    report = write_report(tmp_path, {"name": "v", "source": spec})
+    result = invoke("validate", str(report))
+    assert result.exit_code == code, result.stderr
+    assert result.stderr.startswith("Error: ") and message in result.stderr
+
+
+@pytest.mark.process
+def test_inspect_shows_schema_sql_typst_forms_and_an_honest_size_estimate(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")
+    query = "SELECT i AS id, 'name ' || i AS name, DATE '2024-01-01' + (i % 9)::INT AS day FROM range(20000) t(i)"
+    report = write_report(
+        tmp_path,
+        {
+            "name": "i",
+            "title": "Inspected",
+            "source": {"duckdb": {"query": query}, "count_rows": True},
+            "output": {"typst": "i.typ"},
+        },
+    )
+    result = invoke("inspect", str(report))
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "Inspected" in out and "SQL: SELECT * FROM (SELECT i AS id" in out
+    assert "date32[day]" in out and "datetime (date)" in out
+    assert '"name 0"' in out and "Rows: 20,000" in out
+    estimate_mib = float(out.split("will be about ")[1].split(" MiB")[0])
+    assert invoke("run", str(report), "-q").exit_code == 0
+    actual_mib = (tmp_path / "i.typ").stat().st_size / 2**20
+    assert abs(estimate_mib - actual_mib) / actual_mib < 0.1
