@@ -38,6 +38,7 @@ from ashstream.encode import (
 )
 from ashstream.errors import AshstreamError, Cancelled, ExitCode
 from ashstream.pool import StreamPool
+from ashstream.registry import running_pools
 from ashstream.report import load_report
 from ashstream.sinks import TypstModuleSink, compile_pdf
 from ashstream.sources import sample_source
@@ -338,6 +339,42 @@ def _first_values(sample) -> dict[str, str]:
         literal = encode_array(sample[name].slice(0, 1))[0].as_py()
         values[name] = literal if len(literal) <= 48 else literal[:45] + "…"
     return values
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the runs as JSON on stdout.")
+@click.option("--all", "show_all", is_flag=True, help="Also show finished streams.")
+def status(as_json, show_all) -> None:
+    """List the ashstream runs of this user in progress on this machine."""
+    pools = running_pools()
+    for pool in pools:
+        if not show_all:
+            pool["streams"] = [
+                s for s in pool["streams"] if s.get("status") in ("starting", "running", "paused")
+            ]
+    if as_json:
+        click.echo(json.dumps(pools))
+        return
+    out = Console(highlight=False)
+    if not any(pool["streams"] for pool in pools):
+        out.print("No ashstream runs in progress.")
+        return
+    table = Table("pid", "stream", "report", "status", "rows", "rows/s", "memory", "restarts")
+    for pool in pools:
+        for s in pool["streams"]:
+            memory = s.get("memory_bytes")
+            cells = (
+                str(pool["pid"]),
+                s["id"],
+                s["report"],
+                s["status"],
+                f"{s['rows']:,}" + (f" / {s['total_rows']:,}" if s.get("total_rows") else ""),
+                f"{s.get('rows_per_s', 0):,.0f}",
+                f"{memory / 2**20:,.0f} MiB" if memory else "",
+                str(s.get("restarts", 0)),
+            )
+            table.add_row(*(Text(cell) for cell in cells))
+    out.print(table)
 
 
 def _status_line(pool: StreamPool, rows: int, started: float) -> str:

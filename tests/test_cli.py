@@ -1,5 +1,6 @@
 """The ``ashstream`` command, in a real subprocess and through click's runner."""
 
+import os
 import subprocess
 import sys
 
@@ -424,3 +425,101 @@ def test_inspect_shows_schema_sql_typst_forms_and_an_honest_size_estimate(tmp_pa
     assert invoke("run", str(report), "-q").exit_code == 0
     actual_mib = (tmp_path / "i.typ").stat().st_size / 2**20
     assert abs(estimate_mib - actual_mib) / actual_mib < 0.1
+
+
+# ------------------------------------------------------------------------------ status
+
+
+@pytest.mark.process
+@pytest.mark.timeout(90)
+def test_status_sees_a_running_job_from_another_process_and_not_a_finished_one(tmp_path):
+    import json
+    import os
+    import stat
+    import time
+
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    query = "SELECT i, repeat('x', 100) AS s FROM range(100000000) t(i)"
+    report = write_report(tmp_path, {"name": "long", "source": {"duckdb": {"query": query}}})
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ashstream",
+            "run",
+            str(report),
+            "-o",
+            str(tmp_path / "o.typ"),
+            "--no-progress",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def status(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "ashstream", "status", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    try:
+        deadline = time.monotonic() + 30
+        streams = []
+        while time.monotonic() < deadline:
+            pools = json.loads(status("--json").stdout)
+            streams = [s for p in pools for s in p["streams"] if s["rows"] > 0]
+            if streams:
+                break
+            time.sleep(0.3)
+        assert streams and streams[0]["report"] == "long"
+        assert streams[0]["status"] == "running"
+        assert pools[0]["pid"] == job.pid
+        [file] = list((runtime / f"ashstream-{os.getuid()}").iterdir())
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(file.parent.stat().st_mode) == 0o700
+        table = status()
+        assert "long" in table.stdout and "running" in table.stdout
+    finally:
+        job.terminate()
+        job.communicate(timeout=30)
+    assert json.loads(status("--json").stdout) == []
+    assert status().stdout.strip() == "No ashstream runs in progress."
+
+
+@pytest.mark.process
+def test_status_refuses_a_wrong_key_and_drops_stale_entries(tmp_path, monkeypatch):
+    import json
+    import multiprocessing
+
+    from ashstream import StreamPool
+    from ashstream.registry import RegistryManager, running_pools, runtime_dir
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = runtime_dir() / "stale.json"
+    stale.write_text(
+        json.dumps(
+            {"pid": int(dead.stdout), "address": "/nowhere", "authkey": "00", "started_at": 0}
+        )
+    )
+    with StreamPool(1):
+        pools = running_pools()
+        assert [p["pid"] for p in pools] == [os.getpid()]
+        assert not stale.exists()
+        [file] = list(runtime_dir().glob("*.json"))
+        address = json.loads(file.read_text())["address"]
+        intruder = RegistryManager(address=address, authkey=b"not the key")
+        with pytest.raises(multiprocessing.AuthenticationError):
+            intruder.connect()
+    assert list(runtime_dir().glob("*.json")) == []
