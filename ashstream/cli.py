@@ -28,7 +28,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ashstream import __version__
+from ashstream import __version__, profiling
 from ashstream.encode import (
     EncodeOptions,
     encode_array,
@@ -100,6 +100,12 @@ def _sigterm_cancels():
     "--json", "as_json", is_flag=True, help="Print one JSON summary on stdout and nothing else."
 )
 @click.option(
+    "--memray",
+    "memray_dir",
+    type=click.Path(file_okay=False),
+    help="Record every process's allocations with memray into this folder.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     default="warning",
@@ -123,13 +129,16 @@ def run(
     no_progress,
     quiet,
     as_json,
+    memray_dir,
     log_level,
     log_format,
 ) -> None:
     """Stream REPORT's source into a Typst data module (and a PDF)."""
     configure_logging(log_level, log_format)
+    if memray_dir:
+        profiling.prepare(memray_dir)
     try:
-        with _sigterm_cancels():
+        with _sigterm_cancels(), profiling.tracked(memray_dir, "parent"):
             summary = _run(
                 report_path,
                 chunk_size,
@@ -139,15 +148,55 @@ def run(
                 pdf,
                 show_progress=not (no_progress or quiet or as_json),
                 quiet=quiet or as_json,
+                memray_dir=memray_dir,
             )
     except KeyboardInterrupt:
         _fail(Cancelled("interrupted (Ctrl-C)", ExitCode.INTERRUPTED), as_json)
     except AshstreamError as exc:
         _fail(exc, as_json)
+    if memray_dir:
+        summary["profiles"] = _profiles(memray_dir, quiet or as_json)
     if as_json:
         click.echo(json.dumps(summary))
     elif not quiet:
         _print_summary(summary)
+
+
+def _profiles(directory: str, quiet: bool) -> list[dict]:
+    """The memray captures: a table of peaks, and flamegraphs of the parent and the
+    transformer that used the most."""
+    entries = profiling.captures(directory)
+    parent = [e for e in entries if e["role"] == "parent"]
+    workers = sorted(
+        (e for e in entries if e["role"].startswith("transformer")),
+        key=lambda e: e["peak_memory_bytes"],
+    )
+    for entry in parent[:1] + workers[-1:]:
+        entry["flamegraph"] = profiling.flamegraph(entry["file"])
+    if not quiet:
+        table = Table("process", "pid", "peak memory", "allocations", "capture")
+        for e in entries:
+            table.add_row(
+                *(
+                    Text(c)
+                    for c in (
+                        e["role"],
+                        str(e["pid"]),
+                        f"{e['peak_memory_bytes'] / 2**20:,.1f} MiB",
+                        f"{e['allocations']:,}",
+                        e["file"],
+                    )
+                )
+            )
+        stderr.print(table)
+        for e in entries:
+            if "flamegraph" in e:
+                stderr.print(f"Flamegraph: {e['flamegraph']}", markup=False)
+        stderr.print(
+            f"Others: {sys.executable} -m memray flamegraph <capture> (or table, tree, summary)",
+            markup=False,
+        )
+    return entries
 
 
 def _fail(exc: AshstreamError, as_json: bool) -> None:
@@ -160,7 +209,9 @@ def _fail(exc: AshstreamError, as_json: bool) -> None:
     sys.exit(exc.exit_code)
 
 
-def _run(report_path, chunk_size, workers, params, output, pdf, show_progress, quiet) -> dict:
+def _run(
+    report_path, chunk_size, workers, params, output, pdf, show_progress, quiet, memray_dir=None
+) -> dict:
     report = load_report(report_path, params)
     workers = workers or report.pipeline.workers
     module_path = Path(output or report.output.typst or f"{report.name}.typ")
@@ -170,7 +221,7 @@ def _run(report_path, chunk_size, workers, params, output, pdf, show_progress, q
     sink.open()
     started = time.perf_counter()
     try:
-        with StreamPool(workers) as pool:
+        with StreamPool(workers, profile_dir=memray_dir) as pool:
             handle = pool.start(report, chunk_size)
             chunks = 0
             with _progress(show_progress) as progress:

@@ -106,6 +106,8 @@ class StreamPool:
             :mod:`ashstream.health` for the breaker.
         health_interval_s: how often the health loop measures.
         stall_timeout_s: a stream with no progress this long fails instead of hanging.
+        profile_dir: record every child process's allocations with memray into this
+            folder (see :mod:`ashstream.profiling`; call ``profiling.prepare`` first).
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class StreamPool:
         memory_limit: int | str | None = None,
         health_interval_s: float = HEALTH_INTERVAL_S,
         stall_timeout_s: float = STALL_TIMEOUT_S,
+        profile_dir: str | None = None,
     ) -> None:
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
@@ -129,7 +132,13 @@ class StreamPool:
         if poison_policy not in ("fail", "skip"):
             raise ValueError(f"poison_policy must be 'fail' or 'skip', not {poison_policy!r}")
         self._supervisor = Supervisor(
-            self.workers, slot_bytes, start_method, max_restarts, restart_window_s, poison_policy
+            self.workers,
+            slot_bytes,
+            start_method,
+            max_restarts,
+            restart_window_s,
+            poison_policy,
+            profile_dir,
         )
         self._health = HealthLoop(
             self._supervisor,

@@ -115,6 +115,7 @@ class _Child:
     ready: bool = False
     tasks: list[tuple[str, int]] = field(default_factory=list)  # (stream id, seq), in flight
     streams: set[str] = field(default_factory=set)  # producers: the streams it serves
+    generation: int = 0  # restarts of this slot, for naming profiles
 
 
 class StreamState:
@@ -187,8 +188,10 @@ class Supervisor:
         max_restarts: int = MAX_RESTARTS,
         restart_window_s: float = RESTART_WINDOW_S,
         poison_policy: str = "fail",
+        profile_dir: str | None = None,
     ) -> None:
         self.ctx = mp.get_context(start_method)
+        self.profile_dir = profile_dir  # memray captures of every child go here
         self.n_workers = workers
         self.slot_bytes = slot_bytes
         self.max_restarts = max_restarts  # restart intensity, as OTP supervisors have
@@ -263,29 +266,29 @@ class Supervisor:
         self._wake_r.close()
         self._wake_w.close()
 
-    def _start_worker(self, worker_id: int) -> _Child:
+    def _start_worker(self, worker_id: int, generation: int = 0) -> _Child:
         parent_end, child_end = self.ctx.Pipe()
         process = self.ctx.Process(
             target=run_worker,
-            args=(worker_id, child_end),
+            args=(worker_id, child_end, self.profile_dir, generation),
             name=f"ashstream-transformer-{worker_id}",
             daemon=True,
         )
         process.start()
         child_end.close()
-        return _Child(worker_id, process, parent_end)
+        return _Child(worker_id, process, parent_end, generation=generation)
 
-    def _start_producer(self, producer_id: int) -> _Child:
+    def _start_producer(self, producer_id: int, generation: int = 0) -> _Child:
         parent_end, child_end = self.ctx.Pipe()
         process = self.ctx.Process(
             target=run_producer,
-            args=(child_end,),
+            args=(child_end, producer_id, self.profile_dir, generation),
             name=f"ashstream-producer-{producer_id}",
             daemon=True,
         )
         process.start()
         child_end.close()
-        return _Child(producer_id, process, parent_end)
+        return _Child(producer_id, process, parent_end, generation=generation)
 
     def worker_pids(self) -> list[int]:
         with self._lock:
@@ -594,7 +597,8 @@ class Supervisor:
                         "workers"
                     ),
                 )
-        replacement = self._start_producer(producer.worker_id)
+        producer.generation += 1
+        replacement = self._start_producer(producer.worker_id, producer.generation)
         producer.process, producer.conn = replacement.process, replacement.conn
         producer.ready, producer.streams = False, set()
 
@@ -658,7 +662,8 @@ class Supervisor:
                 "gives up. If the system is short of memory, use fewer workers or smaller chunks."
             )
             return
-        replacement = self._start_worker(worker.worker_id)
+        worker.generation += 1
+        replacement = self._start_worker(worker.worker_id, worker.generation)
         self._events.append(
             (
                 "worker.restarted",

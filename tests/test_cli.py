@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -523,3 +524,54 @@ def test_status_refuses_a_wrong_key_and_drops_stale_entries(tmp_path, monkeypatc
         with pytest.raises(multiprocessing.AuthenticationError):
             intruder.connect()
     assert list(runtime_dir().glob("*.json")) == []
+
+
+# ----------------------------------------------------------------------------- memray
+
+
+@pytest.mark.process
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_memray_session_records_every_process(tmp_path):
+    import json
+
+    import memray
+
+    report = write_report(
+        tmp_path, {"name": "m", "source": {"duckdb": {"query": mixed_sql(20000)}}}
+    )
+    profiles = tmp_path / "profiles"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ashstream",
+            "run",
+            str(report),
+            "-o",
+            str(tmp_path / "m.typ"),
+            "--workers",
+            "2",
+            "--memray",
+            str(profiles),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    roles = sorted(p["role"] for p in summary["profiles"])
+    assert roles == ["parent", "producer0", "transformer0", "transformer1"]
+    for entry in summary["profiles"]:
+        reader = memray.FileReader(entry["file"])  # opens with memray's own reader
+        try:
+            assert reader.metadata.pid == entry["pid"]
+            assert reader.metadata.peak_memory > 0
+        finally:
+            reader.close()
+    graphs = [p["flamegraph"] for p in summary["profiles"] if "flamegraph" in p]
+    assert len(graphs) == 2
+    for graph in graphs:
+        assert "<title>memray - flamegraph report</title>" in Path(graph).read_text()

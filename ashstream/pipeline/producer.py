@@ -32,6 +32,7 @@ from ashstream.pipeline.comms import (
     StageFailed,
     StopStream,
 )
+from ashstream.profiling import tracked
 from ashstream.shm import Arena, ipc_size
 from ashstream.sources import open_source
 
@@ -138,12 +139,20 @@ class _Job:
         return slot
 
 
-def run_producer(conn: Connection) -> None:
+def run_producer(
+    conn: Connection, producer_id: int = 0, profile_dir: str | None = None, generation: int = 0
+) -> None:
     """Process entry point: produce the streams the parent hands over until STOP.
 
     Runs in a producer process, started with the pool and kept, so that a stream's
-    first chunk never waits for a process start or imports.
+    first chunk never waits for a process start or imports. With ``profile_dir`` its
+    allocations are recorded with memray.
     """
+    with tracked(profile_dir, f"producer{producer_id}", generation):
+        _serve(conn)
+
+
+def _serve(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the parent decides what Ctrl-C means
     # Import while idle, not on a stream's clock (~0.3 s of CPU). Safe here: this
     # process never forks, and DuckDB's threads start only with a connection.

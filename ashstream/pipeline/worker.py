@@ -16,6 +16,7 @@ import pyarrow as pa
 from ashstream.encode import EncodeOptions, EncodeStats, encode_rows_text
 from ashstream.errors import AshstreamError
 from ashstream.pipeline.comms import READY, STOP, ReleaseArena, StageFailed, Task, TaskDone
+from ashstream.profiling import tracked
 from ashstream.shm import Arena
 
 # A seam for testing, read once per process: a transformer given a batch that holds this
@@ -23,11 +24,19 @@ from ashstream.shm import Arena
 CRASH_AT_ROW_ENV = "ASHSTREAM_TEST_CRASH_AT_ROW"
 
 
-def run_worker(worker_id: int, conn: Connection) -> None:
+def run_worker(
+    worker_id: int, conn: Connection, profile_dir: str | None = None, generation: int = 0
+) -> None:
     """Process entry point: serve tasks until STOP or the parent goes away.
 
-    Runs in a transformer process; ignores SIGINT so that only the parent decides.
+    Runs in a transformer process; ignores SIGINT so that only the parent decides. With
+    ``profile_dir`` its allocations are recorded with memray (``ashstream.profiling``).
     """
+    with tracked(profile_dir, f"transformer{worker_id}", generation):
+        _serve(worker_id, conn)
+
+
+def _serve(worker_id: int, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     pa.set_cpu_count(1)  # one process per core already; no nested thread pools
     arenas: dict[str, Arena] = {}
