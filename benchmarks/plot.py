@@ -1,0 +1,66 @@
+"""PNG plots of benchmarks/results/bench_pipeline.json (needs the ``bench`` extra).
+
+    python benchmarks/plot.py
+
+Writes benchmarks/results/throughput.png (rows/s by workers or threads, against the
+peers) and benchmarks/results/memory.png (peak memory of the process tree by rows).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SERIES = {  # label -> {parallelism: case name}
+    "ashstream": {1: "ashstream, 1 worker", 2: "ashstream, 2 workers"},
+    "DuckDB SQL": {1: "DuckDB SQL, 1 thread", 2: "DuckDB SQL, 2 threads"},
+    "multiprocessing.Pool, bytes": {2: "multiprocessing.Pool(2), bytes"},
+    "multiprocessing.Pool, str rows": {2: "multiprocessing.Pool(2), str rows"},
+    "encoder alone": {1: "encoder alone, 1 process"},
+}
+
+
+def main() -> None:
+    results = json.loads((RESULTS / "bench_pipeline.json").read_text())
+    sizes = results["sizes"]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    for ax, (rows, entry) in zip(axes[0], sizes.items(), strict=True):
+        for label, points in SERIES.items():
+            xs = [n for n, case in points.items() if case in entry["cases"]]
+            ys = [entry["cases"][points[n]]["rows_per_s"] / 1e6 for n in xs]
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.set_title(f"{int(rows):,} rows from Parquet")
+        ax.set_xlabel("workers / threads / processes")
+        ax.set_ylabel("million rows/s")
+        ax.set_xticks([1, 2])
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "throughput.png", dpi=110)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    row_counts = [int(r) for r in sizes]
+    for case in next(iter(sizes.values()))["cases"]:
+        peaks = [sizes[str(r)]["cases"][case]["peak_pss_bytes"] / 2**20 for r in row_counts]
+        ax.plot(row_counts, peaks, marker="o", label=case)
+    ax.set_xscale("log")
+    ax.set_xlabel("rows")
+    ax.set_ylabel("peak memory of the process tree (PSS, MiB)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "memory.png", dpi=110)
+    print(f"wrote {RESULTS / 'throughput.png'} and {RESULTS / 'memory.png'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
