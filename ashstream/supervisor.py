@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import multiprocessing as mp
 import os
 import secrets
@@ -58,6 +59,7 @@ from ashstream.pipeline.comms import (
     STOP,
     ArenaRef,
     BatchReady,
+    LogLine,
     ProducerJob,
     ReleaseArena,
     SlotCredit,
@@ -214,6 +216,7 @@ class Supervisor:
         self._closing = False  # close() has begun: start no more processes
         self._paused = False  # admission of new batches paused by the memory breaker
         self._events: list[tuple[str, dict, dict]] = []  # emitted once the lock is released
+        self._logs: list[LogLine] = []  # children's log lines, likewise
         self._stopping = False  # the dispatcher is to exit
         self._rr = itertools.count()  # round robin over streams
         self._thread: threading.Thread | None = None
@@ -270,7 +273,7 @@ class Supervisor:
         parent_end, child_end = self.ctx.Pipe()
         process = self.ctx.Process(
             target=run_worker,
-            args=(worker_id, child_end, self.profile_dir, generation),
+            args=(worker_id, child_end, self.profile_dir, generation, self._log_level()),
             name=f"ashstream-transformer-{worker_id}",
             daemon=True,
         )
@@ -282,13 +285,34 @@ class Supervisor:
         parent_end, child_end = self.ctx.Pipe()
         process = self.ctx.Process(
             target=run_producer,
-            args=(child_end, producer_id, self.profile_dir, generation),
+            args=(child_end, producer_id, self.profile_dir, generation, self._log_level()),
             name=f"ashstream-producer-{producer_id}",
             daemon=True,
         )
         process.start()
         child_end.close()
         return _Child(producer_id, process, parent_end, generation=generation)
+
+    @staticmethod
+    def _log_level() -> int:
+        """Children log at the level the parent's ashstream logger would show."""
+        return logging.getLogger("ashstream").getEffectiveLevel()
+
+    def _relay_log(self, line: LogLine) -> None:
+        """Under the lock: a child's log record, re-emitted once the lock is released."""
+        self._logs.append(line)
+
+    def _emit_outside_lock(self) -> None:
+        """Telemetry events and children's log lines gathered under the lock."""
+        with self._lock:
+            events, self._events = self._events, []
+            logs, self._logs = self._logs, []
+        for event in events:
+            telemetry.emit(*event)
+        for line in logs:
+            logging.getLogger(line.logger).log(
+                line.level, "[%s pid %d] %s", line.role, line.pid, line.message
+            )
 
     def worker_pids(self) -> list[int]:
         with self._lock:
@@ -381,11 +405,9 @@ class Supervisor:
         stream.arena.close()
         with self._lock:
             self._streams.pop(stream.id, None)
-            events, self._events = self._events, []
             entry = self._entry(stream)
         self.registry.put(stream.id, entry)
-        for event in events:
-            telemetry.emit(*event)
+        self._emit_outside_lock()
         telemetry.emit(
             "pipeline.stopped",
             {
@@ -439,9 +461,7 @@ class Supervisor:
         with self._lock:
             self._fail(stream, error)
             self._cond.notify_all()
-            events, self._events = self._events, []
-        for event in events:
-            telemetry.emit(*event)
+        self._emit_outside_lock()
 
     def fail_all(self, error: AshstreamError) -> None:
         for stream in self.streams():
@@ -484,9 +504,8 @@ class Supervisor:
                     self._commands.popleft()()
                 self._schedule()
                 self._cond.notify_all()
-                events, self._events = self._events, []
-            for event in events:  # handlers may call back into the pool: never under the lock
-                telemetry.emit(*event)
+            # handlers may call back into the pool: never emit under the lock
+            self._emit_outside_lock()
 
     def _handlers(self) -> dict[Any, Any]:
         handlers: dict[Any, Any] = {self._wake_r: self._drain_wakeups}
@@ -563,6 +582,9 @@ class Supervisor:
         message = self._receive(producer)
         if message is None:
             return False
+        if isinstance(message, LogLine):
+            self._relay_log(message)
+            return True
         stream = self._streams.get(getattr(message, "stream_id", None))
         if stream is None or stream.closing:
             return True  # a cancelled stream's late word
@@ -609,7 +631,9 @@ class Supervisor:
         message = self._receive(worker)
         if message is None:
             return False
-        if isinstance(message, TaskDone | StageFailed):
+        if isinstance(message, LogLine):
+            self._relay_log(message)
+        elif isinstance(message, TaskDone | StageFailed):
             self._on_task_result(worker, message)
         return True
 

@@ -575,3 +575,42 @@ def test_memray_session_records_every_process(tmp_path):
     assert len(graphs) == 2
     for graph in graphs:
         assert "<title>memray - flamegraph report</title>" in Path(graph).read_text()
+
+
+@pytest.mark.process
+def test_children_log_lines_reach_the_parents_log(tmp_path):
+    import json
+
+    report = write_report(
+        tmp_path, {"name": "c", "source": {"duckdb": {"query": "SELECT * FROM range(40000) t(i)"}}}
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ashstream",
+            "run",
+            str(report),
+            "-o",
+            str(tmp_path / "c.typ"),
+            "--quiet",
+            "--log-level",
+            "debug",
+            "--log-format",
+            "json",
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    worker = [x for x in lines if x["logger"] == "ashstream.pipeline.worker"]
+    producer = [x for x in lines if x["logger"] == "ashstream.pipeline.producer"]
+    assert worker and all("[transformer" in x["message"] for x in worker)
+    assert any("rows encoded in" in x["message"] for x in worker)
+    assert any(
+        "40000 rows in" in x["message"] and "[producer0 pid" in x["message"] for x in producer
+    )

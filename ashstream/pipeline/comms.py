@@ -13,6 +13,7 @@ result too big for its slot, which travel inline as bytes.
     parent --Task---------> transformer --TaskDone/StageFailed--> parent
     parent --ReleaseArena-> transformer     (the stream is over: unmap its arena)
     parent --STOP---------> any child
+    any child --LogLine---> parent          (its log records)
 """
 
 from __future__ import annotations
@@ -119,3 +120,16 @@ class TaskDone:
 @dataclass(frozen=True)
 class ReleaseArena:
     name: str
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """A child's log record, re-emitted in the parent so that it lands where the
+    parent's logging goes (above the live display, or as JSON) instead of on a raw
+    stderr."""
+
+    logger: str
+    level: int
+    message: str
+    role: str
+    pid: int

@@ -9,6 +9,7 @@ further ahead of the transformers than its arena allows.
 
 from __future__ import annotations
 
+import logging
 import queue
 import signal
 import threading
@@ -32,9 +33,12 @@ from ashstream.pipeline.comms import (
     StageFailed,
     StopStream,
 )
+from ashstream.pipeline.logs import forward_logs
 from ashstream.profiling import tracked
 from ashstream.shm import Arena, ipc_size
 from ashstream.sources import open_source
+
+logger = logging.getLogger(__name__)
 
 # Rows read and encoded together at least, whatever the chunk size: a transformer call
 # costs about 1 ms of fixed overhead, so 1000-row chunks encoded one by one would run at
@@ -126,6 +130,7 @@ class _Job:
                 first_row += part.num_rows
                 first_chunk += -(-part.num_rows // job.chunk_size)
         self.send(SourceDone(job.stream_id, seq, first_row))
+        logger.debug("stream %s: %d rows in %d batches read", job.stream_id, first_row, seq)
 
     def _connected(self, connection: Any) -> None:
         self.connection = connection
@@ -140,7 +145,11 @@ class _Job:
 
 
 def run_producer(
-    conn: Connection, producer_id: int = 0, profile_dir: str | None = None, generation: int = 0
+    conn: Connection,
+    producer_id: int = 0,
+    profile_dir: str | None = None,
+    generation: int = 0,
+    log_level: int = logging.WARNING,
 ) -> None:
     """Process entry point: produce the streams the parent hands over until STOP.
 
@@ -148,22 +157,23 @@ def run_producer(
     first chunk never waits for a process start or imports. With ``profile_dir`` its
     allocations are recorded with memray.
     """
-    with tracked(profile_dir, f"producer{producer_id}", generation):
-        _serve(conn)
-
-
-def _serve(conn: Connection) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the parent decides what Ctrl-C means
-    # Import while idle, not on a stream's clock (~0.3 s of CPU). Safe here: this
-    # process never forks, and DuckDB's threads start only with a connection.
-    import duckdb  # noqa: F401
-    import pyarrow.parquet  # noqa: F401
-
     send_lock = threading.Lock()
 
     def send(message: object) -> None:
         with send_lock:  # one pipe, many threads
             conn.send(message)
+
+    forward_logs(send, f"producer{producer_id}", log_level)
+    with tracked(profile_dir, f"producer{producer_id}", generation):
+        _serve(conn, send)
+
+
+def _serve(conn: Connection, send: Callable[[object], None]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the parent decides what Ctrl-C means
+    # Import while idle, not on a stream's clock (~0.3 s of CPU). Safe here: this
+    # process never forks, and DuckDB's threads start only with a connection.
+    import duckdb  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
 
     jobs: dict[str, _Job] = {}
     send(READY)

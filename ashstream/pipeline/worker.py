@@ -6,8 +6,10 @@ arena on its first task and unmaps it when the parent says the stream is over.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import time
 import traceback
 from multiprocessing.connection import Connection
 
@@ -16,8 +18,11 @@ import pyarrow as pa
 from ashstream.encode import EncodeOptions, EncodeStats, encode_rows_text
 from ashstream.errors import AshstreamError
 from ashstream.pipeline.comms import READY, STOP, ReleaseArena, StageFailed, Task, TaskDone
+from ashstream.pipeline.logs import forward_logs
 from ashstream.profiling import tracked
 from ashstream.shm import Arena
+
+logger = logging.getLogger(__name__)
 
 # A seam for testing, read once per process: a transformer given a batch that holds this
 # row kills itself with SIGKILL, as an out-of-memory kill or a crash in native code would.
@@ -25,13 +30,18 @@ CRASH_AT_ROW_ENV = "ASHSTREAM_TEST_CRASH_AT_ROW"
 
 
 def run_worker(
-    worker_id: int, conn: Connection, profile_dir: str | None = None, generation: int = 0
+    worker_id: int,
+    conn: Connection,
+    profile_dir: str | None = None,
+    generation: int = 0,
+    log_level: int = logging.WARNING,
 ) -> None:
     """Process entry point: serve tasks until STOP or the parent goes away.
 
     Runs in a transformer process; ignores SIGINT so that only the parent decides. With
     ``profile_dir`` its allocations are recorded with memray (``ashstream.profiling``).
     """
+    forward_logs(conn.send, f"transformer{worker_id}", log_level)
     with tracked(profile_dir, f"transformer{worker_id}", generation):
         _serve(worker_id, conn)
 
@@ -78,7 +88,15 @@ def _run_task(task: Task, arenas: dict[str, Arena], options: dict[str, EncodeOpt
         if task.timezone not in options:
             options[task.timezone] = EncodeOptions(timezone=task.timezone)
         stats = EncodeStats()
+        started = time.perf_counter()
         text, row_ends = encode_rows_text(batch, options=options[task.timezone], stats=stats)
+        logger.debug(
+            "stream %s batch %d: %d rows encoded in %.1f ms",
+            task.stream_id,
+            task.seq,
+            batch.num_rows,
+            (time.perf_counter() - started) * 1000,
+        )
         rows = batch.num_rows
         del batch  # no view of the slot may outlive the task
         chunk_ends = tuple(
