@@ -192,10 +192,9 @@ def _profiles(directory: str, quiet: bool) -> list[dict]:
         for e in entries:
             if "flamegraph" in e:
                 stderr.print(f"Flamegraph: {e['flamegraph']}", markup=False)
-        stderr.print(
-            f"Others: {sys.executable} -m memray flamegraph <capture> (or table, tree, summary)",
-            markup=False,
-        )
+            else:
+                command = f"{sys.executable} -m memray flamegraph {e['file']}"
+                stderr.print(f"To draw {e['role']}: {command}", markup=False, soft_wrap=True)
     return entries
 
 

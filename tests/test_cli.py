@@ -614,3 +614,13 @@ def test_children_log_lines_reach_the_parents_log(tmp_path):
     assert any(
         "40000 rows in" in x["message"] and "[producer0 pid" in x["message"] for x in producer
     )
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(("text", "message"), BAD_REPORTS)
+def test_validate_catches_every_bad_definition(tmp_path, text, message):
+    report = tmp_path / "bad.yaml"
+    report.write_text(text)
+    result = invoke("validate", str(report))
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.startswith("Error: ") and message in result.stderr
