@@ -90,6 +90,8 @@ MAX_CHUNK_KILLS = 3  # as Dask's allowed-failures: a poison chunk is not retried
 MAX_RESTARTS = 10
 RESTART_WINDOW_S = 60.0
 START_TIMEOUT_S = 60.0
+TRANSFORMER, PRODUCER = "transformer", "producer"
+_ENTRY_POINTS = {TRANSFORMER: run_worker, PRODUCER: run_producer}
 JOIN_TIMEOUT_S = 1.0
 
 
@@ -234,8 +236,8 @@ class Supervisor:
             )
         sweep_stale_segments()
         self.registry = Registry(self.ctx)
-        self._workers = [self._start_worker(i) for i in range(self.n_workers)]
-        self._producers = [self._start_producer(i) for i in range(self.n_producers)]
+        self._workers = [self._start_child(TRANSFORMER, i) for i in range(self.n_workers)]
+        self._producers = [self._start_child(PRODUCER, i) for i in range(self.n_producers)]
         deadline = time.monotonic() + START_TIMEOUT_S
         for worker in self._workers + self._producers:  # no chunk is read before all are up
             if not worker.conn.poll(max(0.0, deadline - time.monotonic())):
@@ -269,29 +271,18 @@ class Supervisor:
         self._wake_r.close()
         self._wake_w.close()
 
-    def _start_worker(self, worker_id: int, generation: int = 0) -> _Child:
+    def _start_child(self, role: str, child_id: int, generation: int = 0) -> _Child:
+        """Start a transformer or a producer; ``generation`` counts restarts of its slot."""
         parent_end, child_end = self.ctx.Pipe()
         process = self.ctx.Process(
-            target=run_worker,
-            args=(worker_id, child_end, self.profile_dir, generation, self._log_level()),
-            name=f"ashstream-transformer-{worker_id}",
+            target=_ENTRY_POINTS[role],
+            args=(child_id, child_end, self.profile_dir, generation, self._log_level()),
+            name=f"ashstream-{role}-{child_id}",
             daemon=True,
         )
         process.start()
         child_end.close()
-        return _Child(worker_id, process, parent_end, generation=generation)
-
-    def _start_producer(self, producer_id: int, generation: int = 0) -> _Child:
-        parent_end, child_end = self.ctx.Pipe()
-        process = self.ctx.Process(
-            target=run_producer,
-            args=(child_end, producer_id, self.profile_dir, generation, self._log_level()),
-            name=f"ashstream-producer-{producer_id}",
-            daemon=True,
-        )
-        process.start()
-        child_end.close()
-        return _Child(producer_id, process, parent_end, generation=generation)
+        return _Child(child_id, process, parent_end, generation=generation)
 
     @staticmethod
     def _log_level() -> int:
@@ -620,7 +611,7 @@ class Supervisor:
                     ),
                 )
         producer.generation += 1
-        replacement = self._start_producer(producer.worker_id, producer.generation)
+        replacement = self._start_child(PRODUCER, producer.worker_id, producer.generation)
         producer.process, producer.conn = replacement.process, replacement.conn
         producer.ready, producer.streams = False, set()
 
@@ -687,7 +678,7 @@ class Supervisor:
             )
             return
         worker.generation += 1
-        replacement = self._start_worker(worker.worker_id, worker.generation)
+        replacement = self._start_child(TRANSFORMER, worker.worker_id, worker.generation)
         self._events.append(
             (
                 "worker.restarted",

@@ -15,10 +15,13 @@ from tests.reference import assert_same, to_model
 from tests.typst_roundtrip import evaluate_module
 
 
+def command(*args: str) -> list[str]:
+    """The command line of ``ashstream ARGS`` in this Python, for a subprocess."""
+    return [sys.executable, "-m", "ashstream", *args]
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ashstream", *args], capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run(command(*args), capture_output=True, text=True, timeout=60)
 
 
 def test_version():
@@ -273,18 +276,9 @@ def test_an_interrupted_run_exits_cleanly_and_writes_nothing(tmp_path, signum, c
     query = "SELECT i, repeat('x', 200) AS s FROM range(100000000) t(i)"
     report = write_report(tmp_path, {"name": "long", "source": {"duckdb": {"query": query}}})
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ashstream",
-            "run",
-            str(report),
-            "-o",
-            str(tmp_path / "o.typ"),
-            "--no-progress",
-            "--workers",
-            "2",
-        ],
+        command(
+            "run", str(report), "-o", str(tmp_path / "o.typ"), "--no-progress", "--workers", "2"
+        ),
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -445,16 +439,7 @@ def test_status_sees_a_running_job_from_another_process_and_not_a_finished_one(t
     query = "SELECT i, repeat('x', 100) AS s FROM range(100000000) t(i)"
     report = write_report(tmp_path, {"name": "long", "source": {"duckdb": {"query": query}}})
     job = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ashstream",
-            "run",
-            str(report),
-            "-o",
-            str(tmp_path / "o.typ"),
-            "--no-progress",
-        ],
+        command("run", str(report), "-o", str(tmp_path / "o.typ"), "--no-progress"),
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -462,7 +447,7 @@ def test_status_sees_a_running_job_from_another_process_and_not_a_finished_one(t
 
     def status(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "ashstream", "status", *args],
+            command("status", *args),
             env=env,
             capture_output=True,
             text=True,
@@ -542,10 +527,7 @@ def test_memray_session_records_every_process(tmp_path):
     )
     profiles = tmp_path / "profiles"
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ashstream",
+        command(
             "run",
             str(report),
             "-o",
@@ -555,7 +537,7 @@ def test_memray_session_records_every_process(tmp_path):
             "--memray",
             str(profiles),
             "--json",
-        ],
+        ),
         capture_output=True,
         text=True,
         timeout=170,
@@ -585,10 +567,7 @@ def test_children_log_lines_reach_the_parents_log(tmp_path):
         tmp_path, {"name": "c", "source": {"duckdb": {"query": "SELECT * FROM range(40000) t(i)"}}}
     )
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ashstream",
+        command(
             "run",
             str(report),
             "-o",
@@ -600,7 +579,7 @@ def test_children_log_lines_reach_the_parents_log(tmp_path):
             "json",
             "--workers",
             "2",
-        ],
+        ),
         capture_output=True,
         text=True,
         timeout=120,

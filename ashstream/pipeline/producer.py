@@ -145,8 +145,8 @@ class _Job:
 
 
 def run_producer(
+    producer_id: int,
     conn: Connection,
-    producer_id: int = 0,
     profile_dir: str | None = None,
     generation: int = 0,
     log_level: int = logging.WARNING,
