@@ -245,16 +245,17 @@ def _run(
                 "skipped_rows": handle.skipped,
                 "warnings": handle.lossy.messages(),
             }
-        sink.close(columns)
+        sink.finish(columns)
+        summary["seconds"] = time.perf_counter() - started
+        if pdf_path:
+            if not quiet:
+                stderr.print(f"Compiling {pdf_path} with Typst…")
+            compile_pdf(pdf_path, sink, columns, report.output.template)
+        sink.commit()  # last: a failure or Ctrl-C before this leaves no module behind
     except BaseException:
         sink.abort()
         raise
-    summary["seconds"] = time.perf_counter() - started
     summary["rows_per_s"] = summary["rows"] / summary["seconds"] if summary["seconds"] else 0.0
-    if pdf_path:
-        if not quiet:
-            stderr.print(f"Compiling {pdf_path} with Typst…")
-        compile_pdf(pdf_path, sink, columns, report.output.template)
     summary["outputs"] = {"typst": str(module_path), "pdf": str(pdf_path) if pdf_path else None}
     return summary
 

@@ -88,11 +88,24 @@ class TypstModuleSink:
     def rows(self) -> int:
         return self._rows
 
-    def close(self, columns: tuple[str, ...]) -> None:
+    def finish(self, columns: tuple[str, ...]) -> None:
+        """Write ``meta`` and close the file, still under its temporary name."""
         meta = module_meta(self.report, columns, self._rows, self._rows)
-        self._file.write(b")\n#let meta = " + encode_value(meta).encode() + b"\n")
         try:
+            self._file.write(b")\n#let meta = " + encode_value(meta).encode() + b"\n")
             self._file.close()
+        except OSError as exc:
+            self.abort()
+            raise SinkError(f"cannot write {self.path}: {exc.strerror}") from None
+
+    @property
+    def written_path(self) -> Path:
+        """Where the finished module is now: its temporary name until :meth:`commit`."""
+        return self._tmp
+
+    def commit(self) -> None:
+        """Give the finished module its real name."""
+        try:
             os.replace(self._tmp, self.path)
         except OSError as exc:
             self.abort()
@@ -131,7 +144,8 @@ def compile_pdf(
 
     The built-in template reads a preview module holding the first ``pdf_max_rows``
     rows (Typst lays out about 0.4 ms per table row and needs ~4 KB per row it parses).
-    A user template gets the whole data module. Either finds it with
+    A user template gets the whole data module (still under its temporary name: the module
+    and the PDF are renamed into place only when both are written). Either finds it with
     ``#import sys.inputs.data: rows, meta``.
     """
     import typst
@@ -146,7 +160,7 @@ def compile_pdf(
             root, data = workdir, "/data.typ"
         else:
             template_path = Path(template).resolve()
-            module_path = module.path.resolve()
+            module_path = module.written_path.resolve()
             root = Path(os.path.commonpath([template_path.parent, module_path.parent]))
             source, data = str(template_path), "/" + str(module_path.relative_to(root))
         try:

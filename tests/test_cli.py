@@ -603,3 +603,21 @@ def test_validate_catches_every_bad_definition(tmp_path, text, message):
     result = invoke("validate", str(report))
     assert result.exit_code == 2, result.stderr
     assert result.stderr.startswith("Error: ") and message in result.stderr
+
+
+@pytest.mark.process
+def test_a_pdf_that_fails_to_compile_leaves_neither_pdf_nor_module(tmp_path):
+    template = tmp_path / "broken.typ"
+    template.write_text("#import sys.inputs.data: rows\n#rows.no-such-method()\n")
+    report = write_report(
+        tmp_path,
+        {
+            "name": "t",
+            "source": {"duckdb": {"query": "SELECT 1 AS a"}},
+            "output": {"typst": "t.typ", "pdf": "t.pdf", "template": "broken.typ"},
+        },
+    )
+    result = invoke("run", str(report), "--no-progress")
+    assert result.exit_code == 1
+    assert "Typst could not compile t.pdf" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.typ", "report.yaml"]
