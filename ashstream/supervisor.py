@@ -91,6 +91,7 @@ MAX_RESTARTS = 10
 RESTART_WINDOW_S = 60.0
 START_TIMEOUT_S = 60.0
 TRANSFORMER, PRODUCER = "transformer", "producer"
+HANDLED = object()  # _receive dealt with the message itself
 _ENTRY_POINTS = {TRANSFORMER: run_worker, PRODUCER: run_producer}
 JOIN_TIMEOUT_S = 1.0
 
@@ -556,16 +557,21 @@ class Supervisor:
 
     # ---- producer events
 
-    @staticmethod
-    def _receive(child: _Child) -> object | None:
+    def _receive(self, child: _Child) -> object | None:
         """The child's next message; None when its pipe is closed (its sentinel says why).
-        A child's first message says it has finished importing."""
+
+        Messages every child sends are handled here: READY (its imports are done) and
+        LogLine (relayed to the parent's logging); the caller sees them as HANDLED."""
         try:
             message = child.conn.recv()
         except (EOFError, OSError):
             return None
         if message == READY:
             child.ready = True
+            return HANDLED
+        if isinstance(message, LogLine):
+            self._relay_log(message)
+            return HANDLED
         return message
 
     def _on_producer_message(self, producer: _Child) -> bool:
@@ -573,9 +579,6 @@ class Supervisor:
         message = self._receive(producer)
         if message is None:
             return False
-        if isinstance(message, LogLine):
-            self._relay_log(message)
-            return True
         stream = self._streams.get(getattr(message, "stream_id", None))
         if stream is None or stream.closing:
             return True  # a cancelled stream's late word
@@ -622,9 +625,7 @@ class Supervisor:
         message = self._receive(worker)
         if message is None:
             return False
-        if isinstance(message, LogLine):
-            self._relay_log(message)
-        elif isinstance(message, TaskDone | StageFailed):
+        if isinstance(message, TaskDone | StageFailed):
             self._on_task_result(worker, message)
         return True
 

@@ -82,17 +82,25 @@ def test_run_writes_a_module_typst_imports_with_the_same_values_and_a_pdf(tmp_pa
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mixed.pdf", "mixed.typ"]
 
 
-@pytest.mark.process
-def test_run_with_a_user_template(tmp_path):
-    template = tmp_path / "mine.typ"
-    template.write_text("#import sys.inputs.data: rows, meta\n= #meta.name: #rows.len() rows\n")
-    report = write_report(
+def write_template_report(tmp_path, template_source: str, query: str, **output: str):
+    """A report writing t.typ through a user template with ``template_source``."""
+    (tmp_path / "template.typ").write_text(template_source)
+    return write_report(
         tmp_path,
         {
             "name": "t",
-            "source": {"duckdb": {"query": "SELECT * FROM range(10) t(i)"}},
-            "output": {"typst": "t.typ", "template": "mine.typ"},
+            "source": {"duckdb": {"query": query}},
+            "output": {"typst": "t.typ", "template": "template.typ", **output},
         },
+    )
+
+
+@pytest.mark.process
+def test_run_with_a_user_template(tmp_path):
+    report = write_template_report(
+        tmp_path,
+        "#import sys.inputs.data: rows, meta\n= #meta.name: #rows.len() rows\n",
+        "SELECT * FROM range(10) t(i)",
     )
     result = invoke("run", str(report), "--pdf", str(tmp_path / "t.pdf"), "-q")
     assert result.exit_code == 0, result.stderr
@@ -607,17 +615,13 @@ def test_validate_catches_every_bad_definition(tmp_path, text, message):
 
 @pytest.mark.process
 def test_a_pdf_that_fails_to_compile_leaves_neither_pdf_nor_module(tmp_path):
-    template = tmp_path / "broken.typ"
-    template.write_text("#import sys.inputs.data: rows\n#rows.no-such-method()\n")
-    report = write_report(
+    report = write_template_report(
         tmp_path,
-        {
-            "name": "t",
-            "source": {"duckdb": {"query": "SELECT 1 AS a"}},
-            "output": {"typst": "t.typ", "pdf": "t.pdf", "template": "broken.typ"},
-        },
+        "#import sys.inputs.data: rows\n#rows.no-such-method()\n",
+        "SELECT 1 AS a",
+        pdf="t.pdf",
     )
     result = invoke("run", str(report), "--no-progress")
     assert result.exit_code == 1
     assert "Typst could not compile t.pdf" in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.typ", "report.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.yaml", "template.typ"]
