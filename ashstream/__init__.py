@@ -1,6 +1,7 @@
 """ashstream: stream DuckDB queries and Parquet files into Typst values."""
 
 from ashstream import telemetry
+from ashstream.aggregate import ClosedGroup, Summary
 from ashstream.encode import (
     EncodeOptions,
     EncodeStats,
@@ -29,6 +30,7 @@ __all__ = [
     "AshstreamError",
     "Cancelled",
     "Chunk",
+    "ClosedGroup",
     "EncodeError",
     "EncodeOptions",
     "EncodeStats",
@@ -40,6 +42,7 @@ __all__ = [
     "SourceError",
     "StreamHandle",
     "StreamPool",
+    "Summary",
     "UnsupportedTypeError",
     "WorkerCrashed",
     "__version__",

@@ -235,6 +235,7 @@ def _run(
                         status=_status_line(pool, sink.rows, started),
                     )
             columns = handle.columns or ()
+            results = handle.summary
             summary = {
                 "report": report.name,
                 "rows": sink.rows,
@@ -245,7 +246,7 @@ def _run(
                 "skipped_rows": handle.skipped,
                 "warnings": handle.lossy.messages(),
             }
-        sink.finish(columns)
+        sink.finish(columns, results)
         summary["seconds"] = time.perf_counter() - started
         if pdf_path:
             if not quiet:

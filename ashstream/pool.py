@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from ashstream.aggregate import Summary
 from ashstream.errors import AshstreamError, PipelineError, ReportError
 from ashstream.health import HEALTH_INTERVAL_S, STALL_TIMEOUT_S, HealthLoop
 from ashstream.report import Report, load_report, parse_param, parse_size
@@ -19,7 +20,7 @@ from ashstream.supervisor import (
     default_workers,
 )
 
-__all__ = ["Chunk", "StreamHandle", "StreamPool"]
+__all__ = ["Chunk", "StreamHandle", "StreamPool", "Summary"]
 
 # Bytes per shared-memory slot. A batch larger than this is split by rows; a single row
 # larger than this, or a result text larger than this, travels through a pipe instead.
@@ -57,6 +58,25 @@ class StreamHandle:
     def lossy(self):
         """:class:`ashstream.EncodeStats` of the values not represented exactly so far."""
         return self._state.lossy
+
+    @property
+    def summary(self) -> Summary:
+        """Report totals, charts and the groups that closed at the end of the stream.
+
+        Raises:
+            PipelineError: the stream has not delivered its last chunk yet.
+        """
+        state = self._state
+        if state.status != "completed":
+            raise PipelineError(
+                f"stream {self.id} is {state.status}; its summary exists once every chunk "
+                "has been taken"
+            )
+        if state.collector is None:
+            return Summary([], {}, {})
+        return Summary(
+            state.final_groups, state.collector.report_totals(), state.collector.chart_results()
+        )
 
     def __iter__(self) -> Iterator[Chunk]:
         return self._chunks()

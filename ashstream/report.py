@@ -22,19 +22,38 @@ import yaml
 from ashstream.errors import ReportError
 
 __all__ = [
+    "BUCKET_UNITS",
+    "Chart",
     "Field",
+    "Group",
     "Output",
     "Param",
     "PipelineSettings",
     "Report",
     "Source",
+    "Variable",
     "load_report",
     "parse_size",
 ]
 
 PARAM_TYPES = ("int", "float", "str", "bool", "date", "datetime")
-# Keys planned for later versions: refused with a clear message rather than ignored.
-RESERVED_KEYS = {"groups", "variables", "charts"}
+FUNCTIONS = (
+    "count",
+    "count_distinct",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "first",
+    "last",
+    "stddev",
+    "variance",
+)
+# A running value is a prefix aggregate per row; these have one that is cheap and exact.
+RUNNING_FUNCTIONS = ("count", "sum", "avg", "min", "max", "first", "last")
+CHART_AGGS = ("sum", "count", "avg", "min", "max", "none")
+BUCKET_UNITS = ("hour", "day", "week", "month", "quarter", "year")
+DEFAULT_CHART_POINTS = 500
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 SIZE_UNITS = {
@@ -86,11 +105,53 @@ class Field:
 
 
 @dataclass(frozen=True)
+class Group:
+    """A level of grouping: consecutive rows with the same key. The source is ordered by
+    the groups' keys, outermost first."""
+
+    name: str
+    field: str | None = None  # an output field; else ``expr`` over the source's columns
+    expr: str | None = None
+    descending: bool = False
+
+    @property
+    def column(self) -> str:
+        """The column that holds the key: the field, or a hidden computed column."""
+        return self.field if self.field is not None else f"__group_{self.name}"
+
+
+@dataclass(frozen=True)
+class Variable:
+    """An aggregate over the rows of each group at ``reset`` (or of the whole report)."""
+
+    name: str
+    function: str
+    field: str | None = None  # None only for count: rows
+    reset: str = "report"  # "report" or a group's name
+    running: bool = False  # also add the running value to every row
+
+
+@dataclass(frozen=True)
+class Chart:
+    """Points of ``y`` against ``x``: aggregated per bucket of x, or (``agg="none"``) the
+    raw series downsampled to at most ``points``."""
+
+    name: str
+    x: str
+    y: str | None  # None only for agg count
+    agg: str = "sum"
+    bucket: str | float = "auto"  # a unit of BUCKET_UNITS, "auto", or a numeric bin width
+    points: int = DEFAULT_CHART_POINTS
+    series: str | None = None  # a field: one set of points per value
+
+
+@dataclass(frozen=True)
 class Output:
     typst: str | None = None
     pdf: str | None = None
     template: str | None = None
     pdf_max_rows: int = DEFAULT_PDF_MAX_ROWS
+    detail: bool = True  # the built-in template shows detail rows
 
 
 @dataclass(frozen=True)
@@ -112,6 +173,14 @@ class Report:
     fields: tuple[Field, ...] = ()
     output: Output = Output()
     pipeline: PipelineSettings = PipelineSettings()
+    groups: tuple[Group, ...] = ()
+    variables: tuple[Variable, ...] = ()
+    charts: tuple[Chart, ...] = ()
+
+    @property
+    def analysed(self) -> bool:
+        """Whether the stream computes groups, variables or charts besides the rows."""
+        return bool(self.groups or self.variables or self.charts)
 
 
 def load_report(path: str | os.PathLike, params: Mapping[str, Any] | None = None) -> Report:
@@ -218,10 +287,6 @@ class _Parser:
         for name in value:
             if name not in allowed:
                 where = f"{key}.{name}" if key != "(top level)" else str(name)
-                if key == "(top level)" and name in RESERVED_KEYS:
-                    raise self.fail(
-                        where, "is reserved for a later version of ashstream and not supported yet"
-                    )
                 raise self.fail(
                     where, f"unknown key; expected one of: {', '.join(sorted(allowed))}"
                 )
@@ -240,7 +305,18 @@ class _Parser:
         top = self.mapping(
             data,
             "(top level)",
-            {"name", "title", "source", "params", "fields", "output", "pipeline"},
+            {
+                "name",
+                "title",
+                "source",
+                "params",
+                "fields",
+                "output",
+                "pipeline",
+                "groups",
+                "variables",
+                "charts",
+            },
         )
         if "name" not in top:
             raise self.fail("name", "missing; every report needs a name (letters, digits, _ and -)")
@@ -253,6 +329,11 @@ class _Parser:
         if "source" not in top:
             raise self.fail("source", "missing; give source.parquet or source.duckdb")
         params = self.params(top.get("params"))
+        fields = self.fields(top.get("fields"))
+        groups = self.groups(top.get("groups"))
+        variables = self.variables(top.get("variables"), groups)
+        charts = self.charts(top.get("charts"))
+        self.check_names(fields, groups, variables, charts)
         return Report(
             path=self.file,
             name=name,
@@ -260,9 +341,12 @@ class _Parser:
             source=self.source(top["source"]),
             params=params,
             param_values=self.param_values(params, overrides),
-            fields=self.fields(top.get("fields")),
+            fields=fields,
             output=self.output(top.get("output")),
             pipeline=self.pipeline(top.get("pipeline")),
+            groups=groups,
+            variables=variables,
+            charts=charts,
         )
 
     # ---- source
@@ -412,10 +496,149 @@ class _Parser:
                 raise self.fail(f"fields[{i}].name", f"{name!r} is used twice")
         return tuple(fields)
 
+    # ---- groups, variables, charts
+
+    def items(self, value: object, key: str) -> list:
+        if value is None:
+            return []
+        if not isinstance(value, list) or not value:
+            raise self.fail(key, f"expected a non-empty list, got {_kind(value)}")
+        return value
+
+    def identifier(self, spec: dict, key: str) -> str:
+        if "name" not in spec:
+            raise self.fail(f"{key}.name", "missing")
+        name = self.string(spec["name"], f"{key}.name")
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            raise self.fail(f"{key}.name", f"{name!r} is not an identifier (letters, digits, _)")
+        return name
+
+    def flag(self, spec: dict, name: str, key: str, default: bool = False) -> bool:
+        value = spec.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(f"{key}.{name}", f"expected true or false, got {value!r}")
+        return value
+
+    def groups(self, value: object) -> tuple[Group, ...]:
+        groups = []
+        for i, item in enumerate(self.items(value, "groups")):
+            key = f"groups[{i}]"
+            spec = self.mapping(item, key, {"name", "field", "expr", "order"})
+            name = self.identifier(spec, key)
+            if name == "report":
+                raise self.fail(f"{key}.name", "'report' is reserved for the report-level scope")
+            if ("field" in spec) == ("expr" in spec):
+                raise self.fail(key, "give exactly one of field and expr")
+            order = spec.get("order", "asc")
+            if order not in ("asc", "desc"):
+                raise self.fail(f"{key}.order", f"expected asc or desc, got {order!r}")
+            field_name = self.string(spec["field"], f"{key}.field") if "field" in spec else None
+            expr = self.string(spec["expr"], f"{key}.expr") if "expr" in spec else None
+            groups.append(Group(name, field_name, expr, order == "desc"))
+        return tuple(groups)
+
+    def variables(self, value: object, groups: tuple[Group, ...]) -> tuple[Variable, ...]:
+        variables = []
+        scopes = ["report"] + [g.name for g in groups]
+        for i, item in enumerate(self.items(value, "variables")):
+            key = f"variables[{i}]"
+            spec = self.mapping(item, key, {"name", "function", "field", "reset", "running"})
+            name = self.identifier(spec, key)
+            function = spec.get("function")
+            if function not in FUNCTIONS:
+                raise self.fail(
+                    f"{key}.function", f"expected one of {', '.join(FUNCTIONS)}, got {function!r}"
+                )
+            field_name = spec.get("field")
+            if field_name is None and function != "count":
+                raise self.fail(f"{key}.field", f"missing; {function} needs a field")
+            if field_name is not None:
+                field_name = self.string(field_name, f"{key}.field")
+            reset = spec.get("reset", "report")
+            if reset not in scopes:
+                raise self.fail(
+                    f"{key}.reset",
+                    f"unknown group {reset!r}; expected report or one of the groups' names "
+                    f"({', '.join(scopes[1:]) or 'no groups are defined'})",
+                )
+            running = self.flag(spec, "running", key)
+            if running and function not in RUNNING_FUNCTIONS:
+                raise self.fail(
+                    f"{key}.running",
+                    f"a running {function} is not supported; running works with "
+                    f"{', '.join(RUNNING_FUNCTIONS)}",
+                )
+            variables.append(Variable(name, function, field_name, reset, running))
+        return tuple(variables)
+
+    def charts(self, value: object) -> tuple[Chart, ...]:
+        charts = []
+        allowed = {"name", "x", "y", "agg", "bucket", "points", "series"}
+        for i, item in enumerate(self.items(value, "charts")):
+            key = f"charts[{i}]"
+            spec = self.mapping(item, key, allowed)
+            name = self.identifier(spec, key)
+            if "x" not in spec:
+                raise self.fail(f"{key}.x", "missing; give the field for the horizontal axis")
+            x = self.string(spec["x"], f"{key}.x")
+            agg = spec.get("agg", "sum")
+            if agg not in CHART_AGGS:
+                raise self.fail(
+                    f"{key}.agg", f"expected one of {', '.join(CHART_AGGS)}, got {agg!r}"
+                )
+            y = spec.get("y")
+            if y is None and agg != "count":
+                raise self.fail(f"{key}.y", f"missing; agg {agg} needs a y field")
+            y = self.string(y, f"{key}.y") if y is not None else None
+            bucket = spec.get("bucket", "auto")
+            numeric = isinstance(bucket, int | float) and not isinstance(bucket, bool)
+            if not (bucket == "auto" or bucket in BUCKET_UNITS or (numeric and bucket > 0)):
+                raise self.fail(
+                    f"{key}.bucket",
+                    f"expected auto, one of {', '.join(BUCKET_UNITS)} or a positive bin "
+                    f"width, got {bucket!r}",
+                )
+            if agg == "none" and bucket != "auto":
+                raise self.fail(f"{key}.bucket", "agg none downsamples the raw series; drop bucket")
+            points = spec.get("points", DEFAULT_CHART_POINTS)
+            if not isinstance(points, int) or isinstance(points, bool) or points < 3:
+                raise self.fail(f"{key}.points", f"expected a whole number >= 3, got {points!r}")
+            series = spec.get("series")
+            series = self.string(series, f"{key}.series") if series is not None else None
+            charts.append(Chart(name, x, y, agg, bucket, points, series))
+        return tuple(charts)
+
+    def check_names(self, fields, groups, variables, charts) -> None:
+        """Names are unique per kind; references name declared fields, when there are."""
+        for kind, items in (("groups", groups), ("variables", variables), ("charts", charts)):
+            names = [item.name for item in items]
+            for i, name in enumerate(names):
+                if name in names[:i]:
+                    raise self.fail(f"{kind}[{i}].name", f"{name!r} is used twice")
+        field_names = [f.name for f in fields]
+        for i, v in enumerate(variables):
+            if v.running and v.name in field_names:
+                raise self.fail(
+                    f"variables[{i}].name",
+                    f"a running variable adds a column to every row, and {v.name!r} is "
+                    "already a field",
+                )
+        if not fields:
+            return  # the source's columns are checked when it is opened
+        references = [(f"groups[{i}].field", g.field) for i, g in enumerate(groups)]
+        references += [(f"variables[{i}].field", v.field) for i, v in enumerate(variables)]
+        for i, c in enumerate(charts):
+            references += [(f"charts[{i}].{a}", getattr(c, a)) for a in ("x", "y", "series")]
+        for key, name in references:
+            if name is not None and name not in field_names:
+                raise self.fail(
+                    key, f"{name!r} is not a field of the report (fields: {', '.join(field_names)})"
+                )
+
     def output(self, value: object) -> Output:
         if value is None:
             return Output()
-        spec = self.mapping(value, "output", {"typst", "pdf", "template", "pdf_max_rows"})
+        spec = self.mapping(value, "output", {"typst", "pdf", "template", "pdf_max_rows", "detail"})
         paths = {}
         for key in ("typst", "pdf", "template"):
             if spec.get(key) is not None:
@@ -427,7 +650,8 @@ class _Parser:
             raise self.fail(
                 "output.pdf_max_rows", f"expected a whole number >= 0, got {max_rows!r}"
             )
-        return Output(pdf_max_rows=max_rows, **paths)
+        detail = self.flag(spec, "detail", "output", default=True)
+        return Output(pdf_max_rows=max_rows, detail=detail, **paths)
 
     def pipeline(self, value: object) -> PipelineSettings:
         if value is None:
@@ -466,5 +690,5 @@ def _kind(value: object) -> str:
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
-        return "a list"
+        return "a list" if value else "an empty list"
     return f"{type(value).__name__} {value!r}"

@@ -2,6 +2,10 @@
 
 Both are written to a temporary file beside the target and renamed into place only on
 success, so a failed or interrupted run never leaves a half-written file.
+
+The module defines ``rows``, ``groups`` (nested by level), ``totals``, ``charts`` and
+``meta``. Groups are written to a second temporary file as they close, so memory does
+not grow with their number, and copied into the module at the end.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ashstream import __version__
-from ashstream.encode import encode_value
+from ashstream.aggregate import ClosedGroup, Summary
+from ashstream.encode import EncodeOptions, encode_value
 from ashstream.errors import SinkError
 from ashstream.report import Report
 from ashstream.supervisor import Chunk
@@ -43,15 +48,66 @@ def module_meta(report: Report, columns: tuple[str, ...], row_count: int, rows_s
         "columns": list(columns),
         "row_count": row_count,
         "rows_shown": rows_shown,
+        "detail": report.output.detail,
+        "groups": [g.name for g in report.groups],
+        "variables": [
+            {"name": v.name, "function": v.function, "field": v.field, "reset": v.reset}
+            for v in report.variables
+        ],
         "ashstream_version": __version__,
     }
 
 
-class TypstModuleSink:
-    """A ``.typ`` module defining ``rows`` and ``meta``, for ``#import "x.typ": rows, meta``.
+class GroupWriter:
+    """Closed groups, in the order they close, as the text of nested Typst dictionaries.
 
-    Memory stays constant: chunks are written as they arrive. ``preview_rows`` keeps the
-    first rows' text for a PDF that shows only part of a large table.
+    A group's text opens when its first sub-group closes (its key and first row are known
+    then) and closes with its own variables, so no group is held in memory::
+
+        (level: "region", key: "east", first_row: 0, groups: (
+          (level: "month", key: ..., first_row: 0, last_row: 9, rows: 10,
+           variables: (...), groups: ()),
+        ), last_row: 41, rows: 42, variables: (region_total: ...)),
+    """
+
+    def __init__(self, out: BinaryIO, names: tuple[str, ...], options: EncodeOptions) -> None:
+        self.out = out
+        self.names = names  # the groups' names, outermost first
+        self.depth = len(names)
+        self.options = options
+        self.opened: list[tuple] = []  # key paths of the outer groups whose text is open
+
+    def _value(self, value: object) -> str:
+        return encode_value(value, options=self.options)
+
+    def write(self, group: ClosedGroup) -> None:
+        head = f"(level: {self._value(group.name)}, key: {self._value(group.key)}, "
+        head += f"first_row: {group.first_row}, "
+        tail = (
+            f"last_row: {group.last_row}, rows: {group.rows}, "
+            f"variables: {self._value(group.variables)}"
+        )
+        if group.level < self.depth:  # an outer group: its text is open
+            self.opened.pop()
+            self.out.write(f"), {tail}),\n".encode())
+            return
+        for level in range(len(self.opened) + 1, group.level):
+            keys = group.keys[:level]
+            self.opened.append(keys)
+            self.out.write(
+                f"(level: {self._value(self.names[level - 1])}, key: {self._value(keys[-1])}, "
+                f"first_row: {group.first_row}, groups: (\n".encode()
+            )
+        self.out.write(f"{head}{tail}, groups: ()),\n".encode())
+
+
+class TypstModuleSink:
+    """A ``.typ`` module defining ``rows``, ``groups``, ``totals``, ``charts`` and ``meta``,
+    for ``#import "x.typ": rows, groups, totals, charts, meta``.
+
+    Memory stays constant: chunks and closed groups are written as they arrive.
+    ``preview_rows`` keeps the first rows' text for a PDF that shows only part of a large
+    table.
     """
 
     def __init__(self, path: str | os.PathLike, report: Report, preview_rows: int = 0) -> None:
@@ -62,14 +118,23 @@ class TypstModuleSink:
         self._preview_count = 0
         self._rows = 0
         self._tmp = _temp_beside(self.path)
+        self._groups_tmp = self._tmp.with_name(self._tmp.name + ".groups")
         self._file: BinaryIO | None = None
+        self._groups_file: BinaryIO | None = None
+        self._groups: GroupWriter | None = None
+        self._summary = Summary([], {}, {})
+        self._options = EncodeOptions(timezone=report.pipeline.timezone)
 
     def open(self) -> None:
         _prepare_dir(self.path)
         try:
-            self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed in close/abort)
+            self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed in finish/abort)
+            self._groups_file = open(self._groups_tmp, "w+b")  # noqa: SIM115 (likewise)
         except OSError as exc:
+            self.abort()
             raise SinkError(f"cannot write {self.path}: {exc.strerror}") from None
+        names = tuple(g.name for g in self.report.groups)
+        self._groups = GroupWriter(self._groups_file, names, self._options)
         self._file.write(
             f"// Generated by ashstream {__version__} from {self.report.path}; "
             "do not edit.\n#let rows = (\n".encode()
@@ -77,6 +142,8 @@ class TypstModuleSink:
 
     def write(self, chunk: Chunk) -> None:
         self._file.write(chunk.text)
+        for group in chunk.groups:
+            self._groups.write(group)
         self._rows += chunk.num_rows
         if self._preview_count < self.preview_rows:
             take = min(chunk.num_rows, self.preview_rows - self._preview_count)
@@ -88,15 +155,30 @@ class TypstModuleSink:
     def rows(self) -> int:
         return self._rows
 
-    def finish(self, columns: tuple[str, ...]) -> None:
-        """Write ``meta`` and close the file, still under its temporary name."""
+    def finish(self, columns: tuple[str, ...], summary: Summary | None = None) -> None:
+        """Write the groups, totals, charts and ``meta``, and close the file, still under
+        its temporary name."""
+        if summary is not None:
+            self._summary = summary
+            for group in summary.groups:
+                self._groups.write(group)
         meta = module_meta(self.report, columns, self._rows, self._rows)
         try:
-            self._file.write(b")\n#let meta = " + encode_value(meta).encode() + b"\n")
+            self._file.write(b")\n")
+            self._groups_file.seek(0)
+            self._file.write(b"#let groups = (\n")
+            shutil.copyfileobj(self._groups_file, self._file)
+            self._file.write(b")\n" + self._results() + b"#let meta = ")
+            self._file.write(encode_value(meta).encode() + b"\n")
             self._file.close()
         except OSError as exc:
             self.abort()
             raise SinkError(f"cannot write {self.path}: {exc.strerror}") from None
+
+    def _results(self) -> bytes:
+        totals = encode_value(self._summary.totals, options=self._options)
+        charts = encode_value(self._summary.charts, options=self._options)
+        return f"#let totals = {totals}\n#let charts = {charts}\n".encode()
 
     @property
     def written_path(self) -> Path:
@@ -110,19 +192,32 @@ class TypstModuleSink:
         except OSError as exc:
             self.abort()
             raise SinkError(f"cannot write {self.path}: {exc.strerror}") from None
+        self._close_groups()
 
     def abort(self) -> None:
         if self._file is not None and not self._file.closed:
             self._file.close()
         self._tmp.unlink(missing_ok=True)
+        self._close_groups()
+
+    def _close_groups(self) -> None:
+        if self._groups_file is not None and not self._groups_file.closed:
+            self._groups_file.close()
+        self._groups_tmp.unlink(missing_ok=True)
 
     def preview_module(self, columns: tuple[str, ...]) -> bytes:
-        """A module with the first ``preview_rows`` rows and ``meta`` saying how many."""
+        """A module with the first ``preview_rows`` rows, every group, the totals and
+        charts, and ``meta`` saying how many rows it shows."""
         meta = module_meta(self.report, columns, self._rows, self._preview_count)
+        self._groups_file.seek(0)
         return (
             b"#let rows = (\n"
             + b"".join(self.preview)
-            + b")\n#let meta = "
+            + b")\n#let groups = (\n"
+            + self._groups_file.read()
+            + b")\n"
+            + self._results()
+            + b"#let meta = "
             + (encode_value(meta).encode() + b"\n")
         )
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ashstream.aggregate import check_analysis
 from ashstream.errors import ReportError, SourceError
 from ashstream.report import Report
 
@@ -42,19 +43,24 @@ def source_sql(report: Report) -> str:
     """The one SQL statement the producer runs."""
     src = report.source
     if report.fields:
-        select = ", ".join(
+        columns = [
             f"{quote_identifier(f.column)} AS {quote_identifier(f.name)}"
             if f.column is not None
             else f"({f.expr}) AS {quote_identifier(f.name)}"
             for f in report.fields
-        )
+        ]
     else:
-        select = "*"
-    sql = f"SELECT {select} FROM ({base_relation_sql(report)}) AS source"
+        columns = ["*"]
+    # A group given by an expression gets a hidden column, dropped before encoding.
+    columns += [f"({g.expr}) AS {quote_identifier(g.column)}" for g in report.groups if g.expr]
+    sql = f"SELECT {', '.join(columns)} FROM ({base_relation_sql(report)}) AS source"
     if src.where:
         sql += f" WHERE {src.where}"
-    if src.order_by:
-        sql += " ORDER BY " + ", ".join(src.order_by)
+    # Groups are runs of equal keys, so the rows come ordered by the keys, outermost first.
+    order = [quote_identifier(g.column) + (" DESC" if g.descending else "") for g in report.groups]
+    order += src.order_by
+    if order:
+        sql += " ORDER BY " + ", ".join(order)
     return sql
 
 
@@ -107,6 +113,7 @@ def open_source(
         schema = relation.limit(0).to_arrow_table().schema
     except duckdb.Error as exc:
         raise _query_error(report, exc, sql) from None
+    check_analysis(report, schema)
     total = _total_rows(con, report, sql, params)
     return OpenSource(schema, total, _read(con, relation, rows_per_batch, report))
 
@@ -153,6 +160,13 @@ def _check_fields(con: Any, report: Report, base: str, params: Mapping[str, Any]
             raise ReportError(
                 f"{report.path}: fields[{i}]: the source has no column {f.column!r} "
                 f"(it has: {', '.join(columns)})"
+            )
+    output = [f.name for f in report.fields] or columns
+    for i, g in enumerate(report.groups):  # before the ORDER BY that names them fails
+        if g.field is not None and g.field not in output:
+            raise ReportError(
+                f"{report.path}: groups[{i}].field: the source has no column {g.field!r} "
+                f"(it has: {', '.join(output)})"
             )
 
 

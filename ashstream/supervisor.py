@@ -52,6 +52,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from ashstream import errors, telemetry
+from ashstream.aggregate import Analysis, ClosedGroup, Collector
 from ashstream.encode import EncodeStats
 from ashstream.errors import AshstreamError, Cancelled, PipelineError, WorkerCrashed
 from ashstream.pipeline.comms import (
@@ -98,12 +99,18 @@ JOIN_TIMEOUT_S = 1.0
 
 @dataclass
 class Chunk:
-    """A run of consecutive rows, encoded: each row's Typst dictionary and ``,\\n``."""
+    """A run of consecutive rows, encoded: each row's Typst dictionary and ``,\\n``.
+
+    ``groups`` holds the groups whose end this chunk revealed: each ended on the row
+    before one of this chunk's rows (a group's end is known only when the next key is).
+    The groups still open at the end come in :attr:`Summary.groups`.
+    """
 
     seq: int
     first_row: int
     num_rows: int
     text: bytes
+    groups: list[ClosedGroup] = field(default_factory=list)
 
     def rows(self) -> list[str]:
         """One Typst dictionary literal per row (literals never hold a raw newline)."""
@@ -130,6 +137,9 @@ class StreamState:
         self.id = stream_id
         self.report = report
         self.chunk_size = chunk_size
+        self.analysis = Analysis.of(report)
+        self.collector = Collector(self.analysis) if self.analysis is not None else None
+        self.final_groups: list[ClosedGroup] = []  # those open at the end, once it came
         self.arena = arena
         self.arena_ref = ArenaRef(arena.name, arena.slot_bytes, arena.slots)
         self.input_slots = tuple(range(window))
@@ -321,7 +331,11 @@ class Supervisor:
             raise PipelineError(f"the pool can run no more streams: {self.broken}")
         window = self.n_workers + EXTRA_WINDOW
         arena = Arena.create(self.slot_bytes, 2 * window)
-        stream = StreamState(secrets.token_hex(4), report, chunk_size, arena, window)
+        try:
+            stream = StreamState(secrets.token_hex(4), report, chunk_size, arena, window)
+        except BaseException:
+            arena.close()
+            raise
         job = ProducerJob(stream.id, report, chunk_size, stream.arena_ref, stream.input_slots)
         with self._lock:
             producer = min(self._producers, key=lambda p: len(p.streams))
@@ -349,10 +363,15 @@ class Supervisor:
                     batch, result = stream.done.pop(stream.next_batch)
                     break
                 if stream.total_batches is not None and stream.next_batch >= stream.total_batches:
+                    if stream.collector is not None and not stream.final_groups:
+                        stream.final_groups = stream.collector.finish()
                     return None
                 if self._stopping:
                     raise PipelineError("the pool was closed while a stream was running")
                 self._cond.wait(0.5)
+        closed = []
+        if stream.collector is not None and result.partial is not None:
+            closed = stream.collector.add(result.partial, batch.first_row)
         # The slot stays this stream's until it is freed below, so read without the lock.
         start = row = 0
         for i, end in enumerate(result.chunk_ends):
@@ -364,7 +383,9 @@ class Supervisor:
                 except ValueError:  # the arena was closed: cancelled from another thread
                     raise Cancelled(f"stream {stream.id} was cancelled") from None
             rows = min(stream.chunk_size, result.rows - row)
-            stream.pending.append(Chunk(batch.first_chunk + i, batch.first_row + row, rows, text))
+            first = batch.first_row + row
+            groups = [g for g in closed if first <= g.last_row + 1 < first + rows]
+            stream.pending.append(Chunk(batch.first_chunk + i, first, rows, text, groups))
             start, row = end, row + rows
         with self._cond:
             stream.result_free.append(result.out_slot)
@@ -534,6 +555,7 @@ class Supervisor:
                     stream.report.pipeline.timezone,
                     stream.chunk_size,
                     batch.inline,
+                    stream.analysis,
                 )
                 try:
                     worker.conn.send(task)

@@ -129,6 +129,11 @@ def test_a_failing_run_leaves_no_partial_module(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.yaml"]
 
 
+# A source with a text, a number and a date column, for the groups/variables/charts checks.
+SMALL = (
+    "name: x\nsource: {duckdb: {query: "
+    "\"SELECT 'a' AS region, 1 AS amount, DATE '2020-01-01' AS day\"}}\n"
+)
 BAD_REPORTS = [
     pytest.param(
         "title: x\nsource: {duckdb: {query: 'SELECT 1'}}\n", "name: missing", id="missing-name"
@@ -156,8 +161,76 @@ BAD_REPORTS = [
     ),
     pytest.param(
         "name: x\nsource: {duckdb: {query: 'SELECT 1'}}\ngroups: []\n",
-        "groups: is reserved for a later version",
-        id="reserved-key",
+        "groups: expected a non-empty list, got an empty list",
+        id="empty-groups",
+    ),
+    pytest.param(
+        SMALL + "groups: [{name: r, field: regio}]\n",
+        "groups[0].field: the source has no column 'regio' (it has: region, amount, day)",
+        id="unknown-group-field",
+    ),
+    pytest.param(
+        SMALL + "fields: [region, amount]\ngroups: [{name: r, field: day}]\n",
+        "groups[0].field: 'day' is not a field of the report (fields: region, amount)",
+        id="group-field-not-a-field",
+    ),
+    pytest.param(
+        SMALL + "groups: [{name: r, field: region}]\n"
+        "variables: [{name: t, function: sum, field: amount, reset: month}]\n",
+        "variables[0].reset: unknown group 'month'; expected report or one of the groups' names (r)",
+        id="reset-on-unknown-group",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: median, field: amount}]\n",
+        "variables[0].function: expected one of count, count_distinct, sum",
+        id="unknown-function",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: sum, field: region}]\n",
+        "variables[0].field: sum needs a number, and 'region' is string",
+        id="sum-of-text",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: stddev, field: amount, running: true}]\n",
+        "variables[0].running: a running stddev is not supported",
+        id="running-stddev",
+    ),
+    pytest.param(
+        SMALL
+        + "variables: [{name: t, function: count}, {name: t, function: sum, field: amount}]\n",
+        "variables[1].name: 't' is used twice",
+        id="duplicate-variable",
+    ),
+    pytest.param(
+        SMALL + "fields: [region, amount]\n"
+        "variables: [{name: amount, function: sum, field: amount, running: true}]\n",
+        "variables[0].name: a running variable adds a column to every row, and 'amount' is already",
+        id="running-name-clash",
+    ),
+    pytest.param(
+        SMALL + "charts: [{name: c, x: day, y: region}]\n",
+        "charts[0].y: a chart's y must be a number, and 'region' is string",
+        id="chart-text-y",
+    ),
+    pytest.param(
+        SMALL + "charts: [{name: c, x: amount, y: amount, bucket: month}]\n",
+        "charts[0].bucket: month buckets need a date or timestamp x",
+        id="calendar-bucket-numeric-x",
+    ),
+    pytest.param(
+        SMALL + "charts: [{name: c, x: day, y: amount, bucket: fortnight}]\n",
+        "charts[0].bucket: expected auto, one of hour, day, week, month, quarter, year",
+        id="unknown-bucket",
+    ),
+    pytest.param(
+        SMALL + "charts: [{name: c, x: day, y: amount}, {name: c, x: day, agg: count}]\n",
+        "charts[1].name: 'c' is used twice",
+        id="duplicate-chart",
+    ),
+    pytest.param(
+        SMALL + "charts: [{name: c, x: day, y: amount, points: 2}]\n",
+        "charts[0].points: expected a whole number >= 3, got 2",
+        id="too-few-points",
     ),
     pytest.param(
         "name: x\nsource: {parquet: missing.parquet}\n",

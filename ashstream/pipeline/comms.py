@@ -103,6 +103,7 @@ class Task:
     timezone: str
     chunk_size: int
     inline: bytes | None = None
+    analysis: object = None  # ashstream.aggregate.Analysis: groups, variables, charts
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class TaskDone:
     chunk_ends: tuple[int, ...]  # byte offset in the text where each chunk ends
     lossy: tuple[tuple[str, str, int], ...] = ()  # (column, reason, count) from EncodeStats
     inline: bytes | None = None  # the text, when it did not fit the result slot
+    partial: object = None  # ashstream.aggregate.BatchPartial, when the stream analyses
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ashstream.aggregate import Analysis, RunningColumns, row_columns
 from ashstream.errors import AshstreamError
 from ashstream.pipeline.comms import (
     READY,
@@ -100,9 +101,16 @@ class _Job:
         source = open_source(
             job.report, max(job.chunk_size, MIN_BATCH_ROWS), on_connect=self._connected
         )
-        self.send(SourceOpened(job.stream_id, tuple(source.schema.names), source.total_rows))
+        analysis = Analysis.of(job.report)
+        running = RunningColumns(analysis) if analysis is not None else None
+        batches = source.batches
+        if running:  # the one process that sees every batch in order carries their state
+            batches = map(running.add, batches)
+        self.send(
+            SourceOpened(job.stream_id, row_columns(job.report, source.schema), source.total_rows)
+        )
         seq = first_row = first_chunk = 0
-        for batch in _first_chunk_alone(source.batches, job.chunk_size):
+        for batch in _first_chunk_alone(batches, job.chunk_size):
             for part in split_to_fit(batch, arena.slot_bytes // INPUT_SHARE_OF_SLOT):
                 while not free_slots:
                     free_slots.append(self._wait_for_credit())

@@ -15,6 +15,7 @@ from multiprocessing.connection import Connection
 
 import pyarrow as pa
 
+from ashstream.aggregate import analyse_batch
 from ashstream.encode import EncodeOptions, EncodeStats, encode_rows_text
 from ashstream.errors import AshstreamError
 from ashstream.pipeline.comms import READY, STOP, ReleaseArena, StageFailed, Task, TaskDone
@@ -85,6 +86,11 @@ def _run_task(task: Task, arenas: dict[str, Arena], options: dict[str, EncodeOpt
             batch = pa.ipc.open_stream(pa.py_buffer(task.inline)).read_next_batch()
         else:
             batch = arena.read_batch(task.in_slot, task.in_nbytes)
+        partial = None
+        if task.analysis is not None:
+            partial = analyse_batch(batch, task.analysis, task.first_row)
+            if task.analysis.hidden:
+                batch = batch.drop_columns(list(task.analysis.hidden))
         if task.timezone not in options:
             options[task.timezone] = EncodeOptions(timezone=task.timezone)
         stats = EncodeStats()
@@ -106,7 +112,15 @@ def _run_task(task: Task, arenas: dict[str, Arena], options: dict[str, EncodeOpt
         lossy = tuple((column, reason, n) for (column, reason), n in stats.counts.items())
         inline = None if arena.write_bytes(task.out_slot, text) else text.to_pybytes()
         return TaskDone(
-            task.stream_id, task.seq, rows, task.out_slot, len(text), chunk_ends, lossy, inline
+            task.stream_id,
+            task.seq,
+            rows,
+            task.out_slot,
+            len(text),
+            chunk_ends,
+            lossy,
+            inline,
+            partial,
         )
     except AshstreamError as exc:
         return StageFailed(task.stream_id, task.seq, type(exc).__name__, str(exc))

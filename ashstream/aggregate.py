@@ -1,0 +1,744 @@
+"""Groups and variables, computed in parallel per batch and merged in source order.
+
+A transformer reduces its batch to *partials*: for every group level, the runs of equal
+keys in the batch with the partial state of each variable that resets on that level
+(:func:`analyse_batch`). The parent's :class:`Collector` takes the partials in batch
+order, joins a run that continues across a batch boundary, and closes a group when the
+next run has another key or the stream ends. Every state merges exactly, so the result
+does not depend on the chunk size or on which transformer did which batch:
+
+- integer sums are Python ints (summed in 21-bit limbs, so int64 never overflows);
+- decimal sums are ``Decimal`` (Arrow's decimal sum, merged with 200 digits);
+- float sums are exact rationals (each float is ``m * 2**e``; mantissas are summed per
+  exponent class in limbs) and are rounded once, at the end. Float addition is not
+  associative, so anything less would change in the last digit with the chunk size.
+
+Running values (``running: true``) are prefix aggregates per row; they are added by the
+producer (:class:`RunningColumns`), the one process that sees the batches in order, so
+no second pass is needed. Float running sums accumulate in float64 in row order (as a
+spreadsheet would), and so are identical for every chunk size; they may differ from the
+exact group total in the last digit.
+
+Memory: one state per open group and variable. ``count_distinct`` keeps the set of
+distinct values of its open group (for ``reset: report``, of the whole report).
+"""
+
+from __future__ import annotations
+
+import decimal
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ashstream.errors import ReportError
+from ashstream.report import BUCKET_UNITS, Report, Variable
+
+__all__ = ["Analysis", "ClosedGroup", "Collector", "RunningColumns", "analyse_batch"]
+
+WIDE = decimal.Context(prec=200)  # decimal sums merge without rounding
+_LIMB_BITS = 21
+_LIMB_MASK = (1 << _LIMB_BITS) - 1
+_CLASS_BITS = 8  # exponent values per class: mantissa << 7 still fits int64
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What a stream computes besides its rows; small and picklable, sent with each task."""
+
+    group_names: tuple[str, ...]
+    group_columns: tuple[str, ...]  # key column per level, outermost first
+    hidden: tuple[str, ...]  # computed key columns, not part of the rows
+    variables: tuple[Variable, ...]
+    charts: tuple  # ashstream.report.Chart
+    timezone: str  # calendar buckets of time-zone-aware timestamps use its wall clock
+
+    @classmethod
+    def of(cls, report: Report) -> Analysis | None:
+        if not report.analysed:
+            return None
+        return cls(
+            tuple(g.name for g in report.groups),
+            tuple(g.column for g in report.groups),
+            tuple(g.column for g in report.groups if g.expr),
+            report.variables,
+            report.charts,
+            report.pipeline.timezone,
+        )
+
+    def level(self, variable: Variable) -> int:
+        """0 for the report, 1 for the outermost group, ..."""
+        return 0 if variable.reset == "report" else self.group_names.index(variable.reset) + 1
+
+    def variables_at(self, level: int) -> list[Variable]:
+        return [v for v in self.variables if self.level(v) == level]
+
+
+def _numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+
+def _temporal(t: pa.DataType) -> bool:
+    return pa.types.is_date(t) or pa.types.is_timestamp(t)
+
+
+def check_analysis(report: Report, schema: pa.Schema) -> None:
+    """Check groups, variables and charts against the columns the source really has.
+
+    Raises:
+        ReportError: naming the key of the definition at fault.
+    """
+    types = {name: schema.field(name).type for name in schema.names}
+    for name, t in list(types.items()):
+        if pa.types.is_dictionary(t):
+            types[name] = t.value_type
+
+    def column(key: str, name: str) -> pa.DataType:
+        if name not in types:
+            visible = [n for n in schema.names if not n.startswith("__group_")]
+            raise ReportError(
+                f"{report.path}: {key}: the source has no column {name!r} "
+                f"(it has: {', '.join(visible)})"
+            )
+        return types[name]
+
+    for i, g in enumerate(report.groups):
+        if g.field is not None:
+            column(f"groups[{i}].field", g.field)
+    for i, v in enumerate(report.variables):
+        if v.field is None:
+            continue
+        t = column(f"variables[{i}].field", v.field)
+        needs_number = v.function in ("sum", "avg", "stddev", "variance") or (
+            v.running and v.function in ("min", "max")
+        )
+        if needs_number and not _numeric(t):
+            running = "a running " if v.running else ""
+            raise ReportError(
+                f"{report.path}: variables[{i}].field: {running}{v.function} needs a number, "
+                f"and {v.field!r} is {t}"
+            )
+    for i, c in enumerate(report.charts):
+        key = f"{report.path}: charts[{i}]"
+        x = column(f"charts[{i}].x", c.x)
+        if c.y is not None:
+            y = column(f"charts[{i}].y", c.y)
+            if not _numeric(y) and c.agg != "count":
+                raise ReportError(f"{key}.y: a chart's y must be a number, and {c.y!r} is {y}")
+        if c.series is not None:
+            column(f"charts[{i}].series", c.series)
+        if c.agg == "none":
+            if not (_temporal(x) or pa.types.is_integer(x)):
+                raise ReportError(
+                    f"{key}.x: a raw series (agg none) needs an integer, date or timestamp x, "
+                    f"and {c.x!r} is {x}"
+                )
+        elif c.bucket in BUCKET_UNITS or c.bucket == "auto":
+            if not _temporal(x):
+                raise ReportError(
+                    f"{key}.bucket: {c.bucket} buckets need a date or timestamp x, and "
+                    f"{c.x!r} is {x}; give a numeric bin width for a numeric x"
+                )
+            if c.bucket == "hour" and pa.types.is_date(x):
+                raise ReportError(f"{key}.bucket: hour buckets need a timestamp x; {c.x!r} is {x}")
+        elif not _numeric(x):
+            raise ReportError(
+                f"{key}.bucket: a numeric bin width needs a numeric x, and {c.x!r} is {x}"
+            )
+
+
+# ------------------------------------------------------------------ exact sums
+
+
+def _limb_sums(values: np.ndarray, ids: np.ndarray, n: int) -> np.ndarray:
+    """Exact sums of int64 ``values`` per id, as an object array of Python ints.
+
+    Each value is split into three 21-bit limbs (arithmetic shifts keep the sign in the
+    top limb); float64 bincount sums them exactly below 2**52, i.e. for 2**31 rows."""
+    totals = np.zeros(n, dtype=object)
+    for shift in (0, _LIMB_BITS, 2 * _LIMB_BITS):
+        limb = values >> shift if shift == 2 * _LIMB_BITS else (values >> shift) & _LIMB_MASK
+        sums = np.bincount(ids, weights=limb.astype(np.float64), minlength=n)
+        totals = totals + sums.astype(np.int64).astype(object) * (1 << shift)
+    return totals
+
+
+def int_sums(values: np.ndarray, ids: np.ndarray, n: int) -> list[int]:
+    if values.dtype == np.uint64:
+        high = _limb_sums((values >> np.uint64(32)).astype(np.int64), ids, n)
+        low = _limb_sums((values & np.uint64(0xFFFFFFFF)).astype(np.int64), ids, n)
+        return list(high * (1 << 32) + low)
+    return list(_limb_sums(values.astype(np.int64), ids, n))
+
+
+def float_sums(values: np.ndarray, ids: np.ndarray, n: int) -> list[Fraction | float]:
+    """Exact sums of float64 values per id: Fractions, or a float when inf or nan is in."""
+    out: list[Fraction | float] = [Fraction(0)] * n
+    finite = np.isfinite(values)
+    if not finite.all():
+        for i in np.unique(ids[~finite]):
+            out[i] = math.fsum(values[(ids == i) & ~finite])  # inf, -inf or nan
+        values, ids = values[finite], ids[finite]
+    if not len(values):
+        return out
+    mantissa, exponent = np.frexp(values)
+    ints = (mantissa * 2.0**53).astype(np.int64)  # exact: |mantissa| < 1
+    exponent = exponent.astype(np.int64) - 53
+    lowest = int(exponent.min())
+    relative = exponent - lowest
+    classes = relative >> 3
+    n_classes = int(classes.max()) + 1
+    sums = _limb_sums(ints << (relative & 7), ids * n_classes + classes, n * n_classes)
+    scale = np.array([1 << (_CLASS_BITS * c) for c in range(n_classes)], dtype=object)
+    totals = (sums.reshape(n, n_classes) * scale).sum(axis=1)
+    unit = Fraction(2) ** lowest
+    for i, total in enumerate(totals):
+        if isinstance(out[i], Fraction):
+            out[i] = total * unit
+    return out
+
+
+def _split(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Veltkamp's split: ``x == hi + lo`` with 26-bit halves, so hi*hi, hi*lo and lo*lo
+    are exact in float64 and x*x can be summed exactly."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        c = values * 134217729.0
+        hi = c - (c - values)
+    return hi, values - hi
+
+
+# ------------------------------------------------------------------- functions
+
+
+def _plain(array: pa.Array) -> pa.Array:
+    return array.dictionary_decode() if pa.types.is_dictionary(array.type) else array
+
+
+def _valid(array: pa.Array) -> np.ndarray:
+    if array.null_count == 0:
+        return np.ones(len(array), dtype=bool)
+    return np.asarray(array.is_valid())
+
+
+def _grouped(array: pa.Array, ids: np.ndarray, n: int, aggregation: str) -> list:
+    """Arrow's hash aggregation per id 0..n-1 (ids need not be contiguous)."""
+    table = pa.table({"id": pa.array(ids, pa.int64()), "v": array})
+    result = table.group_by("id", use_threads=False).aggregate([("v", aggregation)])
+    out: list = [None] * n
+    for i, value in zip(
+        result.column("id").to_pylist(), result.column(f"v_{aggregation}").to_pylist(), strict=True
+    ):
+        out[i] = value
+    return out
+
+
+def _sum_state(array: pa.Array, ids: np.ndarray, n: int) -> list[tuple[int, Any]]:
+    """(non-null count, exact sum) per id."""
+    valid = _valid(array)
+    counts = np.bincount(ids[valid], minlength=n)
+    t = array.type
+    if pa.types.is_decimal(t):
+        sums = _grouped(array, ids, n, "sum")
+        sums = [s if s is not None else decimal.Decimal(0) for s in sums]
+    else:
+        values = array.to_numpy(zero_copy_only=False) if array.null_count == 0 else None
+        if values is None:
+            values = pc.drop_null(array).to_numpy(zero_copy_only=False)
+        if pa.types.is_floating(t):
+            sums = float_sums(values.astype(np.float64), ids[valid], n)
+        else:
+            sums = int_sums(values, ids[valid], n)
+    return list(zip(counts.tolist(), sums, strict=True))
+
+
+def _add(a: Any, b: Any) -> Any:
+    if isinstance(a, decimal.Decimal):
+        return WIDE.add(a, b)
+    return a + b
+
+
+def _moments(array: pa.Array, ids: np.ndarray, n: int) -> list[tuple[int, Any, Any]]:
+    """(n, exact sum of x, exact sum of x*x) per id, over the values as float64 (as
+    DuckDB computes variance)."""
+    valid = _valid(array)
+    x = pc.drop_null(array).cast(pa.float64()).to_numpy(zero_copy_only=False)
+    ids = ids[valid]
+    counts = np.bincount(ids, minlength=n)
+    hi, lo = _split(x)
+    s1 = float_sums(x, ids, n)
+    parts = [float_sums(p, ids, n) for p in (hi * hi, 2 * hi * lo, lo * lo)]
+    s2 = [a + b + c for a, b, c in zip(*parts, strict=True)]
+    return list(zip(counts.tolist(), s1, s2, strict=True))
+
+
+def _variance(state: tuple[int, Any, Any]) -> float | None:
+    count, s1, s2 = state
+    if count < 2:
+        return None
+    if isinstance(s1, float) or isinstance(s2, float):  # inf or nan among the values
+        return math.nan
+    return float((s2 - s1 * s1 / count) / (count - 1))
+
+
+def _average(state: tuple[int, Any]) -> float | None:
+    count, total = state
+    if count == 0:
+        return None
+    if isinstance(total, float):
+        return total / count
+    return float(Fraction(total) / count)
+
+
+def _first(a: Any, b: Any) -> Any:
+    return a if a is not None else b
+
+
+def _last(a: Any, b: Any) -> Any:
+    return b if b is not None else a
+
+
+def _min(a: Any, b: Any) -> Any:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _max(a: Any, b: Any) -> Any:
+    return b if a is None else a if b is None else max(a, b)
+
+
+@dataclass(frozen=True)
+class Function:
+    """How one aggregate function reduces, merges and reports its state."""
+
+    reduce: Any  # (array, ids, n) -> list of states
+    merge: Any  # (state, state) -> state, left before right in row order
+    result: Any  # state -> value
+    empty: Any  # the state of no rows
+
+
+def _hash(aggregation: str):
+    return lambda array, ids, n: _grouped(array, ids, n, aggregation)
+
+
+FUNCTIONS: dict[str, Function] = {
+    "count": Function(
+        lambda a, ids, n: np.bincount(ids[_valid(a)], minlength=n).tolist(),
+        lambda a, b: a + b,
+        lambda s: s,
+        0,
+    ),
+    "count_distinct": Function(
+        lambda a, ids, n: [set(v or ()) for v in _grouped(a, ids, n, "distinct")],
+        lambda a, b: a | b,
+        len,
+        frozenset(),
+    ),
+    "sum": Function(
+        _sum_state,
+        lambda a, b: (a[0] + b[0], _add(a[1], b[1])),
+        lambda s: None if s[0] == 0 else float(s[1]) if isinstance(s[1], Fraction) else s[1],
+        (0, 0),
+    ),
+    "avg": Function(_sum_state, lambda a, b: (a[0] + b[0], _add(a[1], b[1])), _average, (0, 0)),
+    "min": Function(_hash("min"), _min, lambda s: s, None),
+    "max": Function(_hash("max"), _max, lambda s: s, None),
+    "first": Function(_hash("first"), _first, lambda s: s, None),
+    "last": Function(_hash("last"), _last, lambda s: s, None),
+    "variance": Function(
+        _moments, lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]), _variance, (0, 0, 0)
+    ),
+    "stddev": Function(
+        _moments,
+        lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]),
+        lambda s: None if (v := _variance(s)) is None else math.sqrt(v),
+        (0, 0, 0),
+    ),
+}
+
+
+def reduce_states(
+    batch: pa.RecordBatch, variables: Sequence[Variable], ids: np.ndarray, n: int
+) -> list[list]:
+    """Per id 0..n-1, the state of every variable: ``states[id][variable]``."""
+    columns = []
+    for v in variables:
+        function = FUNCTIONS[v.function]
+        if v.field is None:  # count of rows
+            columns.append(np.bincount(ids, minlength=n).tolist())
+        else:
+            columns.append(function.reduce(_plain(batch.column(v.field)), ids, n))
+    return [list(states) for states in zip(*columns, strict=True)] if columns else [[]] * n
+
+
+def merge_states(variables: Sequence[Variable], left: list, right: list) -> list:
+    return [
+        FUNCTIONS[v.function].merge(a, b) for v, a, b in zip(variables, left, right, strict=True)
+    ]
+
+
+def results(variables: Sequence[Variable], states: list) -> dict[str, Any]:
+    return {v.name: FUNCTIONS[v.function].result(s) for v, s in zip(variables, states, strict=True)}
+
+
+def empty_states(variables: Sequence[Variable]) -> list:
+    return [FUNCTIONS[v.function].empty for v in variables]
+
+
+# ----------------------------------------------------------------------- groups
+
+
+def changes(batch: pa.RecordBatch, columns: Sequence[str]) -> list[np.ndarray]:
+    """Per level, a bool per row from the second on: does the key path up to this level
+    differ from the row before? Nulls equal nulls, as in GROUP BY."""
+    n = batch.num_rows
+    changed = np.zeros(max(n - 1, 0), dtype=bool)
+    out = []
+    for name in columns:
+        key = _plain(batch.column(name))
+        if n > 1:
+            after, before = key.slice(1), key.slice(0, n - 1)
+            differs = pc.fill_null(
+                pc.not_equal(after, before), pc.xor(pc.is_null(after), pc.is_null(before))
+            )
+            changed = changed | np.asarray(differs)
+        out.append(changed.copy())
+    return out
+
+
+def run_starts(changed: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.flatnonzero(changed) + 1]).astype(np.int64)
+
+
+def run_ids(starts: np.ndarray, n: int) -> np.ndarray:
+    lengths = np.diff(np.append(starts, n))
+    return np.repeat(np.arange(len(starts), dtype=np.int64), lengths)
+
+
+@dataclass
+class Runs:
+    """One level's runs of equal keys in a batch."""
+
+    starts: list[int]  # row offsets in the batch
+    keys: list[tuple]  # each run's key path, outermost first
+    states: list[list]  # each run's variable states (the variables resetting here)
+
+
+@dataclass
+class BatchPartial:
+    """A batch reduced by a transformer: runs per group level, report-level states and
+    chart partials."""
+
+    rows: int
+    levels: list[Runs] = field(default_factory=list)
+    totals: list = field(default_factory=list)
+    charts: list = field(default_factory=list)
+
+
+def analyse_batch(batch: pa.RecordBatch, analysis: Analysis, first_row: int) -> BatchPartial:
+    """Runs in a transformer: the partials of the batch starting at ``first_row`` (taken
+    before its hidden columns are dropped)."""
+    from ashstream.charts import chart_partial
+
+    n = batch.num_rows
+    partial = BatchPartial(n)
+    levels = changes(batch, analysis.group_columns)
+    # Every level's runs start where an inner level's do: read the keys there only.
+    innermost = run_starts(levels[-1]) if levels and n else np.zeros(0, dtype=np.int64)
+    keys = [
+        dict(
+            zip(
+                innermost.tolist(),
+                batch.column(c).take(pa.array(innermost)).to_pylist(),
+                strict=True,
+            )
+        )
+        for c in analysis.group_columns
+    ]
+    for level, changed in enumerate(levels, start=1):
+        starts = run_starts(changed) if n else np.zeros(0, dtype=np.int64)
+        variables = analysis.variables_at(level)
+        states = reduce_states(batch, variables, run_ids(starts, n), len(starts))
+        paths = [tuple(k[s] for k in keys[:level]) for s in starts.tolist()]
+        partial.levels.append(Runs(starts.tolist(), paths, states))
+    report_vars = analysis.variables_at(0)
+    if n:
+        partial.totals = reduce_states(batch, report_vars, np.zeros(n, dtype=np.int64), 1)[0]
+    else:
+        partial.totals = empty_states(report_vars)
+    partial.charts = [
+        chart_partial(batch, chart, first_row, analysis.timezone) for chart in analysis.charts
+    ]
+    return partial
+
+
+@dataclass
+class ClosedGroup:
+    """A group whose last row is known."""
+
+    level: int  # 1 for the outermost group
+    name: str  # the group's name in the report
+    keys: tuple  # key path, outermost first; ``keys[-1]`` is this group's key
+    first_row: int
+    last_row: int
+    variables: dict[str, Any]
+
+    @property
+    def key(self) -> Any:
+        return self.keys[-1]
+
+    @property
+    def rows(self) -> int:
+        return self.last_row - self.first_row + 1
+
+
+@dataclass
+class _OpenGroup:
+    keys: tuple
+    first_row: int
+    states: list
+
+
+class Collector:
+    """Runs in the parent: merges batch partials in order into groups, totals, charts."""
+
+    def __init__(self, analysis: Analysis) -> None:
+        from ashstream.charts import ChartCollector
+
+        self.analysis = analysis
+        self.level_vars = [analysis.variables_at(k) for k in range(len(analysis.group_names) + 1)]
+        self.open: list[_OpenGroup | None] = [None] * len(analysis.group_names)
+        self.totals = empty_states(self.level_vars[0])
+        self.charts = [ChartCollector(c) for c in analysis.charts]
+        self.rows = 0
+
+    def add(self, partial: BatchPartial, first_row: int) -> list[ClosedGroup]:
+        """Merge the partials of the next batch, which starts at ``first_row``; return the
+        groups it closed, in row order (inner before outer when both end on one row)."""
+        closed = []
+        for level, runs in enumerate(partial.levels, start=1):
+            variables = self.level_vars[level]
+            for j, (start, keys, states) in enumerate(
+                zip(runs.starts, runs.keys, runs.states, strict=True)
+            ):
+                current = self.open[level - 1]
+                if j == 0 and current is not None and current.keys == keys:
+                    current.states = merge_states(variables, current.states, states)
+                    continue
+                if current is not None:
+                    closed.append(self._close(level, current, first_row + start - 1))
+                self.open[level - 1] = _OpenGroup(keys, first_row + start, states)
+        self.totals = merge_states(self.level_vars[0], self.totals, partial.totals)
+        for chart, chart_partial in zip(self.charts, partial.charts, strict=True):
+            chart.add(chart_partial)
+        self.rows = first_row + partial.rows
+        closed.sort(key=lambda g: (g.last_row, -g.level))
+        return closed
+
+    def finish(self) -> list[ClosedGroup]:
+        """The groups still open at the end of the stream, inner first."""
+        closed = []
+        for level in range(len(self.open), 0, -1):
+            current = self.open[level - 1]
+            if current is not None:
+                closed.append(self._close(level, current, self.rows - 1))
+                self.open[level - 1] = None
+        return closed
+
+    def _close(self, level: int, group: _OpenGroup, last_row: int) -> ClosedGroup:
+        return ClosedGroup(
+            level,
+            self.analysis.group_names[level - 1],
+            group.keys,
+            group.first_row,
+            last_row,
+            results(self.level_vars[level], group.states),
+        )
+
+    def report_totals(self) -> dict[str, Any]:
+        return results(self.level_vars[0], self.totals)
+
+    def chart_results(self) -> dict[str, Any]:
+        return {c.chart.name: c.result() for c in self.charts}
+
+
+# ---------------------------------------------------------------------- running
+
+
+class RunningColumns:
+    """Runs in the producer: appends each running variable's per-row value to the
+    batches, carrying the open group's state from one batch to the next."""
+
+    def __init__(self, analysis: Analysis) -> None:
+        self.analysis = analysis
+        self.variables = [v for v in analysis.variables if v.running]
+        self.carry: dict[str, tuple[tuple, Any]] = {}  # name -> (key path, state)
+
+    def __bool__(self) -> bool:
+        return bool(self.variables)
+
+    def add(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        n = batch.num_rows
+        if not n:
+            return batch
+        levels = changes(batch, self.analysis.group_columns)
+        first_keys = [batch.column(c)[0].as_py() for c in self.analysis.group_columns]
+        last_keys = [batch.column(c)[n - 1].as_py() for c in self.analysis.group_columns]
+        for v in self.variables:
+            level = self.analysis.level(v)
+            starts = run_starts(levels[level - 1]) if level else np.zeros(1, dtype=np.int64)
+            carry = self.carry.get(v.name)
+            initial = None
+            if carry is not None and carry[0] == tuple(first_keys[:level]):
+                initial = carry[1]
+            array = _plain(batch.column(v.field)) if v.field else None
+            column, state = _running(v, array, n, starts, initial)
+            self.carry[v.name] = (tuple(last_keys[:level]), state)
+            batch = batch.append_column(v.name, column)
+        return batch
+
+
+def _unscaled(array: pa.Array) -> np.ndarray:
+    """A decimal array's unscaled values: int64 (views of the low words) for precision
+    up to 18, else Python ints."""
+    t = array.type
+    if t.precision <= 18 and isinstance(t, pa.Decimal128Type):
+        words = np.frombuffer(array.buffers()[1], dtype=np.int64)
+        return words[2 * array.offset : 2 * (array.offset + len(array)) : 2].copy()
+    return np.array(
+        [0 if d is None else int(d.scaleb(t.scale)) for d in array.to_pylist()], dtype=object
+    )
+
+
+def _from_unscaled(values: np.ndarray, valid: np.ndarray, scale: int) -> pa.Array:
+    if values.dtype == object:
+        decimals = [
+            decimal.Decimal(int(u)).scaleb(-scale) if ok else None
+            for u, ok in zip(values, valid, strict=True)
+        ]
+        return pa.array(decimals, pa.decimal128(38, scale))
+    words = np.empty((len(values), 2), dtype=np.int64)
+    words[:, 0] = values
+    words[:, 1] = values >> 63  # sign extension to 128 bits
+    validity = None if valid.all() else pa.array(valid).buffers()[1]
+    return pa.Array.from_buffers(
+        pa.decimal128(38, scale), len(values), [validity, pa.py_buffer(words.tobytes())]
+    )
+
+
+def _running(
+    v: Variable, array: pa.Array | None, n: int, starts: np.ndarray, initial: Any
+) -> tuple[pa.Array, Any]:
+    """The running value per row of ``v`` (restarting at each of ``starts``; the first
+    run continues from ``initial``), and the state after the last row."""
+    ends = np.append(starts[1:], n)
+    if v.function in ("first", "last"):
+        return _running_pick(v.function, array, starts, ends, initial)
+    valid = _valid(array) if array is not None else np.ones(n, dtype=bool)
+    counts = np.zeros(n, dtype=np.int64)
+    if v.function == "count":
+        state = 0
+        for j, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+            base = initial if j == 0 and initial is not None else 0
+            counts[s:e] = base + np.cumsum(valid[s:e])
+            state = int(counts[e - 1])
+        return pa.array(counts), state
+    t = array.type
+    scale = t.scale if pa.types.is_decimal(t) else None
+    if scale is not None:
+        values = _unscaled(array)
+    else:
+        values = array.fill_null(0).to_numpy(zero_copy_only=False)
+        if pa.types.is_integer(t):
+            values = values.astype(np.int64)
+            if len(values) and int(np.abs(values).max()) * n >= 2**62:
+                values = values.astype(object)  # exact beyond int64
+        else:
+            values = values.astype(np.float64)
+    out = np.empty(n, dtype=values.dtype)
+    state: Any = None
+    for j, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        count0, acc0 = initial if j == 0 and initial is not None else (0, None)
+        seg, ok = values[s:e], valid[s:e]
+        counts[s:e] = count0 + np.cumsum(ok)
+        if v.function in ("sum", "avg"):
+            # In row order, seeded with the carried sum: the same float additions
+            # whatever the batch boundaries.
+            seed = acc0 if acc0 is not None else 0
+            out[s:e] = np.cumsum(np.concatenate([[seed], np.where(ok, seg, 0)]))[1:]
+        else:
+            accumulate = np.minimum if v.function == "min" else np.maximum
+            if not ok.all():  # a null changes nothing: stand in the value so far
+                seg = seg.copy()
+                seg[~ok] = acc0 if acc0 is not None else seg[ok][0] if ok.any() else 0
+            if acc0 is not None:
+                out[s:e] = accumulate.accumulate(np.concatenate([[acc0], seg]))[1:]
+            else:
+                out[s:e] = accumulate.accumulate(seg)  # rows before a value: null below
+        last_acc = out[e - 1] if counts[e - 1] > 0 else None
+        state = (int(counts[e - 1]), last_acc)
+    has = counts > 0
+    if v.function == "avg":
+        totals = out.astype(np.float64) / (10.0**scale if scale is not None else 1.0)
+        averages = np.divide(totals, counts, out=np.zeros(n), where=has)
+        return pa.array(averages, pa.float64(), mask=~has), state
+    if scale is not None:
+        return _from_unscaled(out, has, scale), state
+    if out.dtype == object:
+        return pa.array([int(x) if h else None for x, h in zip(out, has, strict=True)]), state
+    result = pa.array(out, mask=~has)
+    if v.function in ("min", "max"):
+        result = result.cast(t)
+    return result, state
+
+
+def _running_pick(
+    function: str, array: pa.Array, starts: np.ndarray, ends: np.ndarray, initial: Any
+) -> tuple[pa.Array, Any]:
+    """Running first or last non-null value, as indices into the batch with the carried
+    value prepended at index 0; -1 is null."""
+    n = len(array)
+    valid = _valid(array)
+    source = pa.concat_arrays([pa.array([initial], array.type), array])
+    picks = np.empty(n, dtype=np.int64)
+    positions = np.where(valid, np.arange(1, n + 1), 0)
+    for j, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        base = 0 if j == 0 and initial is not None else -1
+        seen = np.flatnonzero(valid[s:e])
+        if function == "last":
+            last = np.maximum.accumulate(positions[s:e])
+            picks[s:e] = np.where(last == 0, base, last)
+        elif base == 0 or not len(seen):
+            picks[s:e] = base
+        else:
+            first = s + int(seen[0])
+            picks[s:first] = -1
+            picks[first:e] = first + 1
+    null = picks < 0
+    result = source.take(pa.array(np.where(null, 0, picks)))
+    if null.any():
+        result = pc.if_else(pa.array(null), pa.scalar(None, array.type), result)
+    return result, result[n - 1].as_py()
+
+
+def row_columns(report: Report, schema: pa.Schema) -> tuple[str, ...]:
+    """The columns of every row: the source's, less the hidden group keys, plus one per
+    running variable."""
+    hidden = {g.column for g in report.groups if g.expr}
+    running = [v.name for v in report.variables if v.running]
+    return tuple(n for n in schema.names if n not in hidden) + tuple(running)
+
+
+@dataclass
+class Summary:
+    """What a stream computed besides its rows, complete once its last chunk is taken."""
+
+    groups: list[ClosedGroup]  # the groups still open at the end, inner first
+    totals: dict[str, Any]  # the variables with ``reset: report``
+    charts: dict[str, Any]  # name -> unit, agg, x, y, series [(key, points)], points

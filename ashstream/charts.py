@@ -1,0 +1,390 @@
+"""Charts: a million rows into a few hundred points, in parallel and in constant memory.
+
+Aggregated charts (``agg`` sum, count, avg, min, max) reduce each batch to one state per
+(series, bucket) with the variables' exact functions (:mod:`ashstream.aggregate`); the
+collector merges them. A calendar bucket is computed at the finest unit (hour for
+timestamps, day for dates) and rolled up in the collector, so ``bucket: auto`` can keep
+every candidate unit and, at the end, pick the finest with at most ``points`` buckets.
+Memory: one state per bucket kept, and a unit is dropped as soon as it has more than
+``points`` buckets (it can never come back under), so at most ``points + 1`` buckets
+per unit and series. Only buckets with rows appear; rows whose x is null are left out.
+
+A raw series (``agg: none``) is downsampled with MinMaxLTTB: x is cut into bins of
+``2**level`` ticks (microseconds, days or integers); each bin keeps its lowest and highest
+point (ties: the earlier row) and the series keeps its first and last point. Each batch
+uses the finest level giving at most ``2 * points`` bins; the collector merges bins and
+coarsens while there are more. Bins only merge exactly, so the final level is the finest
+at which the whole series has at most ``2 * points`` bins, whatever the batches were: the
+candidates, and so the LTTB result, are the same for every chunk size and worker count.
+Memory: at most ``4 * points + 2`` candidate points per series.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ashstream.aggregate import FUNCTIONS, _plain, _valid
+from ashstream.report import Chart
+
+__all__ = ["ChartCollector", "chart_partial", "lttb"]
+
+EPOCH = dt.date(1970, 1, 1)
+_UNITS_PER_SECOND = {"s": 1, "ms": 1000, "us": 10**6, "ns": 10**9}
+CALENDAR = ("hour", "day", "week", "month", "quarter", "year")  # finest first
+
+
+# ------------------------------------------------------------------ transformer side
+
+
+def _ticks(x: pa.Array, timezone: str) -> tuple[np.ndarray, str]:
+    """x as int64 ticks and their unit: ``us``-like for timestamps (in the display time
+    zone's wall clock), ``day`` for dates, ``1`` for integers."""
+    t = x.type
+    if pa.types.is_timestamp(t):
+        if t.tz is not None:
+            x = pc.local_timestamp(x.cast(pa.timestamp(t.unit, tz=timezone)))
+        return x.cast(pa.int64()).to_numpy(zero_copy_only=False), t.unit
+    if pa.types.is_date(t):
+        return x.cast(pa.date32()).cast(pa.int32()).to_numpy(zero_copy_only=False).astype(
+            np.int64
+        ), "day"
+    return x.cast(pa.int64()).to_numpy(zero_copy_only=False), "1"
+
+
+def _finest_keys(x: pa.Array, chart: Chart, timezone: str) -> tuple[np.ndarray, str]:
+    """Each row's bucket at the finest unit the collector needs: hours or days since
+    1970, or bin numbers for a numeric width."""
+    if not isinstance(chart.bucket, str):
+        values = x.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        return np.floor(values / chart.bucket).astype(np.int64), "width"
+    ticks, unit = _ticks(x, timezone)
+    if unit == "day":
+        return ticks, "day"
+    per_hour = 3600 * _UNITS_PER_SECOND[unit]
+    if chart.bucket == "hour" or (chart.bucket == "auto"):
+        return np.floor_divide(ticks, per_hour), "hour"
+    return np.floor_divide(ticks, 24 * per_hour), "day"
+
+
+def _rows_with(batch: pa.RecordBatch, names: list[str]) -> pa.RecordBatch:
+    mask = None
+    for name in names:
+        valid = _valid(batch.column(name))
+        mask = valid if mask is None else mask & valid
+    return batch if mask is None or mask.all() else batch.filter(pa.array(mask))
+
+
+def chart_partial(batch: pa.RecordBatch, chart: Chart, first_row: int, timezone: str) -> Any:
+    if chart.agg == "none":
+        return _series_partial(batch, chart, first_row, timezone)
+    batch = _rows_with(batch, [chart.x])
+    if not batch.num_rows:
+        return ("", {})
+    keys, unit = _finest_keys(_plain(batch.column(chart.x)), chart, timezone)
+    series = _series_values(batch, chart)
+    if series:
+        pairs = np.stack([series[1], keys])
+        unique, ids = np.unique(pairs, axis=1, return_inverse=True)
+    else:
+        unique, ids = np.unique(keys, return_inverse=True)
+        unique = unique[None, :]
+    ids = ids.reshape(-1).astype(np.int64)
+    n = unique.shape[1]
+    if chart.agg == "count" and chart.y is None:
+        states = np.bincount(ids, minlength=n).tolist()
+    else:
+        states = FUNCTIONS[chart.agg].reduce(_plain(batch.column(chart.y)), ids, n)
+    names = series[0] if series else [None]
+    out = {}
+    for j in range(n):
+        name = names[unique[0, j]] if series else None
+        out[(name, int(unique[-1, j]))] = states[j]
+    return (unit, out)
+
+
+def _series_values(batch: pa.RecordBatch, chart: Chart) -> tuple[list, np.ndarray] | None:
+    """The series' distinct values and each row's index into them."""
+    if chart.series is None:
+        return None
+    encoded = pc.dictionary_encode(_plain(batch.column(chart.series)), null_encoding="encode")
+    return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False)
+
+
+@dataclass
+class _Point:
+    tick: int
+    y: float
+    row: int
+    x_value: Any
+    y_value: Any
+
+    def low(self) -> tuple:
+        return (self.y, self.row)
+
+    def high(self) -> tuple:
+        return (-self.y, self.row)
+
+    def place(self) -> tuple:
+        return (self.tick, self.row)
+
+
+@dataclass
+class _Bins:
+    """A raw series reduced to min and max points per bin of ``2**level`` ticks."""
+
+    level: int
+    bins: dict[int, tuple[_Point, _Point]]
+    first: _Point
+    last: _Point
+
+    def coarsen(self, level: int) -> None:
+        if level == self.level:
+            return
+        shift, merged = level - self.level, {}
+        for b, (low, high) in self.bins.items():
+            _merge_bin(merged, b >> shift, low, high)
+        self.level, self.bins = level, merged
+
+    def merge(self, other: _Bins) -> None:
+        level = max(self.level, other.level)
+        self.coarsen(level)
+        other.coarsen(level)
+        for b, (low, high) in other.bins.items():
+            _merge_bin(self.bins, b, low, high)
+        self.first = min(self.first, other.first, key=_Point.place)
+        self.last = max(self.last, other.last, key=_Point.place)
+
+
+def _merge_bin(bins: dict, b: int, low: _Point, high: _Point) -> None:
+    if b in bins:
+        old_low, old_high = bins[b]
+        low = min(old_low, low, key=_Point.low)
+        high = min(old_high, high, key=_Point.high)
+    bins[b] = (low, high)
+
+
+def _series_partial(batch: pa.RecordBatch, chart: Chart, first_row: int, timezone: str) -> dict:
+    rows = np.arange(first_row, first_row + batch.num_rows, dtype=np.int64)
+    mask = _valid(batch.column(chart.x)) & _valid(batch.column(chart.y))
+    y_all = pc.cast(_plain(batch.column(chart.y)), pa.float64()).fill_null(np.nan)
+    mask &= np.isfinite(y_all.to_numpy(zero_copy_only=False))
+    batch, rows = batch.filter(pa.array(mask)), rows[mask]
+    if not batch.num_rows:
+        return {}
+    x = _plain(batch.column(chart.x))
+    ticks, _ = _ticks(x, timezone)
+    y = pc.cast(_plain(batch.column(chart.y)), pa.float64()).to_numpy(zero_copy_only=False)
+    series = _series_values(batch, chart)
+    out = {}
+    groups = [(None, np.arange(batch.num_rows))]
+    if series:
+        groups = [(name, np.flatnonzero(series[1] == i)) for i, name in enumerate(series[0])]
+    for name, idx in groups:
+        if len(idx):
+            out[name] = _reduce_series(
+                ticks[idx],
+                y[idx],
+                rows[idx],
+                x.take(idx),
+                batch.column(chart.y).take(idx),
+                2 * chart.points,
+            )
+    return out
+
+
+def _level_for(ticks: np.ndarray, max_bins: int) -> int:
+    """The finest level at which ``ticks`` fall into at most ``max_bins`` bins."""
+    unique = np.unique(ticks)
+    lo, hi = 0, 64
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if 1 + np.count_nonzero(np.diff(unique >> mid)) <= max_bins:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _reduce_series(ticks, y, rows, x_values: pa.Array, y_values: pa.Array, max_bins: int) -> _Bins:
+    level = _level_for(ticks, max_bins)
+    bins = ticks >> level
+
+    def pick(order: np.ndarray) -> dict[int, int]:
+        sorted_bins = bins[order]
+        _, first = np.unique(sorted_bins, return_index=True)
+        return dict(zip(sorted_bins[first].tolist(), order[first].tolist(), strict=True))
+
+    lows = pick(np.lexsort((rows, y, bins)))
+    highs = pick(np.lexsort((rows, -y, bins)))
+    first = int(np.lexsort((rows, ticks))[0])
+    last = int(np.lexsort((-rows, -ticks))[0])
+    wanted = sorted(set(lows.values()) | set(highs.values()) | {first, last})
+    index = pa.array(wanted, pa.int64())
+    xs = dict(zip(wanted, x_values.take(index).to_pylist(), strict=True))
+    ys = dict(zip(wanted, y_values.take(index).to_pylist(), strict=True))
+
+    def point(i: int) -> _Point:
+        return _Point(int(ticks[i]), float(y[i]), int(rows[i]), xs[i], ys[i])
+
+    return _Bins(
+        level,
+        {b: (point(lows[b]), point(highs[b])) for b in lows},
+        point(first),
+        point(last),
+    )
+
+
+# --------------------------------------------------------------------- parent side
+
+
+def lttb(x: np.ndarray, y: np.ndarray, n_out: int) -> np.ndarray:
+    """Largest-Triangle-Three-Buckets (Steinarsson 2013): indices of ``n_out`` points of
+    the series (sorted by x) that keep its visual shape; the first and last are kept."""
+    n = len(x)
+    if n_out >= n or n_out < 3:
+        return np.arange(n)
+    every = (n - 2) / (n_out - 2)
+    chosen = [0]
+    a = 0
+    for i in range(n_out - 2):
+        start = int(np.floor(i * every)) + 1
+        end = int(np.floor((i + 1) * every)) + 1
+        next_end = min(int(np.floor((i + 2) * every)) + 1, n)
+        avg_x, avg_y = x[end:next_end].mean(), y[end:next_end].mean()
+        area = np.abs(
+            (x[a] - avg_x) * (y[start:end] - y[a]) - (x[a] - x[start:end]) * (avg_y - y[a])
+        )
+        a = start + int(np.argmax(area))
+        chosen.append(a)
+    chosen.append(n - 1)
+    return np.array(chosen, dtype=np.int64)
+
+
+def _unit_key(unit: str, day: int) -> int:
+    """Roll a day number up to a week, month, quarter or year number."""
+    if unit == "day":
+        return day
+    if unit == "week":
+        return (day + 3) // 7  # 1970-01-01 was a Thursday; weeks start on Monday
+    date = EPOCH + dt.timedelta(days=day)
+    if unit == "month":
+        return date.year * 12 + date.month - 1
+    if unit == "quarter":
+        return date.year * 4 + (date.month - 1) // 3
+    return date.year
+
+
+def _bucket_start(unit: str, key: int) -> Any:
+    if unit == "hour":
+        return dt.datetime(1970, 1, 1) + dt.timedelta(hours=key)
+    if unit == "day":
+        return EPOCH + dt.timedelta(days=key)
+    if unit == "week":
+        return EPOCH + dt.timedelta(days=key * 7 - 3)
+    if unit == "month":
+        return dt.date(key // 12, key % 12 + 1, 1)
+    if unit == "quarter":
+        return dt.date(key // 4, (key % 4) * 3 + 1, 1)
+    return dt.date(key, 1, 1)
+
+
+class ChartCollector:
+    """Merges a chart's batch partials in the parent; :meth:`result` gives its points."""
+
+    def __init__(self, chart: Chart) -> None:
+        self.chart = chart
+        self.function = FUNCTIONS.get("count" if chart.y is None else chart.agg)
+        self.units: dict[str, dict] | None = None  # aggregated: unit -> {(series, key): state}
+        self.series: dict[Any, _Bins] = {}  # raw series: series -> bins
+
+    def add(self, partial: Any) -> None:
+        if self.chart.agg == "none":
+            for name, bins in partial.items():
+                if name in self.series:
+                    self.series[name].merge(bins)
+                    self._limit(self.series[name])
+                else:
+                    self.series[name] = bins
+            return
+        finest, states = partial
+        if not states:
+            return
+        if self.units is None:
+            self.units = {unit: {} for unit in self._candidates(finest)}
+        for unit, buckets in list(self.units.items()):
+            for (name, key), state in states.items():
+                if unit == "hour" or unit == finest:
+                    rolled = key
+                else:
+                    rolled = _unit_key(unit, key // 24 if finest == "hour" else key)
+                slot = (name, rolled)
+                buckets[slot] = (
+                    self.function.merge(buckets[slot], state) if slot in buckets else state
+                )
+            if self.chart.bucket == "auto" and len(buckets) > self.chart.points and unit != "year":
+                del self.units[unit]  # more buckets than points: never again fewer
+
+    def _candidates(self, finest: str) -> list[str]:
+        bucket = self.chart.bucket
+        if finest == "width":
+            return ["width"]
+        if bucket != "auto":
+            return [bucket]
+        return list(CALENDAR[CALENDAR.index(finest) :])
+
+    def _limit(self, bins: _Bins) -> None:
+        while len(bins.bins) > 2 * self.chart.points:
+            bins.coarsen(bins.level + 1)
+
+    def result(self) -> dict[str, Any]:
+        chart = self.chart
+        out: dict[str, Any] = {"x": chart.x, "y": chart.y, "agg": chart.agg}
+        if chart.agg == "none":
+            out["unit"] = None
+            series = {name: self._downsample(bins) for name, bins in self.series.items()}
+        else:
+            unit, buckets = self._chosen()
+            out["unit"] = unit if unit != "width" else chart.bucket
+            series: dict[Any, list] = {}
+            for (name, key), state in sorted(
+                buckets.items(), key=lambda item: (_order(item[0][0]), item[0][1])
+            ):
+                x = key * chart.bucket if unit == "width" else _bucket_start(unit, key)
+                series.setdefault(name, []).append({"x": x, "y": self.function.result(state)})
+        ordered = sorted(series.items(), key=lambda item: _order(item[0]))
+        out["series"] = [{"key": name, "points": points} for name, points in ordered]
+        out["points"] = ordered[0][1] if chart.series is None and ordered else []
+        return out
+
+    def _chosen(self) -> tuple[str, dict]:
+        if not self.units:
+            unit = (
+                "width"
+                if not isinstance(self.chart.bucket, str)
+                else (self.chart.bucket if self.chart.bucket != "auto" else "day")
+            )
+            return unit, {}
+        unit = next(iter(self.units))  # the finest left
+        return unit, self.units[unit]
+
+    def _downsample(self, bins: _Bins) -> list[dict]:
+        self._limit(bins)
+        candidates = {p.row: p for pair in bins.bins.values() for p in pair}
+        candidates[bins.first.row] = bins.first
+        candidates[bins.last.row] = bins.last
+        points = sorted(candidates.values(), key=_Point.place)
+        x = np.array([p.tick for p in points], dtype=np.float64)
+        y = np.array([p.y for p in points], dtype=np.float64)
+        keep = lttb(x, y, self.chart.points)
+        return [{"x": points[i].x_value, "y": points[i].y_value} for i in keep.tolist()]
+
+
+def _order(value: Any) -> tuple:
+    """Series values sort with None last and mixed types apart."""
+    return (value is None, type(value).__name__, value if value is not None else 0)
