@@ -240,6 +240,19 @@ def _grouped(array: pa.Array, ids: np.ndarray, n: int, aggregation: str) -> list
     return out
 
 
+def _pick(array: pa.Array, ids: np.ndarray, n: int, last: bool) -> list:
+    """The first (or last) non-null value per id, in row order; for every type."""
+    rows = np.flatnonzero(_valid(array))
+    if last:
+        rows = rows[::-1]
+    found, where = np.unique(ids[rows], return_index=True)
+    out: list = [None] * n
+    values = array.take(pa.array(rows[where])).to_pylist()
+    for i, value in zip(found.tolist(), values, strict=True):
+        out[i] = value
+    return out
+
+
 def _sum_state(array: pa.Array, ids: np.ndarray, n: int) -> list[tuple[int, Any]]:
     """(non-null count, exact sum) per id."""
     valid = _valid(array)
@@ -349,8 +362,8 @@ FUNCTIONS: dict[str, Function] = {
     "avg": Function(_sum_state, lambda a, b: (a[0] + b[0], _add(a[1], b[1])), _average, (0, 0)),
     "min": Function(_hash("min"), _min, lambda s: s, None),
     "max": Function(_hash("max"), _max, lambda s: s, None),
-    "first": Function(_hash("first"), _first, lambda s: s, None),
-    "last": Function(_hash("last"), _last, lambda s: s, None),
+    "first": Function(lambda a, ids, n: _pick(a, ids, n, False), _first, lambda s: s, None),
+    "last": Function(lambda a, ids, n: _pick(a, ids, n, True), _last, lambda s: s, None),
     "variance": Function(
         _moments, lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]), _variance, (0, 0, 0)
     ),

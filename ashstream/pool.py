@@ -13,6 +13,7 @@ from ashstream.health import HEALTH_INTERVAL_S, STALL_TIMEOUT_S, HealthLoop
 from ashstream.report import Report, load_report, parse_param, parse_size
 from ashstream.supervisor import (
     MAX_RESTARTS,
+    MIN_BATCH_ROWS,
     RESTART_WINDOW_S,
     Chunk,
     StreamState,
@@ -128,6 +129,8 @@ class StreamPool:
         stall_timeout_s: a stream with no progress this long fails instead of hanging.
         profile_dir: record every child process's allocations with memray into this
             folder (see :mod:`ashstream.profiling`; call ``profiling.prepare`` first).
+        min_batch_rows: rows read and encoded together at least (a batch is then cut
+            into chunks); lower costs throughput, as each batch has a fixed cost.
     """
 
     def __init__(
@@ -143,9 +146,12 @@ class StreamPool:
         health_interval_s: float = HEALTH_INTERVAL_S,
         stall_timeout_s: float = STALL_TIMEOUT_S,
         profile_dir: str | None = None,
+        min_batch_rows: int = MIN_BATCH_ROWS,
     ) -> None:
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
+        if min_batch_rows < 1:
+            raise ValueError(f"min_batch_rows must be at least 1, got {min_batch_rows}")
         if start_method not in ("forkserver", "spawn"):
             raise ValueError(f"start_method must be 'forkserver' or 'spawn', not {start_method!r}")
         self.workers = workers or default_workers()
@@ -159,6 +165,7 @@ class StreamPool:
             restart_window_s,
             poison_policy,
             profile_dir,
+            min_batch_rows,
         )
         self._health = HealthLoop(
             self._supervisor,

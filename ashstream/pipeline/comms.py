@@ -38,6 +38,7 @@ class ProducerJob:
     chunk_size: int
     arena: ArenaRef
     input_slots: tuple[int, ...]  # slots the producer may write into at the start
+    min_batch_rows: int  # rows read and encoded together at least
 
 
 @dataclass(frozen=True)

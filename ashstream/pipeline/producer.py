@@ -41,10 +41,6 @@ from ashstream.sources import open_source
 
 logger = logging.getLogger(__name__)
 
-# Rows read and encoded together at least, whatever the chunk size: a transformer call
-# costs about 1 ms of fixed overhead, so 1000-row chunks encoded one by one would run at
-# half speed. The caller still gets chunks of at most chunk_size rows.
-MIN_BATCH_ROWS = 16384
 # An input batch may fill this share of a slot (1/4): Typst text is usually 2-4x the Arrow
 # size, and the result must fit a slot of the same size to avoid the slow inline path.
 INPUT_SHARE_OF_SLOT = 4
@@ -99,7 +95,7 @@ class _Job:
         job = self.job
         free_slots = deque(job.input_slots)
         source = open_source(
-            job.report, max(job.chunk_size, MIN_BATCH_ROWS), on_connect=self._connected
+            job.report, max(job.chunk_size, job.min_batch_rows), on_connect=self._connected
         )
         analysis = Analysis.of(job.report)
         running = RunningColumns(analysis) if analysis is not None else None
@@ -212,7 +208,7 @@ def _serve(conn: Connection, send: Callable[[object], None]) -> None:
 
 def _first_chunk_alone(batches: Iterator[pa.RecordBatch], chunk_size: int):
     """The first chunk travels as a batch of its own, so that the caller sees it after
-    encoding chunk_size rows rather than MIN_BATCH_ROWS."""
+    encoding chunk_size rows rather than a whole batch."""
     for i, batch in enumerate(batches):
         if i == 0 and batch.num_rows > chunk_size:
             yield batch.slice(0, chunk_size)
