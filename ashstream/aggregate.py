@@ -162,7 +162,12 @@ def _limb_sums(values: np.ndarray, ids: np.ndarray, n: int) -> np.ndarray:
     """Exact sums of int64 ``values`` per id, as an object array of Python ints.
 
     Each value is split into three 21-bit limbs (arithmetic shifts keep the sign in the
-    top limb); float64 bincount sums them exactly below 2**52, i.e. for 2**31 rows."""
+    top limb); float64 bincount sums them exactly below 2**52, i.e. for 2**31 rows.
+    Small values need no limbs: their sums stay below 2**53 as they are."""
+    largest = max(abs(int(values.min())), abs(int(values.max()))) if len(values) else 0
+    if largest * len(values) < 2**53:
+        sums = np.bincount(ids, weights=values.astype(np.float64), minlength=n)
+        return sums.astype(np.int64).astype(object)
     totals = np.zeros(n, dtype=object)
     for shift in (0, _LIMB_BITS, 2 * _LIMB_BITS):
         limb = values >> shift if shift == 2 * _LIMB_BITS else (values >> shift) & _LIMB_MASK
@@ -253,12 +258,27 @@ def _pick(array: pa.Array, ids: np.ndarray, n: int, last: bool) -> list:
     return out
 
 
+def _unscaled(array: pa.Array) -> np.ndarray:
+    """A decimal array's unscaled values: int64 (views of the low words) for precision
+    up to 18, else Python ints."""
+    t = array.type
+    if t.precision <= 18 and isinstance(t, pa.Decimal128Type):
+        words = np.frombuffer(array.buffers()[1], dtype=np.int64)
+        return words[2 * array.offset : 2 * (array.offset + len(array)) : 2].copy()
+    return np.array(
+        [0 if d is None else int(d.scaleb(t.scale)) for d in array.to_pylist()], dtype=object
+    )
+
+
 def _sum_state(array: pa.Array, ids: np.ndarray, n: int) -> list[tuple[int, Any]]:
     """(non-null count, exact sum) per id."""
     valid = _valid(array)
     counts = np.bincount(ids[valid], minlength=n)
     t = array.type
-    if pa.types.is_decimal(t):
+    if pa.types.is_decimal(t) and t.precision <= 18 and isinstance(t, pa.Decimal128Type):
+        totals = int_sums(_unscaled(array)[valid], ids[valid], n)
+        sums = [decimal.Decimal(s).scaleb(-t.scale, WIDE) for s in totals]
+    elif pa.types.is_decimal(t):
         sums = _grouped(array, ids, n, "sum")
         sums = [s if s is not None else decimal.Decimal(0) for s in sums]
     else:
@@ -617,18 +637,6 @@ class RunningColumns:
         return batch
 
 
-def _unscaled(array: pa.Array) -> np.ndarray:
-    """A decimal array's unscaled values: int64 (views of the low words) for precision
-    up to 18, else Python ints."""
-    t = array.type
-    if t.precision <= 18 and isinstance(t, pa.Decimal128Type):
-        words = np.frombuffer(array.buffers()[1], dtype=np.int64)
-        return words[2 * array.offset : 2 * (array.offset + len(array)) : 2].copy()
-    return np.array(
-        [0 if d is None else int(d.scaleb(t.scale)) for d in array.to_pylist()], dtype=object
-    )
-
-
 def _from_unscaled(values: np.ndarray, valid: np.ndarray, scale: int) -> pa.Array:
     if values.dtype == object:
         decimals = [
@@ -640,8 +648,11 @@ def _from_unscaled(values: np.ndarray, valid: np.ndarray, scale: int) -> pa.Arra
     words[:, 0] = values
     words[:, 1] = values >> 63  # sign extension to 128 bits
     validity = None if valid.all() else pa.array(valid).buffers()[1]
+    # The narrowest type that holds the values: precision 18 encodes ~4x faster than 38.
+    largest = max(abs(int(values.min())), abs(int(values.max()))) if len(values) else 0
+    precision = 18 if largest < 10**18 else 38
     return pa.Array.from_buffers(
-        pa.decimal128(38, scale), len(values), [validity, pa.py_buffer(words.tobytes())]
+        pa.decimal128(precision, scale), len(values), [validity, pa.py_buffer(words.tobytes())]
     )
 
 

@@ -92,7 +92,7 @@ def chart_partial(batch: pa.RecordBatch, chart: Chart, first_row: int, timezone:
         pairs = np.stack([series[1], keys])
         unique, ids = np.unique(pairs, axis=1, return_inverse=True)
     else:
-        unique, ids = np.unique(keys, return_inverse=True)
+        unique, ids = _dense_ids(keys)
         unique = unique[None, :]
     ids = ids.reshape(-1).astype(np.int64)
     n = unique.shape[1]
@@ -106,6 +106,19 @@ def chart_partial(batch: pa.RecordBatch, chart: Chart, first_row: int, timezone:
         name = names[unique[0, j]] if series else None
         out[(name, int(unique[-1, j]))] = states[j]
     return (unit, out)
+
+
+def _dense_ids(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct keys and each row's index into them; by counting when the keys are
+    dense (days, hours), which is several times faster than sorting."""
+    low = int(keys.min())
+    span = int(keys.max()) - low + 1
+    if span > 4 * len(keys) + 4096:
+        return np.unique(keys, return_inverse=True)
+    present = np.flatnonzero(np.bincount(keys - low, minlength=span))
+    index = np.full(span, -1, dtype=np.int64)
+    index[present] = np.arange(len(present))
+    return present + low, index[keys - low]
 
 
 def _series_values(batch: pa.RecordBatch, chart: Chart) -> tuple[list, np.ndarray] | None:
