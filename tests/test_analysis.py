@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import json
 import math
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import typst
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -320,6 +322,8 @@ def from_norm(value):
         return None
     if tag == "int":
         return int(value[1])
+    if tag == "str":
+        return value[1]
     if tag == "float":
         return float(value[1])
     if tag == "decimal":
@@ -497,3 +501,96 @@ def test_a_million_points_become_a_few_hundred(tmp_path):
     assert len(points) == 300
     assert points[0]["x"] == 0 and points[-1]["x"] == 999_999
     assert {"x": 777777, "y": pytest.approx(5000 + math.sin(777777 / 5000) * 100)} in points
+
+
+# ------------------------------------------------------- the module and the template
+
+BANDED = {
+    "name": "banded",
+    "title": "Sales by region",
+    "source": {
+        "duckdb": {
+            "query": "SELECT i AS id, ['north', 'south', 'east'][1 + (i % 3)::INT] AS region, "
+            "DATE '2024-01-01' + (i % 100)::INT AS day, (i % 997 / 4)::DECIMAL(10, 2) AS amount "
+            "FROM range(2000) t(i)"
+        },
+        "order_by": "id",
+    },
+    "groups": [
+        {"name": "region", "field": "region"},
+        {"name": "month", "expr": "date_trunc('month', day)", "order": "desc"},
+    ],
+    "variables": [
+        {"name": "region_total", "function": "sum", "field": "amount", "reset": "region"},
+        {"name": "orders", "function": "count", "reset": "report"},
+        {"name": "total", "function": "sum", "field": "amount"},
+        {"name": "avg_amount", "function": "avg", "field": "amount", "reset": "month"},
+        {
+            "name": "running",
+            "function": "sum",
+            "field": "amount",
+            "reset": "region",
+            "running": True,
+        },
+    ],
+    "charts": [
+        {"name": "daily", "x": "day", "y": "amount", "agg": "sum", "points": 500},
+        {"name": "trace", "x": "id", "y": "amount", "agg": "none", "points": 50},
+    ],
+    "output": {"typst": "out/banded.typ", "pdf": "out/banded.pdf", "pdf_max_rows": 100},
+}
+
+
+def banded_oracle() -> dict:
+    con = duckdb.connect()
+    con.execute(f"CREATE TABLE o AS {BANDED['source']['duckdb']['query']}")
+    regions = con.sql(
+        "SELECT region, count(*), sum(amount), count(DISTINCT date_trunc('month', day)) "
+        "FROM o GROUP BY region ORDER BY region"
+    ).fetchall()
+    totals = con.sql("SELECT count(*), sum(amount) FROM o").fetchall()[0]
+    return {"regions": regions, "orders": totals[0], "total": totals[1]}
+
+
+def test_the_module_holds_groups_totals_and_charts_and_the_banded_template_shows_them(tmp_path):
+    from click.testing import CliRunner
+
+    from ashstream.cli import main
+    from ashstream.templates import default_template
+
+    report = write_report(tmp_path, BANDED)
+    result = CliRunner().invoke(
+        main, ["run", str(report), "--chunk-size", "64", "--workers", "2", "-q"]
+    )
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "out" / "banded.pdf").read_bytes().startswith(b"%PDF")
+    module = (tmp_path / "out" / "banded.typ").read_text()
+    want = banded_oracle()
+
+    regions = evaluate_module(
+        module, "groups.map(g => (g.key, g.rows, g.variables.region_total, g.groups.len()))"
+    )
+    assert [tuple(from_norm(v) for v in r[1]) for r in regions[1]] == [
+        (region, rows, total, months) for region, rows, total, months in want["regions"]
+    ]
+    totals = dict((k, from_norm(v)) for k, v in evaluate_module(module, "totals")[1])
+    assert totals == {"orders": want["orders"], "total": want["total"]}
+    daily = evaluate_module(module, "(charts.daily.unit, charts.daily.points.len())")
+    assert daily == ["array", [["str", "day"], ["int", "100"]]]
+    trace = evaluate_module(module, "charts.trace.points.len()")
+    assert trace == ["int", "50"]
+
+    # The template's summary exposes the totals it shows through a label.
+    for detail in ("true", "false"):
+        (tmp_path / "out" / "data.typ").write_text(
+            module.replace('"detail": true', f'"detail": {detail}')
+        )
+        shown = typst.query(
+            default_template(),
+            "<ashstream-totals>",
+            field="value",
+            one=True,
+            root=str(tmp_path / "out"),
+            sys_inputs={"data": "/data.typ"},
+        )
+        assert json.loads(shown) == {"orders": 2000, "total": f'decimal("{want["total"]}")'}
