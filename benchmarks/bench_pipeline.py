@@ -1,9 +1,16 @@
 """The whole pipeline, Parquet in, Typst rows out to a file, against peers in one run.
 
     python benchmarks/bench_pipeline.py [--rows 1000000,10000000] [--repeats 3] [--quick]
+    python benchmarks/bench_pipeline.py --analysis [--rows ...]
 
 Each case runs once to warm up, then --repeats times; the median is reported. The full
 run takes about 20 minutes on two cores.
+
+``--analysis`` measures instead what groups, variables and a chart cost (2 workers):
+plain encoding; the same rows ordered as the groups need (DuckDB sorts in the
+producer); 2 group levels, 4 variables (one of them running, so the rows gain a
+column) and a chart on those ordered rows; and the same without the running variable.
+It writes benchmarks/results/bench_analysis.json.
 
 Cases, each reading the same Parquet file and writing the same text (checked by SHA-256):
 
@@ -160,17 +167,89 @@ def main() -> None:
     parser.add_argument("--rows", default="1000000,10000000")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="200k rows, 1 repeat")
+    parser.add_argument("--analysis", action="store_true", help="the cost of groups etc.")
     args = parser.parse_args()
     sizes = [200_000] if args.quick else [int(n) for n in args.rows.split(",")]
     repeats = 1 if args.quick else args.repeats
     results: dict = {"chunk_size": CHUNK_SIZE, "sizes": {}}
     workdir = Path(tempfile.mkdtemp(prefix="ashstream-bench-"))
+    measure = measure_analysis if args.analysis else measure_size
     try:
         for rows in sizes:
-            results["sizes"][str(rows)] = measure_size(rows, workdir, repeats)
+            results["sizes"][str(rows)] = measure(rows, workdir, repeats)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    report_results(results)
+    if args.analysis:
+        report_analysis(results)
+    else:
+        report_results(results)
+
+
+GROUPS = """
+groups:
+  - {name: region, field: region}
+  - {name: month, expr: "date_trunc('month', day)"}
+"""
+VARIABLES = """
+variables:
+  - {name: region_total, function: sum, field: amount, reset: region}
+  - {name: orders, function: count, reset: report}
+  - {name: avg_amount, function: avg, field: amount, reset: month}
+  - {name: running, function: sum, field: amount, reset: region, running: true}
+charts:
+  - {name: daily_revenue, x: day, y: amount, agg: sum, bucket: auto, points: 500}
+"""
+ANALYSIS_CASES = {
+    "plain encoding": "",
+    "ordered as the groups": "  order_by: [region, \"date_trunc('month', day)\"]\n",
+    "2 groups, 4 variables, 1 chart": GROUPS + VARIABLES,
+    "the same, no running variable": GROUPS + VARIABLES.replace("running: true", "running: false"),
+}
+
+
+def measure_analysis(rows: int, workdir: Path, repeats: int) -> dict:
+    parquet = workdir / f"sales-{rows}.parquet"
+    duckdb.connect().execute(
+        f"COPY ({SALES_SQL.format(rows=rows)}) TO '{parquet}' (FORMAT parquet)"
+    )
+    measured = {}
+    with StreamPool(2) as pool:
+        for i, (name, extra) in enumerate(ANALYSIS_CASES.items()):
+            report = workdir / f"case{i}-{rows}.yaml"
+            report.write_text(f"name: case{i}\nsource:\n  parquet: {parquet.name}\n{extra}")
+            load_report(report)
+            print(f"  {rows:,} rows: {name} …", file=sys.stderr, flush=True)
+            target = workdir / f"case{i}.typ"
+            measured[name] = measure(lambda: run_ashstream(pool, report, target), repeats)  # noqa: B023
+            measured[name]["rows_per_s"] = rows / measured[name]["wall_s"]
+            measured[name]["output_bytes"] = os.path.getsize(target)
+            target.unlink()
+    parquet.unlink()
+    return {"cases": measured, "repeats": repeats}
+
+
+def report_analysis(results: dict) -> None:
+    for rows, entry in results["sizes"].items():
+        cases = entry["cases"]
+        plain = cases["plain encoding"]
+        ordered = cases["ordered as the groups"]
+        print(f"\n{int(rows):,} rows from Parquet, 2 workers; median of {entry['repeats']} run(s)")
+        print_table(
+            ["case", "median s", "rows/s", "cost vs ordered", "cost vs plain", "peak PSS MiB"],
+            [
+                [
+                    name,
+                    f"{c['wall_s']:.2f}",
+                    f"{c['rows_per_s']:,.0f}",
+                    f"{c['wall_s'] / ordered['wall_s'] - 1:+.0%}",
+                    f"{c['wall_s'] / plain['wall_s'] - 1:+.0%}",
+                    f"{c['peak_pss_bytes'] / 2**20:,.0f}",
+                ]
+                for name, c in cases.items()
+            ],
+        )
+    path = write_results("bench_analysis", results)
+    print(f"\nwrote {path}")
 
 
 def measure_size(rows: int, workdir: Path, repeats: int) -> dict:
