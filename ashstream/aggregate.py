@@ -766,3 +766,16 @@ class Summary:
     groups: list[ClosedGroup]  # the groups still open at the end, inner first
     totals: dict[str, Any]  # the variables with ``reset: report``
     charts: dict[str, Any]  # name -> unit, agg, x, y, series [(key, points)], points
+
+
+def sample_rows(report: Report, batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A sample batch as a stream would emit its rows, with the analysis run over it
+    once (for ``validate`` and ``inspect``)."""
+    analysis = Analysis.of(report)
+    if analysis is None:
+        return batch
+    running = RunningColumns(analysis)
+    if running:
+        batch = running.add(batch)
+    analyse_batch(batch, analysis, 0)
+    return batch.drop_columns(list(analysis.hidden)) if analysis.hidden else batch

@@ -68,6 +68,9 @@ SIZE_UNITS = {
     "tib": 2**40,
 }
 DEFAULT_CHUNK_SIZE = 1000
+# What DuckDB may hold for one stream's query (the sort that groups need, a join);
+# beyond it DuckDB spills to a temporary folder instead of growing.
+DEFAULT_SOURCE_MEMORY = 512 * 2**20
 DEFAULT_PDF_MAX_ROWS = 2000
 
 
@@ -160,6 +163,7 @@ class PipelineSettings:
     workers: int | None = None  # None: one per core
     memory_limit: int | None = None  # bytes; None: what the machine or cgroup allows
     timezone: str = "UTC"
+    source_memory: int = DEFAULT_SOURCE_MEMORY  # bytes DuckDB may use for the query
 
 
 @dataclass(frozen=True)
@@ -657,7 +661,9 @@ class _Parser:
         if value is None:
             return PipelineSettings()
         spec = self.mapping(
-            value, "pipeline", {"chunk_size", "workers", "memory_limit", "timezone"}
+            value,
+            "pipeline",
+            {"chunk_size", "workers", "memory_limit", "timezone", "source_memory"},
         )
         chunk_size = spec.get("chunk_size", DEFAULT_CHUNK_SIZE)
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
@@ -681,7 +687,12 @@ class _Parser:
             raise self.fail(
                 "pipeline.timezone", f"unknown time zone {timezone!r}; use an IANA name such as UTC"
             ) from None
-        return PipelineSettings(chunk_size, workers, memory_limit, timezone)
+        source_memory = DEFAULT_SOURCE_MEMORY
+        if spec.get("source_memory") is not None:
+            source_memory = parse_size(
+                spec["source_memory"], f"{self.file}: pipeline.source_memory"
+            )
+        return PipelineSettings(chunk_size, workers, memory_limit, timezone, source_memory)
 
 
 def _kind(value: object) -> str:

@@ -7,13 +7,15 @@ process with threads must not fork, so the parent never imports it.
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from ashstream.aggregate import check_analysis
+from ashstream.aggregate import check_analysis, sample_rows
 from ashstream.errors import ReportError, SourceError
 from ashstream.report import Report
 
@@ -98,12 +100,35 @@ def open_source(
         raise SourceError(
             f"{report.path}: cannot open DuckDB database {src.database}: {exc}"
         ) from None
+    # DuckDB spills a query bigger than source_memory (the sort of a grouped report)
+    # here, not into a ".tmp" folder in the current directory.
+    spill = tempfile.mkdtemp(prefix="ashstream-duckdb-")
+    try:
+        return _open(con, report, rows_per_batch, on_connect, spill)
+    except BaseException:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+        raise
+
+
+def _open(
+    con: Any,
+    report: Report,
+    rows_per_batch: int,
+    on_connect: Callable[[Any], None] | None,
+    spill: str,
+) -> OpenSource:
+    import duckdb
+
+    src = report.source
     if on_connect is not None:
         on_connect(con)
     if src.parquet:
         _check_parquet_files(report)
     con.execute(f"SET threads = {PRODUCER_DUCKDB_THREADS}")
     con.execute("SET enable_progress_bar = false")  # it would draw on our terminal
+    con.execute(f"SET memory_limit = '{report.pipeline.source_memory}B'")
+    con.execute(f"SET temp_directory = {quote_literal(spill)}")
     base = base_relation_sql(report)
     params = report.param_values
     _check_fields(con, report, base, params)
@@ -115,7 +140,7 @@ def open_source(
         raise _query_error(report, exc, sql) from None
     check_analysis(report, schema)
     total = _total_rows(con, report, sql, params)
-    return OpenSource(schema, total, _read(con, relation, rows_per_batch, report))
+    return OpenSource(schema, total, _read(con, relation, rows_per_batch, report, spill))
 
 
 def _check_parquet_files(report: Report) -> None:
@@ -199,7 +224,9 @@ def _total_rows(con: Any, report: Report, sql: str, params: Mapping[str, Any]) -
     return None
 
 
-def _read(con: Any, relation: Any, rows_per_batch: int, report: Report) -> Iterator[pa.RecordBatch]:
+def _read(
+    con: Any, relation: Any, rows_per_batch: int, report: Report, spill: str
+) -> Iterator[pa.RecordBatch]:
     import duckdb
 
     rows = 0
@@ -216,6 +243,7 @@ def _read(con: Any, relation: Any, rows_per_batch: int, report: Report) -> Itera
         ) from None
     finally:
         con.close()
+        shutil.rmtree(spill, ignore_errors=True)
 
 
 @dataclass
@@ -232,6 +260,10 @@ class SourceSample:
 def sample_source(report: Report, rows: int = 1000) -> SourceSample:
     """Open the source as a stream would, read its first ``rows`` rows, and close it.
 
+    The sample's rows are those a stream would emit (running values added, computed
+    group keys dropped), and the groups, variables and charts are computed over them
+    once, so that what would fail in a run fails here.
+
     Runs in the calling process: use it only where no worker processes will be forked
     afterwards (the ``validate`` and ``inspect`` commands)."""
     source = open_source(report, rows)
@@ -240,5 +272,8 @@ def sample_source(report: Report, rows: int = 1000) -> SourceSample:
         first = next(batches, None)
     finally:
         batches.close()
-    sample = pa.Table.from_batches([first] if first is not None else [], schema=source.schema)
-    return SourceSample(source.schema, source.total_rows, source_sql(report), sample)
+    if first is None:
+        first = pa.RecordBatch.from_pylist([], schema=source.schema)
+    first = sample_rows(report, first)
+    sample = pa.Table.from_batches([first])
+    return SourceSample(sample.schema, source.total_rows, source_sql(report), sample)

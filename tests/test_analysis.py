@@ -559,11 +559,14 @@ def test_the_module_holds_groups_totals_and_charts_and_the_banded_template_shows
     from ashstream.templates import default_template
 
     report = write_report(tmp_path, BANDED)
+    spills = set(Path(tempfile.gettempdir()).glob("ashstream-duckdb-*"))
     result = CliRunner().invoke(
         main, ["run", str(report), "--chunk-size", "64", "--workers", "2", "-q"]
     )
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "out" / "banded.pdf").read_bytes().startswith(b"%PDF")
+    # DuckDB's spill folder for the sort is gone with the stream
+    assert set(Path(tempfile.gettempdir()).glob("ashstream-duckdb-*")) <= spills
     module = (tmp_path / "out" / "banded.typ").read_text()
     want = banded_oracle()
 

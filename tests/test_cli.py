@@ -458,6 +458,37 @@ def test_validate_accepts_a_good_report_without_running_it(tmp_path):
 
 
 @pytest.mark.process
+def test_validate_and_inspect_show_the_rows_as_groups_and_running_values_make_them(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("COLUMNS", "200")
+    report = write_report(
+        tmp_path,
+        {
+            "name": "g",
+            "source": {"duckdb": {"query": mixed_sql(300)}, "order_by": "id"},
+            "groups": [
+                {"name": "letter", "field": "letter"},
+                {"name": "month", "expr": "date_trunc('month', day)", "order": "desc"},
+            ],
+            "variables": [
+                {"name": "run", "function": "sum", "field": "amount", "running": True},
+                {"name": "kinds", "function": "count_distinct", "field": "name"},
+            ],
+            "charts": [{"name": "c", "x": "at", "y": "ratio", "agg": "none"}],
+        },
+    )
+    result = invoke("validate", str(report))
+    assert result.exit_code == 0, result.stderr
+    assert "11 fields" in result.stderr  # 10 columns and the running value, no group key
+    result = invoke("inspect", str(report))
+    assert result.exit_code == 0, result.stderr
+    assert 'ORDER BY "letter", "__group_month" DESC, id' in result.stdout
+    table = result.stdout[result.stdout.index("┏") :]
+    assert " run " in table and "__group_month" not in table
+
+
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("spec", "code", "message"),
     [
