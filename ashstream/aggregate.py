@@ -117,6 +117,11 @@ def check_analysis(report: Report, schema: pa.Schema) -> None:
         if v.field is None:
             continue
         t = column(f"variables[{i}].field", v.field)
+        if v.function in ("min", "max") and _nested(t):
+            raise ReportError(
+                f"{report.path}: variables[{i}].field: {v.function} needs values that "
+                f"order, and {v.field!r} is {t}"
+            )
         needs_number = v.function in ("sum", "avg", "stddev", "variance") or (
             v.running and v.function in ("min", "max")
         )
@@ -270,6 +275,20 @@ def _unscaled(array: pa.Array) -> np.ndarray:
     )
 
 
+def _nested(t: pa.DataType) -> bool:
+    return pa.types.is_nested(t) or pa.types.is_union(t)
+
+
+def _hashable(array: pa.Array) -> pa.Array:
+    """Lists, structs and maps as their Typst literals, which Arrow can hash: equal
+    values have equal literals."""
+    if not _nested(array.type):
+        return array
+    from ashstream.encode import encode_array
+
+    return pc.if_else(array.is_valid(), encode_array(array), pa.scalar(None, pa.string()))
+
+
 def _sum_state(array: pa.Array, ids: np.ndarray, n: int) -> list[tuple[int, Any]]:
     """(non-null count, exact sum) per id."""
     valid = _valid(array)
@@ -368,7 +387,7 @@ FUNCTIONS: dict[str, Function] = {
         0,
     ),
     "count_distinct": Function(
-        lambda a, ids, n: [set(v or ()) for v in _grouped(a, ids, n, "distinct")],
+        lambda a, ids, n: [set(v or ()) for v in _grouped(_hashable(a), ids, n, "distinct")],
         lambda a, b: a | b,
         len,
         frozenset(),
@@ -429,7 +448,7 @@ def empty_states(variables: Sequence[Variable]) -> list:
 
 def changes(batch: pa.RecordBatch, columns: Sequence[str]) -> list[np.ndarray]:
     """Per level, a bool per row from the second on: does the key path up to this level
-    differ from the row before? Nulls equal nulls, as in GROUP BY."""
+    differ from the row before? Nulls equal nulls and NaNs equal NaNs, as in GROUP BY."""
     n = batch.num_rows
     changed = np.zeros(max(n - 1, 0), dtype=bool)
     out = []
@@ -440,6 +459,9 @@ def changes(batch: pa.RecordBatch, columns: Sequence[str]) -> list[np.ndarray]:
             differs = pc.fill_null(
                 pc.not_equal(after, before), pc.xor(pc.is_null(after), pc.is_null(before))
             )
+            if pa.types.is_floating(key.type):
+                both_nan = pc.fill_null(pc.and_(pc.is_nan(after), pc.is_nan(before)), False)
+                differs = pc.and_(differs, pc.invert(both_nan))
             changed = changed | np.asarray(differs)
         out.append(changed.copy())
     return out
@@ -531,6 +553,13 @@ class ClosedGroup:
         return self.last_row - self.first_row + 1
 
 
+def same_keys(a: tuple, b: tuple) -> bool:
+    """Key paths compare as GROUP BY does: NaN equals NaN (None equals None already)."""
+    return a == b or (
+        len(a) == len(b) and all(x == y or (x != x and y != y) for x, y in zip(a, b, strict=True))
+    )
+
+
 @dataclass
 class _OpenGroup:
     keys: tuple
@@ -561,7 +590,7 @@ class Collector:
                 zip(runs.starts, runs.keys, runs.states, strict=True)
             ):
                 current = self.open[level - 1]
-                if j == 0 and current is not None and current.keys == keys:
+                if j == 0 and current is not None and same_keys(current.keys, keys):
                     current.states = merge_states(variables, current.states, states)
                     continue
                 if current is not None:
@@ -628,7 +657,7 @@ class RunningColumns:
             starts = run_starts(levels[level - 1]) if level else np.zeros(1, dtype=np.int64)
             carry = self.carry.get(v.name)
             initial = None
-            if carry is not None and carry[0] == tuple(first_keys[:level]):
+            if carry is not None and same_keys(carry[0], tuple(first_keys[:level])):
                 initial = carry[1]
             array = _plain(batch.column(v.field)) if v.field else None
             column, state = _running(v, array, n, starts, initial)

@@ -597,3 +597,70 @@ def test_the_module_holds_groups_totals_and_charts_and_the_banded_template_shows
             sys_inputs={"data": "/data.typ"},
         )
         assert json.loads(shown) == {"orders": 2000, "total": f'decimal("{want["total"]}")'}
+
+
+def test_calendar_buckets_of_zoned_timestamps_follow_the_display_zone_and_nested_values_count(
+    small_batch_pools, tmp_path
+):
+    """Berlin's day of the switch to summer time has 23 hours; DuckDB, set to the same
+    zone, agrees on every bucket. Lists and structs count as distinct by value."""
+    query = (
+        "SELECT i AS id, TIMESTAMPTZ '2024-03-30 20:00:00+00' + to_minutes(i * 30) AS at, "
+        "{'a': i % 2} AS s, [i % 3] AS l, i * 1.5 AS v FROM range(200) t(i)"
+    )
+    spec = {
+        "name": "zoned",
+        "source": {"duckdb": {"query": query}, "order_by": "id"},
+        "variables": [
+            {"name": "kinds", "function": "count_distinct", "field": "s"},
+            {"name": "lists", "function": "count_distinct", "field": "l"},
+        ],
+        "charts": [
+            {"name": "hourly", "x": "at", "y": "v", "agg": "sum", "bucket": "hour"},
+            {"name": "daily", "x": "at", "agg": "count", "bucket": "day"},
+        ],
+        "pipeline": {"timezone": "Europe/Berlin"},
+    }
+    result = run(small_batch_pools[2], load_report(write_report(tmp_path, spec)), 7)
+    assert result["totals"] == {"kinds": 2, "lists": 3}
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'Europe/Berlin'")
+    for name, unit in (("hourly", "hour"), ("daily", "day")):
+        y = "sum(v)" if unit == "hour" else "count(*)"
+        want = con.sql(
+            f"SELECT date_trunc('{unit}', \"at\")::TIMESTAMP, {y} FROM ({query}) GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+        got = [(p["x"], p["y"]) for p in result["charts"][name]["points"]]
+        if unit == "day":
+            want = [(x.date(), y) for x, y in want]
+        assert got == want
+    assert len(result["charts"]["daily"]["points"]) == 6
+
+
+def test_nan_and_null_keys_are_one_group_each_across_batches():
+    """As in GROUP BY: NaN equals NaN and null equals null, also across a batch boundary."""
+    from ashstream.aggregate import Analysis, Collector, analyse_batch
+    from ashstream.report import Group, Report, Source, Variable
+
+    report = Report(
+        path="<test>",
+        name="nan",
+        source=Source(query="SELECT 1"),
+        groups=(Group("k", field="k"),),
+        variables=(Variable("n", "count", None, "k"),),
+    )
+    analysis = Analysis.of(report)
+    collector = Collector(analysis)
+    nan = float("nan")
+    closed = collector.add(analyse_batch(pa.record_batch({"k": [1.0, nan, nan]}), analysis, 0), 0)
+    closed += collector.add(
+        analyse_batch(pa.record_batch({"k": [nan, None, None, 2.0]}), analysis, 3), 3
+    )
+    closed += collector.finish()
+    assert [(g.first_row, g.last_row, g.variables["n"]) for g in closed] == [
+        (0, 0, 1),
+        (1, 3, 3),
+        (4, 5, 2),
+        (6, 6, 1),
+    ]
+    assert math.isnan(closed[1].key) and closed[2].key is None
