@@ -271,7 +271,7 @@ def _unscaled(array: pa.Array) -> np.ndarray:
         words = np.frombuffer(array.buffers()[1], dtype=np.int64)
         return words[2 * array.offset : 2 * (array.offset + len(array)) : 2].copy()
     return np.array(
-        [0 if d is None else int(d.scaleb(t.scale)) for d in array.to_pylist()], dtype=object
+        [0 if d is None else int(d.scaleb(t.scale, WIDE)) for d in array.to_pylist()], dtype=object
     )
 
 
@@ -669,7 +669,7 @@ class RunningColumns:
 def _from_unscaled(values: np.ndarray, valid: np.ndarray, scale: int) -> pa.Array:
     if values.dtype == object:
         decimals = [
-            decimal.Decimal(int(u)).scaleb(-scale) if ok else None
+            decimal.Decimal(int(u)).scaleb(-scale, WIDE) if ok else None
             for u, ok in zip(values, valid, strict=True)
         ]
         return pa.array(decimals, pa.decimal128(38, scale))

@@ -517,6 +517,17 @@ class _Parser:
             raise self.fail(f"{key}.name", f"{name!r} is not an identifier (letters, digits, _)")
         return name
 
+    def choice(self, spec: dict, name: str, key: str, choices: tuple, default: object) -> Any:
+        value = spec.get(name, default)
+        if value not in choices:
+            expected = ", ".join(map(str, choices))
+            raise self.fail(f"{key}.{name}", f"expected one of {expected}, got {value!r}")
+        return value
+
+    def optional_string(self, spec: dict, name: str, key: str) -> str | None:
+        value = spec.get(name)
+        return self.string(value, f"{key}.{name}") if value is not None else None
+
     def flag(self, spec: dict, name: str, key: str, default: bool = False) -> bool:
         value = spec.get(name, default)
         if not isinstance(value, bool):
@@ -533,11 +544,9 @@ class _Parser:
                 raise self.fail(f"{key}.name", "'report' is reserved for the report-level scope")
             if ("field" in spec) == ("expr" in spec):
                 raise self.fail(key, "give exactly one of field and expr")
-            order = spec.get("order", "asc")
-            if order not in ("asc", "desc"):
-                raise self.fail(f"{key}.order", f"expected asc or desc, got {order!r}")
-            field_name = self.string(spec["field"], f"{key}.field") if "field" in spec else None
-            expr = self.string(spec["expr"], f"{key}.expr") if "expr" in spec else None
+            order = self.choice(spec, "order", key, ("asc", "desc"), "asc")
+            field_name = self.optional_string(spec, "field", key)
+            expr = self.optional_string(spec, "expr", key)
             groups.append(Group(name, field_name, expr, order == "desc"))
         return tuple(groups)
 
@@ -548,16 +557,10 @@ class _Parser:
             key = f"variables[{i}]"
             spec = self.mapping(item, key, {"name", "function", "field", "reset", "running"})
             name = self.identifier(spec, key)
-            function = spec.get("function")
-            if function not in FUNCTIONS:
-                raise self.fail(
-                    f"{key}.function", f"expected one of {', '.join(FUNCTIONS)}, got {function!r}"
-                )
-            field_name = spec.get("field")
+            function = self.choice(spec, "function", key, FUNCTIONS, None)
+            field_name = self.optional_string(spec, "field", key)
             if field_name is None and function != "count":
                 raise self.fail(f"{key}.field", f"missing; {function} needs a field")
-            if field_name is not None:
-                field_name = self.string(field_name, f"{key}.field")
             reset = spec.get("reset", "report")
             if reset not in scopes:
                 raise self.fail(
@@ -585,15 +588,10 @@ class _Parser:
             if "x" not in spec:
                 raise self.fail(f"{key}.x", "missing; give the field for the horizontal axis")
             x = self.string(spec["x"], f"{key}.x")
-            agg = spec.get("agg", "sum")
-            if agg not in CHART_AGGS:
-                raise self.fail(
-                    f"{key}.agg", f"expected one of {', '.join(CHART_AGGS)}, got {agg!r}"
-                )
-            y = spec.get("y")
+            agg = self.choice(spec, "agg", key, CHART_AGGS, "sum")
+            y = self.optional_string(spec, "y", key)
             if y is None and agg != "count":
                 raise self.fail(f"{key}.y", f"missing; agg {agg} needs a y field")
-            y = self.string(y, f"{key}.y") if y is not None else None
             bucket = spec.get("bucket", "auto")
             numeric = isinstance(bucket, int | float) and not isinstance(bucket, bool)
             if not (bucket == "auto" or bucket in BUCKET_UNITS or (numeric and bucket > 0)):
@@ -607,8 +605,7 @@ class _Parser:
             points = spec.get("points", DEFAULT_CHART_POINTS)
             if not isinstance(points, int) or isinstance(points, bool) or points < 3:
                 raise self.fail(f"{key}.points", f"expected a whole number >= 3, got {points!r}")
-            series = spec.get("series")
-            series = self.string(series, f"{key}.series") if series is not None else None
+            series = self.optional_string(spec, "series", key)
             charts.append(Chart(name, x, y, agg, bucket, points, series))
         return tuple(charts)
 

@@ -664,3 +664,32 @@ def test_nan_and_null_keys_are_one_group_each_across_batches():
         (6, 6, 1),
     ]
     assert math.isnan(closed[1].key) and closed[2].key is None
+
+
+def test_wide_decimals_sum_exactly_in_groups_and_running(small_batch_pools, tmp_path):
+    """DECIMAL(30, 4) values near 10**22 (beyond int64 once unscaled): sums and
+    running sums stay exact."""
+    query = (
+        "SELECT i AS id, i % 3 AS g, (1234567890123456789012.3456 * (i - 20))::DECIMAL(30, 4) "
+        "AS big FROM range(50) t(i)"
+    )
+    spec = {
+        "name": "wide",
+        "source": {"duckdb": {"query": query}, "order_by": "id"},
+        "groups": [{"name": "g", "field": "g"}],
+        "variables": [
+            {"name": "total", "function": "sum", "field": "big", "reset": "g"},
+            {"name": "run", "function": "sum", "field": "big", "reset": "g", "running": True},
+        ],
+    }
+    result = run(small_batch_pools[3], load_report(write_report(tmp_path, spec)), 4)
+    con = duckdb.connect()
+    want = con.sql(f"SELECT g, sum(big) FROM ({query}) GROUP BY g ORDER BY g").fetchall()
+    assert [(g[1][0], g[4]["total"]) for g in result["groups"]] == want
+    running = con.sql(
+        f"SELECT sum(big) OVER (PARTITION BY g ORDER BY id) FROM ({query}) ORDER BY g, id"
+    ).fetchall()
+    got = evaluate_module(
+        "#let rows = (\n" + result["text"].decode() + ")\n", "rows.map(r => r.run)"
+    )
+    assert [from_norm(v) for v in got[1]] == [r[0] for r in running]
