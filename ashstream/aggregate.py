@@ -8,7 +8,8 @@ next run has another key or the stream ends. Every state merges exactly, so the 
 does not depend on the chunk size or on which transformer did which batch:
 
 - integer sums are Python ints (summed in 21-bit limbs, so int64 never overflows);
-- decimal sums are ``Decimal`` (Arrow's decimal sum, merged with 200 digits);
+- decimal sums are ``Decimal`` (unscaled integers summed as above up to 18 digits,
+  else Arrow's decimal sum; merged with 200 digits);
 - float sums are exact rationals (each float is ``m * 2**e``; mantissas are summed per
   exponent class in limbs) and are rounded once, at the end. Float addition is not
   associative, so anything less would change in the last digit with the chunk size.
@@ -36,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ashstream.errors import ReportError
+from ashstream.errors import EncodeError, ReportError
 from ashstream.report import BUCKET_UNITS, Report, Variable
 
 __all__ = ["Analysis", "ClosedGroup", "Collector", "RunningColumns", "analyse_batch"]
@@ -312,8 +313,8 @@ def _sum_state(array: pa.Array, ids: np.ndarray, n: int) -> list[tuple[int, Any]
 
 
 def _add(a: Any, b: Any) -> Any:
-    if isinstance(a, decimal.Decimal):
-        return WIDE.add(a, b)
+    if isinstance(a, decimal.Decimal) or isinstance(b, decimal.Decimal):
+        return WIDE.add(a, b)  # 0 + Decimal would round to 28 digits
     return a + b
 
 
@@ -329,6 +330,10 @@ def _moments(array: pa.Array, ids: np.ndarray, n: int) -> list[tuple[int, Any, A
     parts = [float_sums(p, ids, n) for p in (hi * hi, 2 * hi * lo, lo * lo)]
     s2 = [a + b + c for a, b, c in zip(*parts, strict=True)]
     return list(zip(counts.tolist(), s1, s2, strict=True))
+
+
+def _add_moments(a: tuple, b: tuple) -> tuple:
+    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
 
 
 def _variance(state: tuple[int, Any, Any]) -> float | None:
@@ -403,12 +408,10 @@ FUNCTIONS: dict[str, Function] = {
     "max": Function(_hash("max"), _max, lambda s: s, None),
     "first": Function(lambda a, ids, n: _pick(a, ids, n, False), _first, lambda s: s, None),
     "last": Function(lambda a, ids, n: _pick(a, ids, n, True), _last, lambda s: s, None),
-    "variance": Function(
-        _moments, lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]), _variance, (0, 0, 0)
-    ),
+    "variance": Function(_moments, _add_moments, _variance, (0, 0, 0)),
     "stddev": Function(
         _moments,
-        lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] + b[2]),
+        _add_moments,
         lambda s: None if (v := _variance(s)) is None else math.sqrt(v),
         (0, 0, 0),
     ),
@@ -708,12 +711,12 @@ def _running(
         values = _unscaled(array)
     else:
         values = array.fill_null(0).to_numpy(zero_copy_only=False)
-        if pa.types.is_integer(t):
-            values = values.astype(np.int64)
-            if len(values) and int(np.abs(values).max()) * n >= 2**62:
-                values = values.astype(object)  # exact beyond int64
-        else:
-            values = values.astype(np.float64)
+        values = values.astype(np.int64 if pa.types.is_integer(t) else np.float64)
+    if values.dtype == np.int64 and v.function in ("sum", "avg"):
+        carried = abs(int(initial[1])) if initial is not None and initial[1] is not None else 0
+        largest = max(abs(int(values.min())), abs(int(values.max()))) if n else 0
+        if carried + largest * n >= 2**62:
+            values = values.astype(object)  # Python ints: no silent wrap-around
     out = np.empty(n, dtype=values.dtype)
     state: Any = None
     for j, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
@@ -744,7 +747,13 @@ def _running(
     if scale is not None:
         return _from_unscaled(out, has, scale), state
     if out.dtype == object:
-        return pa.array([int(x) if h else None for x, h in zip(out, has, strict=True)]), state
+        beyond = [int(x) for x, h in zip(out, has, strict=True) if h and not -(2**63) <= x < 2**63]
+        if beyond:  # a Typst int is 64 bits; an int here or a decimal there would vary
+            raise EncodeError(
+                f"the running sum {v.name!r} reaches {beyond[0]}, beyond the 64-bit integers "
+                f"Typst has; cast {v.field!r} to DECIMAL(38, 0) in the SQL to sum it exactly"
+            )
+        out = out.astype(np.int64)
     result = pa.array(out, mask=~has)
     if v.function in ("min", "max"):
         result = result.cast(t)

@@ -23,7 +23,7 @@ import typst
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ashstream import StreamPool, load_report
+from ashstream import EncodeError, StreamPool, load_report
 from ashstream.charts import lttb
 from tests.conftest import write_report
 from tests.typst_roundtrip import evaluate_module
@@ -693,3 +693,24 @@ def test_wide_decimals_sum_exactly_in_groups_and_running(small_batch_pools, tmp_
         "#let rows = (\n" + result["text"].decode() + ")\n", "rows.map(r => r.run)"
     )
     assert [from_norm(v) for v in got[1]] == [r[0] for r in running]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 1000])
+def test_running_integer_sums_near_and_beyond_64_bits(small_batch_pools, tmp_path, chunk_size):
+    """Sums that pass 2**62 but stay 64-bit are exact and the same for every batching;
+    one that leaves 64 bits fails clearly (a Typst int has 64), whatever the batching."""
+    values = "[4611686018427387904, 2305843009213693952, -4611686018427387904, 7]"
+    query = f"SELECT i AS id, {values}[i + 1] AS v FROM range(4) t(i)"
+    spec = {
+        "name": "near",
+        "source": {"duckdb": {"query": query}, "order_by": "id"},
+        "variables": [{"name": "run", "function": "sum", "field": "v", "running": True}],
+    }
+    result = run(small_batch_pools[2], load_report(write_report(tmp_path, spec)), chunk_size)
+    got = evaluate_module(
+        "#let rows = (\n" + result["text"].decode() + ")\n", "rows.map(r => r.run)"
+    )
+    assert [from_norm(v) for v in got[1]] == [2**62, 2**62 + 2**61, 2**61, 2**61 + 7]
+    spec["source"]["duckdb"]["query"] = query.replace("-4611686018427387904", "4611686018427387904")
+    with pytest.raises(EncodeError, match=r"the running sum 'run' reaches .* DECIMAL"):
+        run(small_batch_pools[2], load_report(write_report(tmp_path, spec)), chunk_size)
