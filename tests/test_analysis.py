@@ -714,3 +714,42 @@ def test_running_integer_sums_near_and_beyond_64_bits(small_batch_pools, tmp_pat
     spec["source"]["duckdb"]["query"] = query.replace("-4611686018427387904", "4611686018427387904")
     with pytest.raises(EncodeError, match=r"the running sum 'run' reaches .* DECIMAL"):
         run(small_batch_pools[2], load_report(write_report(tmp_path, spec)), chunk_size)
+
+
+def test_three_levels_nest_in_the_module(tmp_path):
+    from click.testing import CliRunner
+
+    from ashstream.cli import main
+
+    query = "SELECT i AS id, i % 2 AS a, i % 3 AS b, i % 5 AS c FROM range(90) t(i)"
+    spec = {
+        "name": "three",
+        "source": {"duckdb": {"query": query}, "order_by": "id"},
+        "groups": [{"name": n, "field": n} for n in ("a", "b", "c")],
+        "variables": [{"name": "n", "function": "count", "reset": "c"}],
+        "output": {"typst": "three.typ"},
+    }
+    report = write_report(tmp_path, spec)
+    result = CliRunner().invoke(main, ["run", str(report), "--chunk-size", "7", "-q"])
+    assert result.exit_code == 0, result.stderr
+    shape = evaluate_module(
+        (tmp_path / "three.typ").read_text(),
+        "groups.map(a => (a.key, a.rows, a.groups.map(b => (b.key, b.groups.map(c => "
+        "(c.key, c.first_row, c.last_row, c.variables.n))))))",
+    )
+
+    def plain(value):
+        return [plain(v) for v in value[1]] if value[0] == "array" else from_norm(value)
+
+    want = [
+        [a, 45, [[b, [[c, None, None, 3] for c in range(5)]] for b in range(3)]] for a in range(2)
+    ]
+    got = plain(shape)
+    first = 0
+    for a in got:
+        for b in a[2]:
+            for c in b[1]:
+                assert c[1] == first and c[2] == first + 2  # 3 rows each, in order
+                first += 3
+                c[1] = c[2] = None
+    assert got == want
