@@ -536,6 +536,9 @@ BANDED = {
     "charts": [
         {"name": "daily", "x": "day", "y": "amount", "agg": "sum", "points": 500},
         {"name": "trace", "x": "id", "y": "amount", "agg": "none", "points": 50},
+        # bars (few buckets), and one line per series with a legend
+        {"name": "months", "x": "day", "agg": "count", "bucket": "month"},
+        {"name": "by_region", "x": "day", "y": "amount", "bucket": "week", "series": "region"},
     ],
     "output": {"typst": "out/banded.typ", "pdf": "out/banded.pdf", "pdf_max_rows": 100},
 }
@@ -582,6 +585,10 @@ def test_the_module_holds_groups_totals_and_charts_and_the_banded_template_shows
     assert daily == ["array", [["str", "day"], ["int", "100"]]]
     trace = evaluate_module(module, "charts.trace.points.len()")
     assert trace == ["int", "50"]
+    months = evaluate_module(module, "charts.months.points.map(p => p.y)")
+    assert [from_norm(v) for v in months[1]] == [620, 580, 620, 180]  # Jan..Apr 2024
+    series = evaluate_module(module, "charts.by_region.series.map(s => s.key)")
+    assert [from_norm(v) for v in series[1]] == ["east", "north", "south"]
 
     # The template's summary exposes the totals it shows through a label.
     for detail in ("true", "false"):
