@@ -357,6 +357,8 @@ def inspect(report_path, params) -> None:
         cells = (field.name, str(field.type), typst_type(field.type), values.get(field.name, ""))
         table.add_row(*(Text(cell) for cell in cells))
     out.print(table)
+    for line in _analysis_lines(report):
+        out.print(line, markup=False)
     rows = sample.total_rows
     per_row = len(text) / sample.sample.num_rows if sample.sample.num_rows else 0
     if rows is None:
@@ -375,6 +377,30 @@ def inspect(report_path, params) -> None:
             f"PDF (built-in template): {shown:,} rows shown, about {pages:,} pages "
             f"at ~{ROWS_PER_PDF_PAGE} rows a page"
         )
+
+
+def _analysis_lines(report) -> list[str]:
+    """The report's groups, variables and charts, a line each kind."""
+    lines = []
+    if report.groups:
+        levels = [g.name + (" (desc)" if g.descending else "") for g in report.groups]
+        lines.append("Groups: " + " > ".join(levels))
+    if report.variables:
+        described = [
+            f"{v.name} = {v.function}({v.field or ''}) per {v.reset}"
+            + (", running" if v.running else "")
+            for v in report.variables
+        ]
+        lines.append("Variables: " + "; ".join(described))
+    if report.charts:
+        described = [
+            f"{c.name}: {c.y or 'rows'} by {c.x} "
+            + ("downsampled" if c.agg == "none" else f"({c.agg} per {c.bucket})")
+            + f", at most {c.points} points"
+            for c in report.charts
+        ]
+        lines.append("Charts: " + "; ".join(described))
+    return lines
 
 
 def _sample(report_path: str, params: tuple[str, ...]):

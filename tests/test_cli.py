@@ -228,6 +228,11 @@ BAD_REPORTS = [
         id="duplicate-chart",
     ),
     pytest.param(
+        SMALL + "pipeline: {source_memory: lots}\n",
+        "pipeline.source_memory: expected a size such as 512MiB or 2GB, got 'lots'",
+        id="bad-source-memory",
+    ),
+    pytest.param(
         SMALL + "charts: [{name: c, x: day, y: amount, points: 2}]\n",
         "charts[0].points: expected a whole number >= 3, got 2",
         id="too-few-points",
@@ -486,6 +491,9 @@ def test_validate_and_inspect_show_the_rows_as_groups_and_running_values_make_th
     assert 'ORDER BY "letter", "__group_month" DESC, id' in result.stdout
     table = result.stdout[result.stdout.index("┏") :]
     assert " run " in table and "__group_month" not in table
+    assert "Groups: letter > month (desc)" in result.stdout
+    assert "run = sum(amount) per report, running" in result.stdout
+    assert "c: ratio by at downsampled, at most 500 points" in result.stdout
 
 
 @pytest.mark.process
