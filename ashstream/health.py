@@ -181,7 +181,9 @@ class HealthLoop:
                 stream,
                 PipelineError(
                     f"stream {stream.id} made no progress for {self.stall_timeout_s:g} s "
-                    f"(after {stream.rows} rows); the source or a transformer is stuck"
+                    f"(after {stream.rows} rows); the source or a transformer is stuck. "
+                    "If the source is sorted first (groups, order_by) and very large, the sort "
+                    "may need longer before its first row: raise stall_timeout_s"
                 ),
             )
 
