@@ -6,7 +6,8 @@
 Each case runs once to warm up, then --repeats times; the median is reported. The full
 run takes about 20 minutes on two cores.
 
-``--analysis`` measures instead what groups, variables and a chart cost (2 workers):
+``--analysis`` measures instead what groups, variables and a chart cost (2 workers,
+the cases interleaved round by round):
 plain encoding; the same rows ordered as the groups need (DuckDB sorts in the
 producer); 2 group levels, 4 variables (one of them running, so the rows gain a
 column) and a chart on those ordered rows; and the same without the running variable.
@@ -212,19 +213,37 @@ def measure_analysis(rows: int, workdir: Path, repeats: int) -> dict:
     duckdb.connect().execute(
         f"COPY ({SALES_SQL.format(rows=rows)}) TO '{parquet}' (FORMAT parquet)"
     )
-    measured = {}
+    reports = {}
+    for i, (name, extra) in enumerate(ANALYSIS_CASES.items()):
+        reports[name] = workdir / f"case{i}-{rows}.yaml"
+        reports[name].write_text(f"name: case{i}\nsource:\n  parquet: {parquet.name}\n{extra}")
+        load_report(reports[name])
+    runs: dict[str, list] = {name: [] for name in reports}
+    target = workdir / "case.typ"
     with StreamPool(2) as pool:
-        for i, (name, extra) in enumerate(ANALYSIS_CASES.items()):
-            report = workdir / f"case{i}-{rows}.yaml"
-            report.write_text(f"name: case{i}\nsource:\n  parquet: {parquet.name}\n{extra}")
-            load_report(report)
-            print(f"  {rows:,} rows: {name} …", file=sys.stderr, flush=True)
-            target = workdir / f"case{i}.typ"
-            measured[name] = measure(lambda: run_ashstream(pool, report, target), repeats)  # noqa: B023
-            measured[name]["rows_per_s"] = rows / measured[name]["wall_s"]
-            measured[name]["output_bytes"] = os.path.getsize(target)
-            target.unlink()
+        # Round by round, every case once, so that the machine's drift hits all alike;
+        # the first round warms up and is discarded.
+        for round_ in range(repeats + 1):
+            print(f"  {rows:,} rows: round {round_} of {repeats} …", file=sys.stderr, flush=True)
+            for name, report in reports.items():
+                with PeakPss() as sampler:
+                    start = time.perf_counter()
+                    run_ashstream(pool, report, target)
+                    seconds = time.perf_counter() - start
+                if round_:
+                    runs[name].append((seconds, sampler.peak_bytes, os.path.getsize(target)))
+    target.unlink()
     parquet.unlink()
+    measured = {}
+    for name, results in runs.items():
+        wall = statistics.median(r[0] for r in results)
+        measured[name] = {
+            "wall_s": wall,
+            "runs_s": [r[0] for r in results],
+            "rows_per_s": rows / wall,
+            "peak_pss_bytes": max(r[1] for r in results),
+            "output_bytes": results[0][2],
+        }
     return {"cases": measured, "repeats": repeats}
 
 
