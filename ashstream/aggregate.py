@@ -115,6 +115,11 @@ def check_analysis(report: Report, schema: pa.Schema) -> None:
         if g.field is not None:
             column(f"groups[{i}].field", g.field)
     for i, v in enumerate(report.variables):
+        if v.running and v.name in types:
+            raise ReportError(
+                f"{report.path}: variables[{i}].name: a running variable adds a column to "
+                f"every row, and the source already has a column {v.name!r}"
+            )
         if v.field is None:
             continue
         t = column(f"variables[{i}].field", v.field)

@@ -7,7 +7,7 @@ timestamps, day for dates) and rolled up in the collector, so ``bucket: auto`` c
 every candidate unit and, at the end, pick the finest with at most ``points`` buckets.
 Memory: one state per bucket kept, and a unit is dropped as soon as it has more than
 ``points`` buckets (it can never come back under), so at most ``points + 1`` buckets
-per unit and series. Only buckets with rows appear; rows whose x is null are left out.
+per unit and series. Only buckets with rows appear; rows whose x is null (or NaN) are left out.
 
 A raw series (``agg: none``) is downsampled with MinMaxLTTB: x is cut into bins of
 ``2**level`` ticks (microseconds, days or integers); each bin keeps its lowest and highest
@@ -67,23 +67,24 @@ def _finest_keys(x: pa.Array, chart: Chart, timezone: str) -> tuple[np.ndarray, 
     if unit == "day":
         return ticks, "day"
     per_hour = 3600 * _UNITS_PER_SECOND[unit]
-    if chart.bucket == "hour" or (chart.bucket == "auto"):
+    if chart.bucket in ("hour", "auto"):
         return np.floor_divide(ticks, per_hour), "hour"
     return np.floor_divide(ticks, 24 * per_hour), "day"
 
 
-def _rows_with(batch: pa.RecordBatch, names: list[str]) -> pa.RecordBatch:
-    mask = None
-    for name in names:
-        valid = _valid(batch.column(name))
-        mask = valid if mask is None else mask & valid
-    return batch if mask is None or mask.all() else batch.filter(pa.array(mask))
+def _with_x(batch: pa.RecordBatch, x: str) -> pa.RecordBatch:
+    """The rows whose x can be placed: not null, and not NaN or infinite."""
+    column = _plain(batch.column(x))
+    mask = _valid(column)
+    if pa.types.is_floating(column.type):
+        mask &= np.isfinite(column.fill_null(0).to_numpy(zero_copy_only=False))
+    return batch if mask.all() else batch.filter(pa.array(mask))
 
 
 def chart_partial(batch: pa.RecordBatch, chart: Chart, first_row: int, timezone: str) -> Any:
     if chart.agg == "none":
         return _series_partial(batch, chart, first_row, timezone)
-    batch = _rows_with(batch, [chart.x])
+    batch = _with_x(batch, chart.x)
     if not batch.num_rows:
         return ("", {})
     keys, unit = _finest_keys(_plain(batch.column(chart.x)), chart, timezone)

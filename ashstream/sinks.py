@@ -75,29 +75,29 @@ class GroupWriter:
         self.names = names  # the groups' names, outermost first
         self.depth = len(names)
         self.options = options
-        self.opened: list[tuple] = []  # key paths of the outer groups whose text is open
+        self.open_levels = 0  # outer groups whose text is open, outermost first
 
     def _value(self, value: object) -> str:
         return encode_value(value, options=self.options)
 
+    def _head(self, level: int, key: object, first_row: int) -> str:
+        name = self._value(self.names[level - 1])
+        return f"(level: {name}, key: {self._value(key)}, first_row: {first_row}, "
+
     def write(self, group: ClosedGroup) -> None:
-        head = f"(level: {self._value(group.name)}, key: {self._value(group.key)}, "
-        head += f"first_row: {group.first_row}, "
         tail = (
             f"last_row: {group.last_row}, rows: {group.rows}, "
             f"variables: {self._value(group.variables)}"
         )
         if group.level < self.depth:  # an outer group: its text is open
-            self.opened.pop()
+            self.open_levels -= 1
             self.out.write(f"), {tail}),\n".encode())
             return
-        for level in range(len(self.opened) + 1, group.level):
-            keys = group.keys[:level]
-            self.opened.append(keys)
-            self.out.write(
-                f"(level: {self._value(self.names[level - 1])}, key: {self._value(keys[-1])}, "
-                f"first_row: {group.first_row}, groups: (\n".encode()
-            )
+        while self.open_levels < group.level - 1:  # its outer groups start here
+            self.open_levels += 1
+            head = self._head(self.open_levels, group.keys[self.open_levels - 1], group.first_row)
+            self.out.write(f"{head}groups: (\n".encode())
+        head = self._head(group.level, group.key, group.first_row)
         self.out.write(f"{head}{tail}, groups: ()),\n".encode())
 
 

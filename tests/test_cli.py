@@ -208,6 +208,12 @@ BAD_REPORTS = [
         id="running-name-clash",
     ),
     pytest.param(
+        SMALL + "variables: [{name: day, function: count, running: true}]\n",
+        "variables[0].name: a running variable adds a column to every row, and the source "
+        "already has a column 'day'",
+        id="running-name-clash-with-source",
+    ),
+    pytest.param(
         SMALL + "charts: [{name: c, x: day, y: region}]\n",
         "charts[0].y: a chart's y must be a number, and 'region' is string",
         id="chart-text-y",
