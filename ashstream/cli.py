@@ -157,7 +157,7 @@ def run(
     if memray_dir:
         summary["profiles"] = _profiles(memray_dir, quiet or as_json)
     if as_json:
-        click.echo(json.dumps(summary))
+        click.echo(json.dumps(summary, default=str))  # decimals and dates as text
     elif not quiet:
         _print_summary(summary)
 
@@ -222,12 +222,13 @@ def _run(
     try:
         with StreamPool(workers, profile_dir=memray_dir) as pool:
             handle = pool.start(report, chunk_size)
-            chunks = 0
+            chunks = groups = 0
             with _progress(show_progress) as progress:
                 task = progress.add_task(report.name, total=None, status="starting")
                 for chunk in handle:
                     sink.write(chunk)
                     chunks += 1
+                    groups += len(chunk.groups)
                     progress.update(
                         task,
                         completed=sink.rows,
@@ -245,6 +246,8 @@ def _run(
                 "restarts": pool.restarts,
                 "skipped_rows": handle.skipped,
                 "warnings": handle.lossy.messages(),
+                "groups": groups + len(results.groups),
+                "totals": results.totals,
             }
         sink.finish(columns, results)
         summary["seconds"] = time.perf_counter() - started
@@ -269,6 +272,11 @@ def _print_summary(summary: dict) -> None:
         f"({summary['rows_per_s']:,.0f} rows/s, {summary['workers']} workers, "
         f"peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB)"
     )
+    if summary["groups"]:
+        stderr.print(f"{summary['groups']:,} groups")
+    if summary["totals"]:
+        totals = "; ".join(f"{name} {value}" for name, value in summary["totals"].items())
+        stderr.print(f"Totals: {totals}", markup=False, soft_wrap=True)
     outputs = summary["outputs"]
     stderr.print(f"Wrote {outputs['typst']}" + (f" and {outputs['pdf']}" if outputs["pdf"] else ""))
 

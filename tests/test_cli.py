@@ -412,7 +412,34 @@ def test_run_json_prints_one_summary_and_nothing_else(tmp_path):
     assert summary["restarts"] == 0 and summary["warnings"] == [] and summary["skipped_rows"] == []
     assert summary["rows_per_s"] > 0 and summary["peak_memory_bytes"] > 0
     assert summary["rows"] == out.read_text().count("),\n")  # matches what was written
+    assert summary["groups"] == 0 and summary["totals"] == {}
     assert result.stderr == ""
+
+
+@pytest.mark.process
+def test_run_reports_groups_and_totals(tmp_path):
+    import json
+
+    spec = {
+        "name": "t",
+        "source": {
+            "duckdb": {"query": "SELECT i, (i / 4)::DECIMAL(12, 2) AS d FROM range(12345) t(i)"}
+        },
+        "groups": [{"name": "thousand", "expr": "i // 1000"}],
+        "variables": [
+            {"name": "rows", "function": "count"},
+            {"name": "total", "function": "sum", "field": "d"},
+        ],
+    }
+    report = write_report(tmp_path, spec)
+    out = str(tmp_path / "t.typ")
+    result = invoke("run", str(report), "-o", out, "--json", "--chunk-size", "500")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["groups"] == 13
+    assert summary["totals"] == {"rows": 12345, "total": "19048335.00"}  # exact, as text
+    result = invoke("run", str(report), "-o", out, "--no-progress")
+    assert "13 groups" in result.stderr and "Totals: rows 12345; total 19048335.00" in result.stderr
 
 
 @pytest.mark.process
