@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ashstream.errors import EncodeError, ReportError
+from ashstream.errors import EncodeError, ReportError, SourceError
 from ashstream.report import BUCKET_UNITS, Report, Variable
 
 __all__ = ["Analysis", "ClosedGroup", "Collector", "RunningColumns", "analyse_batch"]
@@ -61,6 +61,8 @@ class Analysis:
     variables: tuple[Variable, ...]
     charts: tuple  # ashstream.report.Chart
     timezone: str  # calendar buckets of time-zone-aware timestamps use its wall clock
+    descending: tuple[bool, ...] = ()  # per level
+    check_order: bool = False  # source.sorted: the keys' order is checked, not made
 
     @classmethod
     def of(cls, report: Report) -> Analysis | None:
@@ -73,6 +75,8 @@ class Analysis:
             report.variables,
             report.charts,
             report.pipeline.timezone,
+            tuple(g.descending for g in report.groups),
+            report.source.sorted,
         )
 
     def level(self, variable: Variable) -> int:
@@ -568,6 +572,19 @@ def same_keys(a: tuple, b: tuple) -> bool:
     )
 
 
+def _sorts_after(key: Any, previous: Any, descending: bool) -> bool:
+    """Whether ORDER BY (DuckDB's: nulls last either way, NaN above every number) puts
+    ``key`` after ``previous``, the two being different."""
+    if previous is None:
+        return False
+    if key is None:
+        return True
+    key_nan, previous_nan = key != key, previous != previous
+    if key_nan or previous_nan:
+        return key_nan != descending  # NaN is the largest value
+    return key < previous if descending else key > previous
+
+
 @dataclass
 class _OpenGroup:
     keys: tuple
@@ -602,6 +619,8 @@ class Collector:
                     current.states = merge_states(variables, current.states, states)
                     continue
                 if current is not None:
+                    if self.analysis.check_order:
+                        self._check_order(level, current.keys, keys, first_row + start)
                     closed.append(self._close(level, current, first_row + start - 1))
                 self.open[level - 1] = _OpenGroup(keys, first_row + start, states)
         self.totals = merge_states(self.level_vars[0], self.totals, partial.totals)
@@ -610,6 +629,22 @@ class Collector:
         self.rows = first_row + partial.rows
         closed.sort(key=lambda g: (g.last_row, -g.level))
         return closed
+
+    def _check_order(self, level: int, before: tuple, after: tuple, row: int) -> None:
+        """With ``source.sorted``, a key must sort after the one before it (among the
+        groups of one parent), as ORDER BY would have put them: else a group would show
+        up twice, with its variables split."""
+        if not same_keys(before[:-1], after[:-1]):
+            return  # the first group under a new parent
+        descending = self.analysis.descending[level - 1]
+        if not _sorts_after(after[-1], before[-1], descending):
+            name = self.analysis.group_names[level - 1]
+            order = "descending" if descending else "ascending"
+            raise SourceError(
+                f"source.sorted is set, but the rows are not in {order} order of group "
+                f"{name!r}: key {after[-1]!r} (row {row}) comes after {before[-1]!r}; "
+                "remove sorted: true to let DuckDB sort them"
+            )
 
     def finish(self) -> list[ClosedGroup]:
         """The groups still open at the end of the stream, inner first."""

@@ -84,6 +84,7 @@ class Source:
     where: str | None = None
     order_by: tuple[str, ...] = ()
     count_rows: bool = False  # run COUNT(*) first so progress shows a total
+    sorted: bool = False  # rows already come in group (and order_by) order: no ORDER BY
 
     @property
     def kind(self) -> str:
@@ -357,7 +358,7 @@ class _Parser:
 
     def source(self, value: object) -> Source:
         src = self.mapping(
-            value, "source", {"parquet", "duckdb", "where", "order_by", "count_rows"}
+            value, "source", {"parquet", "duckdb", "where", "order_by", "count_rows", "sorted"}
         )
         if ("parquet" in src) == ("duckdb" in src):
             raise self.fail("source", "give exactly one of source.parquet and source.duckdb")
@@ -365,12 +366,11 @@ class _Parser:
         if where is not None:
             where = self.string(where, "source.where")
         order_by = self.string_list(src.get("order_by", []), "source.order_by")
-        count_rows = src.get("count_rows", False)
-        if not isinstance(count_rows, bool):
-            raise self.fail("source.count_rows", f"expected true or false, got {count_rows!r}")
+        count_rows = self.flag(src, "count_rows", "source")
+        flags = {"count_rows": count_rows, "sorted": self.flag(src, "sorted", "source")}
         if "parquet" in src:
             files = self.parquet_files(src["parquet"])
-            return Source(parquet=files, where=where, order_by=order_by, count_rows=count_rows)
+            return Source(parquet=files, where=where, order_by=order_by, **flags)
         db = self.mapping(src["duckdb"], "source.duckdb", {"database", "query"})
         if "query" not in db:
             raise self.fail("source.duckdb.query", "missing; give the SQL that produces the rows")
@@ -381,9 +381,7 @@ class _Parser:
             if not path.is_file():
                 raise self.fail("source.duckdb.database", f"no such database file: {path}")
             database = str(path)
-        return Source(
-            database=database, query=query, where=where, order_by=order_by, count_rows=count_rows
-        )
+        return Source(database=database, query=query, where=where, order_by=order_by, **flags)
 
     def string_list(self, value: object, key: str) -> tuple[str, ...]:
         items = [value] if isinstance(value, str) else value

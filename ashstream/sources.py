@@ -58,10 +58,11 @@ def source_sql(report: Report) -> str:
     sql = f"SELECT {', '.join(columns)} FROM ({base_relation_sql(report)}) AS source"
     if src.where:
         sql += f" WHERE {src.where}"
-    # Groups are runs of equal keys, so the rows come ordered by the keys, outermost first.
+    # Groups are runs of equal keys, so the rows come ordered by the keys, outermost first
+    # (unless the source says they already do: the collector then checks the keys).
     order = [quote_identifier(g.column) + (" DESC" if g.descending else "") for g in report.groups]
     order += src.order_by
-    if order:
+    if order and not src.sorted:
         sql += " ORDER BY " + ", ".join(order)
     return sql
 

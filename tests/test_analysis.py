@@ -23,8 +23,9 @@ import typst
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ashstream import EncodeError, StreamPool, load_report
+from ashstream import EncodeError, SourceError, StreamPool, load_report
 from ashstream.charts import lttb
+from ashstream.sources import source_sql
 from tests.conftest import write_report
 from tests.typst_roundtrip import evaluate_module
 
@@ -222,7 +223,7 @@ def table_of(rows: list[dict]) -> pa.Table:
 
 def report_for(directory: Path, table: pa.Table, **extra):
     pq.write_table(table, directory / "data.parquet")
-    spec = dict(SPEC, source={"parquet": "data.parquet", "order_by": "id"}, **extra)
+    spec = {**SPEC, "source": {"parquet": "data.parquet", "order_by": "id"}, **extra}
     return load_report(write_report(directory, spec))
 
 
@@ -760,3 +761,52 @@ def test_three_levels_nest_in_the_module(tmp_path):
                 first += 3
                 c[1] = c[2] = None
     assert got == want
+
+
+def test_a_source_already_sorted_is_not_sorted_again_and_its_order_is_checked(
+    small_batch_pools, tmp_path
+):
+    rng = np.random.default_rng(11)
+    n = 2000
+    table = pa.table(
+        {
+            "id": rng.permutation(n),
+            "g1": rng.choice(["a", "b", "c", None], n).tolist(),
+            "g2": rng.choice([0, 1, 2, 3], n).tolist(),
+            "amount": [
+                decimal.Decimal(int(c)).scaleb(-2) for c in rng.integers(-(10**6), 10**6, n)
+            ],
+            "price": rng.normal(0, 100, n),
+            "qty": rng.integers(-1000, 1000, n),
+            "big": rng.integers(0, 2**40, n),
+            "day": pa.array(rng.integers(17000, 19000, n).astype("int32")).cast(pa.date32()),
+        },
+        schema=SCHEMA,
+    )
+    unsorted_dir, sorted_dir = tmp_path / "unsorted", tmp_path / "sorted"
+    unsorted_dir.mkdir()
+    sorted_dir.mkdir()
+    expected = run(small_batch_pools[2], report_for(unsorted_dir, table), 100)
+    con = duckdb.connect()
+    con.register("t", table)
+    ordered = con.sql(f"SELECT * FROM t ORDER BY {ORDER}").to_arrow_table()
+    report = report_for(sorted_dir, ordered, source={"parquet": "data.parquet", "sorted": True})
+    assert "ORDER BY" not in source_sql(report)
+    assert run(small_batch_pools[3], report, 100) == expected
+
+    report = report_for(sorted_dir, table, source={"parquet": "data.parquet", "sorted": True})
+    with pytest.raises(SourceError, match=r"source\.sorted is set, but the rows are not in"):
+        run(small_batch_pools[2], report, 100)
+
+
+def test_sorted_keys_compare_as_order_by_does():
+    from ashstream.aggregate import _sorts_after
+
+    nan = float("nan")
+    ascending = [1.0, 2.0, nan, None]  # DuckDB: NaN above every number, nulls last
+    descending = [nan, 2.0, 1.0, None]
+    for order, desc in ((ascending, False), (descending, True)):
+        for i, before in enumerate(order):
+            for j, after in enumerate(order):
+                if i != j:
+                    assert _sorts_after(after, before, desc) == (j > i), (before, after, desc)
