@@ -234,6 +234,11 @@ BAD_REPORTS = [
         id="duplicate-chart",
     ),
     pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1'}, sorted: maybe}\n",
+        "source.sorted: expected true or false, got 'maybe'",
+        id="bad-sorted",
+    ),
+    pytest.param(
         SMALL + "pipeline: {source_memory: lots}\n",
         "pipeline.source_memory: expected a size such as 512MiB or 2GB, got 'lots'",
         id="bad-source-memory",
