@@ -225,6 +225,9 @@ class Supervisor:
         # (RSS - shared plus the arenas once, cheap; PSS, exact and taken rarely).
         self.memory: tuple[int | None, int | None] = (None, None)
         self._lock = threading.Lock()
+        # Held from reading a stream's entry to writing it to the registry, so that the
+        # health loop's copy of a running stream never lands after its final state.
+        self._publishing = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._streams: dict[str, StreamState] = {}
         self._workers: list[_Child] = []
@@ -424,10 +427,11 @@ class Supervisor:
         if dispatcher_alive:
             stream.released.wait(5)
         stream.arena.close()
-        with self._lock:
-            self._streams.pop(stream.id, None)
-            entry = self._entry(stream)
-        self.registry.put(stream.id, entry)
+        with self._publishing:
+            with self._lock:
+                self._streams.pop(stream.id, None)
+                entry = self._entry(stream)
+            self.registry.put(stream.id, entry)
         self._emit_outside_lock()
         telemetry.emit(
             "pipeline.stopped",
@@ -457,10 +461,11 @@ class Supervisor:
 
     def publish(self) -> None:
         """Copy every running stream's counters to the registry (the health loop calls it)."""
-        with self._lock:
-            entries = [self._entry(s) for s in self._streams.values()]
-        for entry in entries:
-            self.registry.put(entry["id"], entry)
+        with self._publishing:
+            with self._lock:
+                entries = [self._entry(s) for s in self._streams.values() if not s.closing]
+            for entry in entries:
+                self.registry.put(entry["id"], entry)
 
     def _entry(self, stream: StreamState) -> dict[str, Any]:
         """The stream's registry entry, with what the pool knows of its processes."""
