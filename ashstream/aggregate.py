@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 from ashstream.errors import EncodeError, ReportError, SourceError
 from ashstream.report import BUCKET_UNITS, Report, Variable
 
-__all__ = ["Analysis", "ClosedGroup", "Collector", "RunningColumns", "analyse_batch"]
+__all__ = ["Analysis", "ClosedGroup", "Collector", "RunningColumns", "Summary", "analyse_batch"]
 
 WIDE = decimal.Context(prec=200)  # decimal sums merge without rounding
 _LIMB_BITS = 21

@@ -5,9 +5,9 @@ Aggregated charts (``agg`` sum, count, avg, min, max) reduce each batch to one s
 collector merges them. A calendar bucket is computed at the finest unit (hour for
 timestamps, day for dates) and rolled up in the collector, so ``bucket: auto`` can keep
 every candidate unit and, at the end, pick the finest with at most ``points`` buckets.
-Memory: one state per bucket kept, and a unit is dropped as soon as it has more than
-``points`` buckets (it can never come back under), so at most ``points + 1`` buckets
-per unit and series. Only buckets with rows appear; rows whose x is null (or NaN) are left out.
+Memory: one state per bucket with rows and series; with ``auto``, a candidate unit is
+dropped as soon as it has more than ``points`` buckets (it can never come back under),
+so at most ``points + 1`` buckets per unit (years are always kept). Only buckets with rows appear; rows whose x is null (or NaN) are left out.
 
 A raw series (``agg: none``) is downsampled with MinMaxLTTB: x is cut into bins of
 ``2**level`` ticks (microseconds, days or integers); each bin keeps its lowest and highest
