@@ -173,14 +173,19 @@ def check_analysis(report: Report, schema: pa.Schema) -> None:
 # ------------------------------------------------------------------ exact sums
 
 
+def _magnitude(values: np.ndarray) -> int:
+    """The largest absolute value of an integer array, as a Python int (np.abs would
+    overflow on int64's minimum)."""
+    return max(abs(int(values.min())), abs(int(values.max()))) if len(values) else 0
+
+
 def _limb_sums(values: np.ndarray, ids: np.ndarray, n: int) -> np.ndarray:
     """Exact sums of int64 ``values`` per id, as an object array of Python ints.
 
     Each value is split into three 21-bit limbs (arithmetic shifts keep the sign in the
     top limb); float64 bincount sums them exactly below 2**52, i.e. for 2**31 rows.
     Small values need no limbs: their sums stay below 2**53 as they are."""
-    largest = max(abs(int(values.min())), abs(int(values.max()))) if len(values) else 0
-    if largest * len(values) < 2**53:
+    if _magnitude(values) * len(values) < 2**53:
         sums = np.bincount(ids, weights=values.astype(np.float64), minlength=n)
         return sums.astype(np.int64).astype(object)
     totals = np.zeros(n, dtype=object)
@@ -684,6 +689,9 @@ class RunningColumns:
         self.analysis = analysis
         self.variables = [v for v in analysis.variables if v.running]
         self.carry: dict[str, tuple[tuple, Any]] = {}  # name -> (key path, state)
+        # only the key columns some running variable resets on
+        depth = max((analysis.level(v) for v in self.variables), default=0)
+        self.key_columns = analysis.group_columns[:depth]
 
     def __bool__(self) -> bool:
         return bool(self.variables)
@@ -692,9 +700,9 @@ class RunningColumns:
         n = batch.num_rows
         if not n:
             return batch
-        levels = changes(batch, self.analysis.group_columns)
-        first_keys = [batch.column(c)[0].as_py() for c in self.analysis.group_columns]
-        last_keys = [batch.column(c)[n - 1].as_py() for c in self.analysis.group_columns]
+        levels = changes(batch, self.key_columns)
+        first_keys = [batch.column(c)[0].as_py() for c in self.key_columns]
+        last_keys = [batch.column(c)[n - 1].as_py() for c in self.key_columns]
         for v in self.variables:
             level = self.analysis.level(v)
             starts = run_starts(levels[level - 1]) if level else np.zeros(1, dtype=np.int64)
@@ -721,8 +729,7 @@ def _from_unscaled(values: np.ndarray, valid: np.ndarray, scale: int) -> pa.Arra
     words[:, 1] = values >> 63  # sign extension to 128 bits
     validity = None if valid.all() else pa.array(valid).buffers()[1]
     # The narrowest type that holds the values: precision 18 encodes ~4x faster than 38.
-    largest = max(abs(int(values.min())), abs(int(values.max()))) if len(values) else 0
-    precision = 18 if largest < 10**18 else 38
+    precision = 18 if _magnitude(values) < 10**18 else 38
     return pa.Array.from_buffers(
         pa.decimal128(precision, scale), len(values), [validity, pa.py_buffer(words.tobytes())]
     )
@@ -754,8 +761,7 @@ def _running(
         values = values.astype(np.int64 if pa.types.is_integer(t) else np.float64)
     if values.dtype == np.int64 and v.function in ("sum", "avg"):
         carried = abs(int(initial[1])) if initial is not None and initial[1] is not None else 0
-        largest = max(abs(int(values.min())), abs(int(values.max()))) if n else 0
-        if carried + largest * n >= 2**62:
+        if carried + _magnitude(values) * n >= 2**62:
             values = values.astype(object)  # Python ints: no silent wrap-around
     out = np.empty(n, dtype=values.dtype)
     state: Any = None
