@@ -11,6 +11,7 @@ import decimal
 import json
 import math
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -304,16 +305,52 @@ def oracle(table: pa.Table) -> dict:
     return {"groups": groups, "totals": totals, "running": running, "charts": charts}
 
 
-def assert_close(ours, theirs, what: str, scale: float = 1.0) -> None:
-    if theirs is None or ours is None:
-        assert ours == theirs, what
-    elif isinstance(theirs, float) or isinstance(ours, float):
-        tolerance = 1e-9 * max(1.0, abs(scale))
-        assert math.isclose(float(ours), float(theirs), rel_tol=1e-9, abs_tol=tolerance), (
-            f"{what}: {ours!r} != {theirs!r}"
-        )
-    else:
+EPS = sys.float_info.epsilon
+ULPS = 4  # roundings after the sums: ours once, DuckDB's division, sqrt and conversions
+
+
+def error_bounds(table: pa.Table) -> dict[str, float]:
+    """How far DuckDB's float64 answer may be from ours, per variable, from its inputs.
+
+    Ours are exact (sums of Fractions, rounded once). DuckDB adds floats in some order,
+    each addition off by at most eps/2 of the partial sum, so a sum of n terms is off by
+    at most (n - 1) * eps/2 * sum|x| (Higham's bound, for any order), and an average by
+    that over its count, no more. Its variance (Welford's updates) is off by about
+    n * eps * sum(x**2) at most. The table's n and sums bound those of any group or
+    running prefix.
+    """
+
+    def column(name: str) -> np.ndarray:
+        return np.array([float(v) for v in table.column(name).to_pylist() if v is not None])
+
+    price, qty, amount = column("price"), column("qty"), column("amount")
+    sums = {
+        "price": ULPS * EPS * len(price) * np.abs(price).sum(),
+        "qty": ULPS * EPS * len(qty) * np.abs(qty).sum(),
+    }
+    return {
+        **dict.fromkeys(
+            ("price_avg", "price_sum", "run_price_sum", "total_price", "yearly"), sums["price"]
+        ),
+        **dict.fromkeys(("qty_avg", "run_qty_avg"), sums["qty"]),
+        "price_sd": ULPS * EPS * len(price) * (price**2).sum(),  # of its square, the variance
+        "amount_var": ULPS * EPS * len(amount) * (amount**2).sum(),
+    }
+
+
+STDDEVS = {"price_sd"}  # compared as their squares: |a - b| = |a² - b²| / (a + b)
+
+
+def assert_close(ours, theirs, what: str, bound: float | None = None, squared: bool = False):
+    """Equal, or for a float result within ``bound`` (from :func:`error_bounds`) or a few
+    ulps of it; ``squared`` compares a standard deviation through its variance."""
+    if bound is None or ours is None or theirs is None:
         assert ours == theirs, f"{what}: {ours!r} != {theirs!r}"
+        return
+    a, b = (float(ours) ** 2, float(theirs) ** 2) if squared else (float(ours), float(theirs))
+    assert math.isclose(a, b, rel_tol=ULPS * EPS, abs_tol=bound), (
+        f"{what}: {ours!r} != {theirs!r} (bound {bound:.3g}{' on squares' if squared else ''})"
+    )
 
 
 def from_norm(value):
@@ -336,15 +373,17 @@ def from_norm(value):
 
 def check_against_oracle(result: dict, table: pa.Table) -> None:
     expected = oracle(table)
-    magnitude = sum(abs(p) for p in table.column("price").to_pylist() if p is not None)
+    bounds = error_bounds(table)
     assert len(result["groups"]) == len(expected["groups"])
     for ours, theirs in zip(result["groups"], expected["groups"], strict=True):
         assert ours[:4] == theirs[:4]
         assert ours[4].keys() == theirs[4].keys()
         for name, value in theirs[4].items():
-            assert_close(ours[4][name], value, f"group {theirs[1]} {name}", magnitude**2)
+            assert_close(
+                ours[4][name], value, f"group {theirs[1]} {name}", bounds.get(name), name in STDDEVS
+            )
     for name, value in expected["totals"].items():
-        assert_close(result["totals"][name], value, f"total {name}", magnitude)
+        assert_close(result["totals"][name], value, f"total {name}", bounds.get(name))
 
     names = list(RUNNING)
     module = "#let rows = (\n" + result["text"].decode() + ")\n"
@@ -352,7 +391,7 @@ def check_against_oracle(result: dict, table: pa.Table) -> None:
     assert len(got[1]) == len(expected["running"])
     for i, (ours, theirs) in enumerate(zip(got[1], expected["running"], strict=True)):
         for name, value, want in zip(names, ours[1], theirs, strict=True):
-            assert_close(from_norm(value), want, f"row {i} {name}", magnitude)
+            assert_close(from_norm(value), want, f"row {i} {name}", bounds.get(name))
 
     charts = result["charts"]
     assert charts["monthly"]["unit"] == "month"
@@ -364,7 +403,7 @@ def check_against_oracle(result: dict, table: pa.Table) -> None:
     assert len(yearly) == len(expected["charts"]["yearly"])
     for ours, theirs in zip(yearly, expected["charts"]["yearly"], strict=True):
         assert ours[:2] == theirs[:2]
-        assert_close(ours[2], theirs[2], "yearly avg", magnitude)
+        assert_close(ours[2], theirs[2], "yearly avg", bounds["yearly"])
     assert [(p["x"], p["y"]) for p in charts["qty_bins"]["points"]] == expected["charts"][
         "qty_bins"
     ]
