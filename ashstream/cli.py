@@ -1,7 +1,10 @@
 """The ``ashstream`` command line; the only module that prints.
 
 Exit codes: 0 ok, 1 error, 2 bad usage or report definition, 130 interrupted (Ctrl-C),
-143 terminated (SIGTERM).
+143 terminated (SIGTERM). Every outcome of every command is mapped to one line and its
+exit code in one place, :meth:`_Commands.invoke`: an ashstream error prints its message,
+an unexpected exception prints ``Internal error: …`` and how to see the trace, which
+goes to the debug log. Never a bare traceback, never click's ``Aborted!``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+import psutil
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -36,7 +41,7 @@ from ashstream.encode import (
     encode_rows_text,
     typst_type,
 )
-from ashstream.errors import AshstreamError, Cancelled, ExitCode
+from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError, Cancelled, ExitCode
 from ashstream.pool import StreamPool
 from ashstream.registry import running_pools
 from ashstream.report import load_report
@@ -44,10 +49,46 @@ from ashstream.sinks import TypstModuleSink, compile_pdf
 from ashstream.sources import sample_source
 
 stderr = Console(stderr=True, highlight=False)
+logger = logging.getLogger(__name__)
 ROWS_PER_PDF_PAGE = 40  # the built-in template's table at 8 pt on A4, measured
+JSON_ERRORS = "ashstream.json"  # ctx.meta key: a command prints its error as JSON too
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """click's group, with every command's failures reported in one place."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise  # click's own: usage errors (exit 2), --help, --version
+        except KeyboardInterrupt:
+            _fail(Cancelled("interrupted (Ctrl-C)", ExitCode.INTERRUPTED), ctx)
+        except AshstreamError as exc:
+            _fail(exc, ctx)
+        except Exception as exc:
+            logger.debug("internal error", exc_info=exc)
+            _fail(exc, ctx)
+
+
+def _fail(exc: BaseException, ctx: click.Context) -> None:
+    """One line on stderr (and a JSON object on stdout for ``--json``), then exit."""
+    if isinstance(exc, Cancelled):
+        stderr.print(f"Cancelled ({exc}): nothing was written.", markup=False)
+        message, code = str(exc), int(exc.exit_code)
+    elif isinstance(exc, AshstreamError):
+        stderr.print(f"[bold red]Error:[/] {escape(str(exc))}", soft_wrap=True)
+        message, code = str(exc), int(exc.exit_code)
+    else:
+        message = f"{type(exc).__name__}: {exc}. {INTERNAL_ERROR_ADVICE}"
+        stderr.print(f"[bold red]Internal error:[/] {escape(message)}", soft_wrap=True)
+        code = int(ExitCode.ERROR)
+    if ctx.meta.get(JSON_ERRORS):
+        click.echo(json.dumps({"error": message, "exit_code": code}))
+    sys.exit(code)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ashstream")
 def main() -> None:
     """Stream DuckDB queries and Parquet files into Typst values for reports."""
@@ -134,26 +175,22 @@ def run(
     log_format,
 ) -> None:
     """Stream REPORT's source into a Typst data module (and a PDF)."""
+    click.get_current_context().meta[JSON_ERRORS] = as_json
     configure_logging(log_level, log_format)
     if memray_dir:
         profiling.prepare(memray_dir)
-    try:
-        with _sigterm_cancels(), profiling.tracked(memray_dir, "parent"):
-            summary = _run(
-                report_path,
-                chunk_size,
-                workers,
-                _parse_params(params),
-                output,
-                pdf,
-                show_progress=not (no_progress or quiet or as_json),
-                quiet=quiet or as_json,
-                memray_dir=memray_dir,
-            )
-    except KeyboardInterrupt:
-        _fail(Cancelled("interrupted (Ctrl-C)", ExitCode.INTERRUPTED), as_json)
-    except AshstreamError as exc:
-        _fail(exc, as_json)
+    with _sigterm_cancels(), profiling.tracked(memray_dir, "parent"):
+        summary = _run(
+            report_path,
+            chunk_size,
+            workers,
+            _parse_params(params),
+            output,
+            pdf,
+            show_progress=not (no_progress or quiet or as_json),
+            quiet=quiet or as_json,
+            memray_dir=memray_dir,
+        )
     if memray_dir:
         summary["profiles"] = _profiles(memray_dir, quiet or as_json)
     if as_json:
@@ -196,16 +233,6 @@ def _profiles(directory: str, quiet: bool) -> list[dict]:
                 command = f"{sys.executable} -m memray flamegraph {e['file']}"
                 stderr.print(f"To draw {e['role']}: {command}", markup=False, soft_wrap=True)
     return entries
-
-
-def _fail(exc: AshstreamError, as_json: bool) -> None:
-    if isinstance(exc, Cancelled):
-        stderr.print(f"Cancelled ({exc}): nothing was written.")
-    else:
-        stderr.print(f"[bold red]Error:[/] {exc}", markup=True, soft_wrap=True)
-    if as_json:
-        click.echo(json.dumps({"error": str(exc), "exit_code": int(exc.exit_code)}))
-    sys.exit(exc.exit_code)
 
 
 def _run(
@@ -326,11 +353,8 @@ def validate(report_path, params) -> None:
     encodes the first rows, so that a typo, a missing file, an SQL error or a column with
     no Typst form is found now rather than an hour into a run.
     """
-    try:
-        report, sample = _sample(report_path, params)
-        encode_rows(sample.sample, options=EncodeOptions(timezone=report.pipeline.timezone))
-    except AshstreamError as exc:
-        _fail(exc, as_json=False)
+    report, sample = _sample(report_path, params)
+    encode_rows(sample.sample, options=EncodeOptions(timezone=report.pipeline.timezone))
     total = f"{sample.total_rows:,} rows" if sample.total_rows is not None else "rows not counted"
     stderr.print(
         f"OK: report {report.name!r} ({report_path}): {len(sample.schema)} fields, {total}",
@@ -346,13 +370,10 @@ def validate(report_path, params) -> None:
 def inspect(report_path, params) -> None:
     """Show REPORT's source schema, the SQL it runs, each field's Typst form, and an
     estimate of the output's size."""
-    try:
-        report, sample = _sample(report_path, params)
-        text, _ = encode_rows_text(
-            sample.sample, options=EncodeOptions(timezone=report.pipeline.timezone)
-        )
-    except AshstreamError as exc:
-        _fail(exc, as_json=False)
+    report, sample = _sample(report_path, params)
+    text, _ = encode_rows_text(
+        sample.sample, options=EncodeOptions(timezone=report.pipeline.timezone)
+    )
     out = Console(highlight=False)
     out.print(Text(f"{report.title or report.name} ({report_path})", style="bold"))
     out.print(f"SQL: {sample.sql}", markup=False)
@@ -434,6 +455,7 @@ def status(as_json, show_all) -> None:
     """List the ashstream runs of this user in progress on this machine."""
     pools = running_pools()
     for pool in pools:
+        pool["processes"] = _pool_processes(pool["pid"])
         if not show_all:
             pool["streams"] = [
                 s for s in pool["streams"] if s.get("status") in ("starting", "running", "paused")
@@ -442,8 +464,16 @@ def status(as_json, show_all) -> None:
         click.echo(json.dumps(pools))
         return
     out = Console(highlight=False)
+    for pool in pools:
+        if pool["registry"] == "unreachable":
+            out.print(
+                f"Pool {pool['pid']}: its registry process is gone, so its streams cannot "
+                "be listed; they run on.",
+                markup=False,
+            )
     if not any(pool["streams"] for pool in pools):
-        out.print("No ashstream runs in progress.")
+        if not any(pool["registry"] == "unreachable" for pool in pools):
+            out.print("No ashstream runs in progress.")
         return
     table = Table("pid", "stream", "report", "status", "rows", "rows/s", "memory", "restarts")
     for pool in pools:
@@ -461,6 +491,27 @@ def status(as_json, show_all) -> None:
             )
             table.add_row(*(Text(cell) for cell in cells))
     out.print(table)
+    for pool in pools:
+        if pool["streams"] and pool["processes"]:
+            named = ", ".join(f"{p['title']} (pid {p['pid']})" for p in pool["processes"])
+            out.print(f"Pool {pool['pid']} processes: {named}", markup=False, soft_wrap=True)
+
+
+def _pool_processes(pool_pid: int) -> list[dict]:
+    """The pool's children as ``ps`` names them (``ashstream: transformer 0 [pool N]``)."""
+    try:
+        children = psutil.Process(pool_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    found = []
+    for child in children:
+        try:
+            title = " ".join(child.cmdline()).strip()  # setproctitle pads it
+        except psutil.Error:
+            continue  # gone meanwhile
+        if title.startswith("ashstream: "):
+            found.append({"pid": child.pid, "title": title.removeprefix("ashstream: ")})
+    return found
 
 
 def _status_line(pool: StreamPool, rows: int, started: float) -> str:
@@ -468,7 +519,7 @@ def _status_line(pool: StreamPool, rows: int, started: float) -> str:
     rate = rows / elapsed if elapsed > 0 else 0.0
     return (
         f"{rate:,.0f} rows/s · {pool.memory_bytes / 2**20:,.0f} MiB · "
-        f"{pool.busy_workers()}/{pool.workers} workers busy"
+        f"{pool.busy_transformers()}/{pool.workers} transformers busy"
     )
 
 

@@ -712,7 +712,7 @@ class _ArrowEncoder:
         try:
             arr.validate(full=True)
         except pa.ArrowInvalid as exc:
-            raise EncodeError(_invalid_utf8_message(arr, path)) from exc
+            raise _invalid_utf8_error(arr, path) from exc
         if len(arr) > 2 * CARDINALITY_SAMPLE_ROWS:
             sample = arr.slice(0, CARDINALITY_SAMPLE_ROWS)
             if pc.count_distinct(sample).as_py() <= CARDINALITY_SAMPLE_ROWS // 4:
@@ -896,19 +896,21 @@ def _unscaled_decimal_text(arr: pa.Array) -> pa.Array:
     )
 
 
-def _invalid_utf8_message(arr: pa.Array, path: str) -> str:
+def _invalid_utf8_error(arr: pa.Array, path: str) -> EncodeError:
     for row, value in enumerate(arr.cast(pa.large_binary()).to_pylist()):
         if value is None:
             continue
         try:
             value.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return (
-                f"column {path!r}, row {row}: invalid UTF-8 ({exc.reason} at byte {exc.start}: "
+            return EncodeError(
+                f"invalid UTF-8 ({exc.reason} at byte {exc.start}: "
                 f"{value[max(0, exc.start - 8) : exc.start + 8]!r}). Typst source must be UTF-8; "
-                "fix the data or cast the column to BLOB to keep the raw bytes."
+                "fix the data or cast the column to BLOB to keep the raw bytes.",
+                column=path,
+                row=row,
             )
-    return f"column {path!r}: invalid string data"
+    return EncodeError("invalid string data", column=path)
 
 
 def _count_true(mask: pa.Array) -> int:

@@ -13,14 +13,41 @@ class ExitCode(enum.IntEnum):
     TERMINATED = 143  # 128 + SIGTERM
 
 
+# Said after an error that is ashstream's fault, not the user's.
+INTERNAL_ERROR_ADVICE = (
+    "This is probably a bug in ashstream: please report it, with the trace that "
+    "--log-level debug shows"
+)
+
+
 class AshstreamError(Exception):
     """Base class of every error ashstream reports to a user."""
 
     exit_code: int = ExitCode.ERROR
 
+    def with_row_offset(self, first_row: int) -> str:
+        """The message, with rows counted from the source's first row rather than from
+        the first row of the batch the error was found in (see :class:`EncodeError`)."""
+        return str(self)
+
 
 class EncodeError(AshstreamError):
-    """A value or column cannot become a Typst value."""
+    """A value or column cannot become a Typst value; ``row`` counts from the first row
+    of the array or batch that was being encoded."""
+
+    def __init__(self, message: str, *, column: str | None = None, row: int | None = None):
+        self.detail = message
+        self.column = column
+        self.row = row
+        super().__init__(self._describe(row))
+
+    def _describe(self, row: int | None) -> str:
+        where = [f"column {self.column!r}"] if self.column is not None else []
+        where += [f"row {row}"] if row is not None else []
+        return ", ".join(where) + ": " + self.detail if where else self.detail
+
+    def with_row_offset(self, first_row: int) -> str:
+        return self._describe(None if self.row is None else first_row + self.row)
 
 
 class UnsupportedTypeError(EncodeError, TypeError):

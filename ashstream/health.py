@@ -18,6 +18,7 @@ supervisor sees them at once through process sentinels.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -27,6 +28,8 @@ import psutil
 from ashstream import telemetry
 from ashstream.errors import PipelineError, ResourceError
 from ashstream.supervisor import Supervisor
+
+logger = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 1.0
 WARNING_FRACTION = 0.8
@@ -177,13 +180,22 @@ class HealthLoop:
 
     def _stalls(self, now: float) -> None:
         for stream in self.supervisor.stalled_streams(now - self.stall_timeout_s):
+            if self.supervisor.paused:
+                cause = (
+                    "new batches were paused by the memory breaker all that time; raise "
+                    "memory_limit, or use fewer workers or a smaller chunk_size"
+                )
+            else:
+                cause = (
+                    "the source or a transformer is stuck. If the source is sorted first "
+                    "(groups, order_by) and very large, the sort may need longer before its "
+                    "first row: raise stall_timeout_s"
+                )
             self.supervisor.fail(
                 stream,
                 PipelineError(
                     f"stream {stream.id} made no progress for {self.stall_timeout_s:g} s "
-                    f"(after {stream.rows} rows); the source or a transformer is stuck. "
-                    "If the source is sorted first (groups, order_by) and very large, the sort "
-                    "may need longer before its first row: raise stall_timeout_s"
+                    f"(after {stream.rows} rows); {cause}"
                 ),
             )
 
@@ -191,6 +203,6 @@ class HealthLoop:
         while not self._stop.is_set():
             try:
                 self.check()
-            except (OSError, EOFError):
-                return  # the registry's Manager is gone: the pool is closing
+            except Exception:  # a failed check must not end the checks that follow
+                logger.debug("health check failed", exc_info=True)
             self._stop.wait(self.interval_s)

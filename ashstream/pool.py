@@ -10,12 +10,12 @@ from typing import Any
 from ashstream.aggregate import Summary
 from ashstream.errors import AshstreamError, PipelineError, ReportError
 from ashstream.health import HEALTH_INTERVAL_S, STALL_TIMEOUT_S, HealthLoop
+from ashstream.pipeline.comms import Chunk
 from ashstream.report import Report, load_report, parse_param, parse_size
 from ashstream.supervisor import (
     MAX_RESTARTS,
     MIN_BATCH_ROWS,
     RESTART_WINDOW_S,
-    Chunk,
     StreamState,
     Supervisor,
     default_workers,
@@ -104,11 +104,14 @@ class StreamHandle:
 class StreamPool:
     """Producer and transformer processes, started once and shared by every stream.
 
-    Use it as a context manager::
+    Use it as a context manager, under ``if __name__ == "__main__":`` in a script (the
+    processes re-import the main script; opening a pool outside that guard is refused
+    with a clear error)::
 
-        with StreamPool() as pool:
-            for chunk in pool.stream("report.yaml"):
-                sink.write(chunk.text)
+        if __name__ == "__main__":
+            with StreamPool() as pool:
+                for chunk in pool.stream("report.yaml"):
+                    sink.write(chunk.text)
 
     Args:
         workers: transformer processes; default one per available core.
@@ -116,8 +119,11 @@ class StreamPool:
         start_method: ``"forkserver"`` (default) or ``"spawn"``; never ``"fork"``, which
             is unsafe once DuckDB or Arrow have started threads.
         max_restarts, restart_window_s: restart intensity. A dead transformer is replaced
-            and its batches are dispatched again; more than ``max_restarts`` deaths within
-            ``restart_window_s`` fail every stream and the pool refuses new ones.
+            and its batches are dispatched again (a dead producer fails its unfinished
+            streams and is replaced); more than ``max_restarts`` deaths of either within
+            ``restart_window_s`` fail every stream and the pool refuses new ones. A child
+            that dies while the pool starts counts too: past the budget, opening the pool
+            raises :class:`WorkerCrashed` naming it.
         poison_policy: a batch that has killed 3 transformers fails its stream
             (``"fail"``, naming its rows) or is left out and reported in
             ``StreamHandle.skipped`` (``"skip"``).
@@ -256,14 +262,15 @@ class StreamPool:
 
     @property
     def restarts(self) -> int:
-        """Transformer processes that died and were replaced since the pool started."""
-        return self._supervisor.restarts_total
+        """Child processes (transformers, producers) that died since the pool started."""
+        return self._supervisor.budget.total
 
-    def busy_workers(self) -> int:
-        return self._supervisor.busy_workers()
+    def busy_transformers(self) -> int:
+        """Transformer processes working on a batch now."""
+        return self._supervisor.busy_transformers()
 
-    def worker_pids(self) -> list[int]:
-        return self._supervisor.worker_pids()
+    def transformer_pids(self) -> list[int]:
+        return self._supervisor.transformer_pids()
 
 
 def _with_params(report: Report | str | os.PathLike, params: Mapping[str, Any] | None) -> Report:

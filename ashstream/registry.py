@@ -7,20 +7,31 @@ Other processes of the same user reach it too (``ashstream status``): each pool 
 the Manager's Unix socket address and a random authkey to a 0600 file in a 0700
 runtime directory, and removes the file when it closes. A file whose pool is gone is
 stale and is removed by the next reader.
+
+The registry is best-effort: the pool keeps its own copy of every entry and reads that,
+and the Manager only publishes it to other processes. If the Manager process dies (or
+never starts), one warning is logged, the streams run on, and ``ashstream status`` says
+that pool's registry is unreachable.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
-import signal
 import tempfile
 import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from multiprocessing.managers import DictProxy, SyncManager
 from pathlib import Path
 from typing import Any
+
+from ashstream.pipeline.child import Faults, become_child, simulate_start_crash
+
+logger = logging.getLogger(__name__)
 
 STATUSES = ("starting", "running", "paused", "completed", "failed", "cancelled")
 
@@ -38,10 +49,11 @@ class RegistryManager(SyncManager):
 RegistryManager.register("streams", callable=_streams_dict, proxytype=DictProxy)
 
 
-def _ignore_sigint() -> None:
-    # Ctrl-C reaches the whole process group; the Manager must outlive it so that the
-    # parent can still record the streams as cancelled.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _registry_process(lifeline: Connection, pool_pid: int, faults: Faults) -> None:
+    """Runs first in the Manager's process: named in ``ps``, deaf to Ctrl-C (the parent
+    must still be able to record the streams as cancelled), gone with the pool."""
+    become_child("registry", None, pool_pid, lifeline)
+    simulate_start_crash(faults)
 
 
 def runtime_dir() -> Path:
@@ -55,11 +67,22 @@ def runtime_dir() -> Path:
 
 
 class Registry:
-    def __init__(self, ctx: BaseContext) -> None:
+    """The pool's streams: read from this process's copy, published through the Manager."""
+
+    def __init__(self, ctx: BaseContext, lifeline: Connection, pool_pid: int) -> None:
+        self._entries: dict[str, dict[str, Any]] = {}  # the truth, in this process
+        self.reachable = True  # False once the Manager failed: publish no more
+        self._file: Path | None = None
+        self._streams: Any = None
         authkey = secrets.token_bytes(32)
         self._manager = RegistryManager(ctx=ctx, authkey=authkey)
-        self._manager.start(_ignore_sigint)
-        self._streams = self._manager.streams()
+        try:
+            faults = Faults.from_environment("registry", 0)
+            self._manager.start(_registry_process, (lifeline, pool_pid, faults))
+            self._streams = self._manager.streams()
+        except (OSError, EOFError) as exc:
+            self._unreachable(exc)
+            return
         self._file = runtime_dir() / f"{os.getpid()}-{secrets.token_hex(4)}.json"
         descriptor = os.open(self._file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "w") as f:
@@ -74,26 +97,51 @@ class Registry:
             )
 
     def put(self, stream_id: str, entry: dict[str, Any]) -> None:
-        self._streams[stream_id] = dict(entry)
+        entry = dict(entry)
+        self._entries[stream_id] = entry
+        self._publish(lambda: self._streams.__setitem__(stream_id, entry))
 
     def get(self, stream_id: str) -> dict[str, Any] | None:
-        entry = self._streams.get(stream_id)
+        entry = self._entries.get(stream_id)
         return dict(entry) if entry is not None else None
 
     def list(self, status: str | None = None) -> list[dict[str, Any]]:
-        entries = [dict(e) for e in self._streams.values()]
+        entries = [dict(e) for e in list(self._entries.values())]
         return [e for e in entries if status is None or e.get("status") == status]
 
+    def _publish(self, write: Callable[[], object]) -> None:
+        if not self.reachable:
+            return
+        try:
+            write()
+        except (OSError, EOFError) as exc:  # the Manager died: a broken or refused socket
+            self._unreachable(exc)
+
+    def _unreachable(self, exc: BaseException) -> None:
+        self.reachable = False
+        logger.warning(
+            "the registry process is gone (%s: %s); the streams run on, but "
+            "`ashstream status` cannot follow this pool any more",
+            type(exc).__name__,
+            exc,
+        )
+        logger.debug("registry failure", exc_info=exc)
+
     def close(self) -> None:
-        self._file.unlink(missing_ok=True)
-        self._manager.shutdown()
+        if self._file is not None:
+            self._file.unlink(missing_ok=True)
+        try:
+            self._manager.shutdown()
+        except (AttributeError, OSError, EOFError):
+            pass  # never started, or already gone
 
 
 def running_pools() -> list[dict[str, Any]]:
     """The pools of this user that are running now, with their streams.
 
-    Each entry: pid, started_at and streams (registry entries). Files of pools whose
-    process is gone are removed."""
+    Each entry: pid, started_at, streams (registry entries), and ``registry``:
+    ``"ok"``, or ``"unreachable"`` when the pool lives but its Manager does not answer.
+    Files of pools whose process is gone are removed."""
     pools = []
     for path in sorted(runtime_dir().glob("*.json")):
         try:
@@ -102,13 +150,16 @@ def running_pools() -> list[dict[str, Any]]:
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)  # a dead pool's, or unreadable: stale
             continue
+        pool = {"pid": info["pid"], "started_at": info["started_at"], "registry": "ok"}
         try:
             manager = RegistryManager(
                 address=info["address"], authkey=bytes.fromhex(info["authkey"])
             )
             manager.connect()
-            streams = [dict(e) for e in manager.streams().values()]
+            pool["streams"] = [dict(e) for e in manager.streams().values()]
         except (OSError, EOFError):
-            continue  # closing right now
-        pools.append({"pid": info["pid"], "started_at": info["started_at"], "streams": streams})
+            if not path.exists():
+                continue  # the pool closed meanwhile
+            pool["registry"], pool["streams"] = "unreachable", []
+        pools.append(pool)
     return pools

@@ -23,6 +23,7 @@ from multiprocessing import resource_tracker
 import pyarrow as pa
 
 from ashstream.errors import ResourceError
+from ashstream.procs import pid_alive
 
 SEGMENT_PREFIX = "ashstream_"
 SHM_DIR = "/dev/shm"
@@ -41,15 +42,19 @@ def our_segments() -> list[str]:
         return []
 
 
+def _owner_pid(name: str) -> int | None:
+    try:
+        return int(name[len(SEGMENT_PREFIX) :].split("_")[0])
+    except ValueError:
+        return None
+
+
 def sweep_stale_segments() -> list[str]:
     """Unlink segments whose owner process no longer exists; returns their names."""
     swept = []
     for name in our_segments():
-        try:
-            pid = int(name[len(SEGMENT_PREFIX) :].split("_")[0])
-        except ValueError:
-            continue
-        if not _pid_alive(pid):
+        pid = _owner_pid(name)
+        if pid is not None and not pid_alive(pid):
             try:
                 _posixshmem.shm_unlink("/" + name)
                 swept.append(name)
@@ -58,14 +63,25 @@ def sweep_stale_segments() -> list[str]:
     return swept
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def unlink_segments_of(owner_pid: int) -> list[str]:
+    """In a child whose pool process died: unlink that pool's segments and withdraw the
+    pool's registration of each from the resource tracker (which children share), so the
+    tracker does not warn of leaks at its exit. Only the process whose unlink succeeded
+    withdraws a name: the tracker reports a second withdrawal as an error."""
+    unlinked = []
+    for name in our_segments():
+        if _owner_pid(name) != owner_pid:
+            continue
+        try:
+            _posixshmem.shm_unlink("/" + name)
+        except FileNotFoundError:
+            continue
+        unlinked.append(name)
+        try:
+            resource_tracker.unregister("/" + name, "shared_memory")
+        except Exception:
+            pass  # the tracker is gone too: nothing to withdraw from
+    return unlinked
 
 
 def check_free_space(nbytes: int) -> None:

@@ -1,7 +1,8 @@
 """Outputs: the Typst data module, written as chunks arrive, and the PDF compiled from it.
 
 Both are written to a temporary file beside the target and renamed into place only on
-success, so a failed or interrupted run never leaves a half-written file.
+success, so a failed or interrupted run never leaves a half-written file. A run killed
+with SIGKILL cannot remove its temporary files; the next run writing the same file does.
 
 The module defines ``rows``, ``groups`` (nested by level), ``totals``, ``charts`` and
 ``meta``. Groups are written to a second temporary file as they close, so memory does
@@ -10,9 +11,12 @@ not grow with their number, and copied into the module at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -20,8 +24,9 @@ from ashstream import __version__
 from ashstream.aggregate import ClosedGroup, Summary
 from ashstream.encode import EncodeOptions, encode_value
 from ashstream.errors import SinkError
+from ashstream.pipeline.comms import Chunk
+from ashstream.procs import pid_alive
 from ashstream.report import Report
-from ashstream.supervisor import Chunk
 from ashstream.templates import default_template
 
 PDF_TIMESTAMP = 0  # a fixed creation date makes the PDF reproducible byte for byte
@@ -31,13 +36,60 @@ def _temp_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def _prepare_dir(path: Path) -> None:
+# What follows ".NAME." in the name of a temporary file of ours: the writer's pid, and
+# ".groups" for the module's second file.
+_TEMP_SUFFIX = re.compile(r"(?P<pid>[0-9]+)\.tmp(?:\.groups)?")
+
+
+@contextlib.contextmanager
+def _os_errors(message: str, cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Turn an OSError (a full disk, a file-size limit, an I/O error) into a one-line
+    SinkError ``"MESSAGE: reason"``, after ``cleanup`` has removed the temporary files:
+    the user gets a message and exit code 1, not a traceback and a stray file."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        yield
     except OSError as exc:
-        raise SinkError(f"cannot create the folder for {path}: {exc.strerror}") from None
+        if cleanup is not None:
+            cleanup()
+        raise SinkError(f"{message}: {exc.strerror or exc}") from None
+
+
+def _unlink_quietly(path: Path) -> None:
+    """Remove a file if it is there; cleanup after an error must not raise a second one."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+def _close_quietly(file: BinaryIO | None) -> None:
+    """Close a file whose unwritten buffer may fail to flush again (a full disk)."""
+    if file is not None and not file.closed:
+        with contextlib.suppress(OSError):
+            file.close()  # closes the descriptor even when the flush fails
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temporary files of ``path`` that a run killed with SIGKILL (which no
+    cleanup survives) left beside it: only those of this very name whose writer's
+    process is gone, never a live run's."""
+    prefix = f".{path.name}."
+    try:
+        entries = [e.name for e in os.scandir(path.parent) if e.name.startswith(prefix)]
+    except OSError:
+        return  # the folder's own errors are reported when the file is written
+    for name in entries:
+        match = _TEMP_SUFFIX.fullmatch(name[len(prefix) :])
+        pid = int(match["pid"]) if match else 0
+        if 0 < pid < 2**31 and not pid_alive(pid):  # a pid_t; any other is not ours
+            _unlink_quietly(path.parent / name)
+
+
+def _prepare_dir(path: Path) -> None:
+    """Create ``path``'s folder and clear its stale temporary files."""
+    with _os_errors(f"cannot create the folder for {path}"):
+        path.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(path.parent, os.W_OK):
         raise SinkError(f"cannot write {path}: the folder {path.parent} is not writable")
+    _remove_stale_temps(path)
 
 
 def module_meta(report: Report, columns: tuple[str, ...], row_count: int, rows_shown: int) -> dict:
@@ -125,25 +177,28 @@ class TypstModuleSink:
         self._summary = Summary([], {}, {})
         self._options = EncodeOptions(timezone=report.pipeline.timezone)
 
+    def _writing(self) -> contextlib.AbstractContextManager[None]:
+        """Every write to the module goes through this: an OSError becomes a SinkError
+        naming the module, and the temporary files are removed."""
+        return _os_errors(f"cannot write {self.path}", self.abort)
+
     def open(self) -> None:
         _prepare_dir(self.path)
-        try:
+        with self._writing():
             self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed in finish/abort)
             self._groups_file = open(self._groups_tmp, "w+b")  # noqa: SIM115 (likewise)
-        except OSError as exc:
-            self.abort()
-            raise SinkError(f"cannot write {self.path}: {exc.strerror}") from None
-        names = tuple(g.name for g in self.report.groups)
-        self._groups = GroupWriter(self._groups_file, names, self._options)
-        self._file.write(
-            f"// Generated by ashstream {__version__} from {self.report.path}; "
-            "do not edit.\n#let rows = (\n".encode()
-        )
+            names = tuple(g.name for g in self.report.groups)
+            self._groups = GroupWriter(self._groups_file, names, self._options)
+            self._file.write(
+                f"// Generated by ashstream {__version__} from {self.report.path}; "
+                "do not edit.\n#let rows = (\n".encode()
+            )
 
     def write(self, chunk: Chunk) -> None:
-        self._file.write(chunk.text)
-        for group in chunk.groups:
-            self._groups.write(group)
+        with self._writing():
+            self._file.write(chunk.text)
+            for group in chunk.groups:
+                self._groups.write(group)
         self._rows += chunk.num_rows
         if self._preview_count < self.preview_rows:
             take = min(chunk.num_rows, self.preview_rows - self._preview_count)
@@ -158,12 +213,12 @@ class TypstModuleSink:
     def finish(self, columns: tuple[str, ...], summary: Summary | None = None) -> None:
         """Write the groups, totals, charts and ``meta``, and close the file, still under
         its temporary name."""
-        if summary is not None:
-            self._summary = summary
-            for group in summary.groups:
-                self._groups.write(group)
         meta = module_meta(self.report, columns, self._rows, self._rows)
-        try:
+        with self._writing():
+            if summary is not None:
+                self._summary = summary
+                for group in summary.groups:
+                    self._groups.write(group)
             self._file.write(b")\n")
             self._groups_file.seek(0)
             self._file.write(b"#let groups = (\n")
@@ -171,9 +226,6 @@ class TypstModuleSink:
             self._file.write(b")\n" + self._results() + b"#let meta = ")
             self._file.write(encode_value(meta).encode() + b"\n")
             self._file.close()
-        except OSError as exc:
-            self.abort()
-            raise SinkError(f"cannot write {self.path}: {exc.strerror}") from None
 
     def _results(self) -> bytes:
         totals = encode_value(self._summary.totals, options=self._options)
@@ -187,34 +239,33 @@ class TypstModuleSink:
 
     def commit(self) -> None:
         """Give the finished module its real name."""
-        try:
+        with self._writing():
             os.replace(self._tmp, self.path)
-        except OSError as exc:
-            self.abort()
-            raise SinkError(f"cannot write {self.path}: {exc.strerror}") from None
         self._close_groups()
 
     def abort(self) -> None:
-        if self._file is not None and not self._file.closed:
-            self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        """Remove the temporary files; never raises, as it runs while an error or an
+        interrupt is already on its way to the user."""
+        _close_quietly(self._file)
+        _unlink_quietly(self._tmp)
         self._close_groups()
 
     def _close_groups(self) -> None:
-        if self._groups_file is not None and not self._groups_file.closed:
-            self._groups_file.close()
-        self._groups_tmp.unlink(missing_ok=True)
+        _close_quietly(self._groups_file)
+        _unlink_quietly(self._groups_tmp)
 
     def preview_module(self, columns: tuple[str, ...]) -> bytes:
         """A module with the first ``preview_rows`` rows, every group, the totals and
         charts, and ``meta`` saying how many rows it shows."""
         meta = module_meta(self.report, columns, self._rows, self._preview_count)
-        self._groups_file.seek(0)
+        with self._writing():
+            self._groups_file.seek(0)
+            groups = self._groups_file.read()
         return (
             b"#let rows = (\n"
             + b"".join(self.preview)
             + b")\n#let groups = (\n"
-            + self._groups_file.read()
+            + groups
             + b")\n"
             + self._results()
             + b"#let meta = "
@@ -247,12 +298,16 @@ def compile_pdf(
 
     pdf_path = Path(pdf_path)
     _prepare_dir(pdf_path)
-    workdir = Path(tempfile.mkdtemp(prefix="ashstream-pdf-"))
-    try:
+    tmp = _temp_beside(pdf_path)
+    preview = module.preview_module(columns) if template is None else b""
+    with (
+        _os_errors(f"cannot write {pdf_path}", lambda: _unlink_quietly(tmp)),
+        tempfile.TemporaryDirectory(prefix="ashstream-pdf-", ignore_cleanup_errors=True) as work,
+    ):
         if template is None:
-            (workdir / "data.typ").write_bytes(module.preview_module(columns))
+            (Path(work) / "data.typ").write_bytes(preview)
             source: Any = default_template()
-            root, data = workdir, "/data.typ"
+            root, data = Path(work), "/data.typ"
         else:
             template_path = Path(template).resolve()
             module_path = module.written_path.resolve()
@@ -271,12 +326,5 @@ def compile_pdf(
         except BaseException as exc:  # a Rust panic arrives as a BaseException
             message = getattr(exc, "diagnostic", None) or str(exc)
             raise SinkError(f"Typst could not compile {pdf_path.name}: {message}") from None
-        tmp = _temp_beside(pdf_path)
-        try:
-            tmp.write_bytes(pdf)
-            os.replace(tmp, pdf_path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise SinkError(f"cannot write {pdf_path}: {exc.strerror}") from None
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        tmp.write_bytes(pdf)
+        os.replace(tmp, pdf_path)

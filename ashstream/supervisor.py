@@ -2,50 +2,63 @@
 
 ::
 
-    caller thread                 dispatcher thread "ashstream-dispatch"        children
-    -------------                 ---------------------------------------        --------
-                                  BatchReady  -> stream.ready        <--pipe--  producer
-                                  SlotCredit  (input slot freed)     --pipe-->  (a thread a stream)
-                                  Task(seq, in slot, out slot)       --pipe-->  transformer 0..N-1
-    next_chunk() <--condition---  TaskDone    -> stream.done[seq]    <--pipe--  (shared by all streams)
+    caller thread               dispatcher thread "ashstream-dispatch"     outbox threads      children
+    -------------               ---------------------------------------     --------------      --------
+                                BatchReady  -> stream.ready    <----------------pipe-------  producer
+                                SlotCredit (input slot freed)  -> outbox ------pipe------->  (a thread a stream)
+                                Task(seq, in slot, out slot)   -> outbox ------pipe------->  transformer 0..N-1
+    next_chunk() <--condition-- TaskDone -> stream.results     <----------------pipe-------  (shared by all streams)
       reads the out slot, frees it, wakes the dispatcher
 
-**Dispatcher.** One thread owns the parent's end of every pipe, so no two threads ever
-write to one pipe. It waits on the pipes, on every child's sentinel (a dead child is
-noticed at once, not by polling) and on a wake-up pipe the callers poke.
+**Dispatcher.** One thread reads the parent's end of every pipe. It waits on the pipes,
+on every child's sentinel (a dead child is noticed at once, not by polling) and on a
+wake-up pipe the callers poke. It never writes to a pipe: each child has an
+:class:`Outbox`, a queue drained by a thread of its own, as CPython's process pool feeds
+its call queue. So the dispatcher never blocks while it holds the lock, a message may be
+as large as memory allows (a row bigger than a slot travels inline), and a child busy
+sending its own large result can always be read. An exception in the dispatcher breaks
+the pool cleanly: every stream fails with an internal error, none waits forever.
 
 **Slots and backpressure.** Each stream has an arena of ``2 * window`` slots: inputs and
 results. The producer may write only into input slots it holds credit for; an input slot
 comes back to it when its result is safe in a result slot. A result slot is given to a
-chunk at dispatch and freed when the caller has copied the text out. Chunks are
-dispatched in ``seq`` order per stream, so the oldest undelivered chunk always holds a
-result slot: the reorder window is bounded by the arena and cannot deadlock.
+batch at dispatch and freed when the caller has copied its text out. Batches are
+dispatched in ``seq`` order per stream, so the oldest undelivered batch always holds a
+result slot: the reorder window (``pipeline.collector``) is bounded by the arena and
+cannot deadlock.
 
-**Crashes.** A chunk stays in its input slot until its result exists, so the tasks of a
+**Crashes.** A batch stays in its input slot until its result exists, so the tasks of a
 transformer that dies are dispatched again (keeping their result slots) to a
-replacement process; a chunk that has killed ``MAX_CHUNK_KILLS`` transformers fails its
-stream, naming its rows. A producer that dies fails the streams it had not finished and
-is replaced; re-reading a source from the middle is not attempted, since a query
-without ORDER BY need not return its rows in the same order twice.
+replacement process; what becomes of a batch that keeps killing transformers, and how
+many restarts the pool affords, is decided in ``pipeline.scheduling``. A producer that
+dies fails the streams it had not finished and is replaced; re-reading a source from the
+middle is not attempted, since a query without ORDER BY need not return its rows in the
+same order twice. A child that dies while the pool starts is replaced under the same
+restart budget, or the start fails naming it.
 
-**Producers.** ``n_producers`` processes (one per ``PRODUCER_PER_WORKERS`` transformers)
-start with the pool and each serves many streams, one thread and DuckDB connection per
-stream: a process costs ~50 MB once DuckDB is up, so memory does not grow with the
-number of streams, and no stream waits for a process start.
+**Producers.** ``n_producers`` processes (one per ``PRODUCER_PER_TRANSFORMERS``
+transformers) start with the pool and each serves many streams, one thread and DuckDB
+connection per stream: a process costs ~50 MB once DuckDB is up, so memory does not
+grow with the number of streams, and no stream waits for a process start.
+
+**Parent death.** Every child watches the pool's lifeline pipe (``pipeline.child``) and
+exits within moments of the pool's process, however that process ends.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import multiprocessing as mp
 import os
+import queue
 import secrets
+import signal
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -54,12 +67,21 @@ from typing import Any
 from ashstream import errors, telemetry
 from ashstream.aggregate import Analysis, ClosedGroup, Collector
 from ashstream.encode import EncodeStats
-from ashstream.errors import AshstreamError, Cancelled, PipelineError, WorkerCrashed
+from ashstream.errors import (
+    INTERNAL_ERROR_ADVICE,
+    AshstreamError,
+    Cancelled,
+    PipelineError,
+    WorkerCrashed,
+)
+from ashstream.pipeline.child import ChildParams, Faults
+from ashstream.pipeline.collector import ResultOrder, cut_into_chunks
 from ashstream.pipeline.comms import (
     READY,
     STOP,
     ArenaRef,
     BatchReady,
+    Chunk,
     LogLine,
     ProducerJob,
     ReleaseArena,
@@ -71,11 +93,26 @@ from ashstream.pipeline.comms import (
     Task,
     TaskDone,
 )
+from ashstream.pipeline.main_guard import check_main_guard
 from ashstream.pipeline.producer import run_producer
-from ashstream.pipeline.worker import run_worker
+from ashstream.pipeline.scheduling import (
+    MAX_BATCH_KILLS,
+    MAX_RESTARTS,
+    RESTART_WINDOW_S,
+    LostBatch,
+    RestartBudget,
+    lost_batch_action,
+    round_robin,
+    suspected,
+)
+from ashstream.pipeline.transformer import run_transformer
 from ashstream.registry import Registry
 from ashstream.report import Report
 from ashstream.shm import Arena, sweep_stale_segments
+
+__all__ = ["MAX_RESTARTS", "RESTART_WINDOW_S", "Chunk", "StreamState", "Supervisor"]
+
+logger = logging.getLogger(__name__)
 
 # Rows read and encoded together at least, whatever the chunk size: a transformer call
 # costs about 1 ms of fixed overhead, so 1000-row chunks encoded one by one would run at
@@ -83,55 +120,96 @@ from ashstream.shm import Arena, sweep_stale_segments
 MIN_BATCH_ROWS = 16384
 # One producer process per this many transformers: a producer serves several streams on
 # threads, so memory does not grow with the number of streams.
-PRODUCER_PER_WORKERS = 4
+PRODUCER_PER_TRANSFORMERS = 4
 # Tasks handed to one transformer before it finishes the first: 2 hides the round trip
-# through the dispatcher without letting one slow transformer hoard chunks.
-TASKS_PER_WORKER = 2
-# Chunks a stream may have in flight beyond one per transformer; each costs two slots.
+# through the dispatcher without letting one slow transformer hoard batches.
+TASKS_PER_TRANSFORMER = 2
+# Batches a stream may have in flight beyond one per transformer; each costs two slots.
 EXTRA_WINDOW = 2
-MAX_CHUNK_KILLS = 3  # as Dask's allowed-failures: a poison chunk is not retried forever
-# At most this many transformer restarts within the window, then the pool gives up
-# (OTP's default intensity is 3 in 5 s; data work restarts less eagerly).
-MAX_RESTARTS = 10
-RESTART_WINDOW_S = 60.0
 START_TIMEOUT_S = 60.0
+JOIN_TIMEOUT_S = 1.0
 TRANSFORMER, PRODUCER = "transformer", "producer"
 HANDLED = object()  # _receive dealt with the message itself
-_ENTRY_POINTS = {TRANSFORMER: run_worker, PRODUCER: run_producer}
-JOIN_TIMEOUT_S = 1.0
+_ENTRY_POINTS = {TRANSFORMER: run_transformer, PRODUCER: run_producer}
+_CLOSE = object()  # an Outbox's last message: its thread closes the pipe and ends
 
 
-@dataclass
-class Chunk:
-    """A run of consecutive rows, encoded: each row's Typst dictionary and ``,\\n``.
+class Outbox:
+    """Messages to one child, sent in order by a thread of their own, so that no other
+    thread ever blocks on the child's pipe. The thread owns the sending side: it closes
+    the connection once it is told to, never while it might still be writing to it."""
 
-    ``groups`` holds the groups whose end this chunk revealed: each ended on the row
-    before one of this chunk's rows (a group's end is known only when the next key is).
-    The groups still open at the end come in :attr:`Summary.groups`.
-    """
+    def __init__(self, conn: Connection, name: str, on_error: Callable[[BaseException], None]):
+        self._conn = conn
+        self._on_error = on_error  # an unexpected failure (not a dead child) breaks the pool
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._feed, name=f"ashstream-send-{name}", daemon=True
+        )
+        self._thread.start()
 
-    seq: int
-    first_row: int
-    num_rows: int
-    text: bytes
-    groups: list[ClosedGroup] = field(default_factory=list)
+    def put(self, message: object) -> None:
+        """Never blocks."""
+        self._queue.put(message)
 
-    def rows(self) -> list[str]:
-        """One Typst dictionary literal per row (literals never hold a raw newline)."""
-        return self.text.decode("utf-8").split(",\n")[:-1]
+    def close(self, timeout_s: float | None = None) -> None:
+        """Send what is queued, then close the connection; wait up to ``timeout_s`` (0: do
+        not wait) for that to happen."""
+        self._queue.put(_CLOSE)
+        if timeout_s != 0:
+            self._thread.join(timeout_s)
+
+    def _feed(self) -> None:
+        try:
+            while (message := self._queue.get()) is not _CLOSE:
+                try:
+                    self._conn.send(message)
+                except OSError:
+                    pass  # the child died: its sentinel tells the dispatcher, which replaces it
+                except Exception as exc:
+                    self._on_error(exc)
+        finally:
+            self._conn.close()
 
 
 @dataclass
 class _Child:
-    """A transformer or a producer process, and the parent's end of its pipe."""
+    """A transformer or a producer process, and the parent's ends of its pipe."""
 
-    worker_id: int  # the slot number 0..N-1, kept across restarts
+    role: str  # TRANSFORMER or PRODUCER
+    index: int  # its slot number 0..N-1, kept across restarts
     process: BaseProcess
-    conn: Connection
+    conn: Connection  # read by the dispatcher only
+    outbox: Outbox  # everything sent to the child goes through here
+    generation: int = 0  # restarts of this slot, for naming profiles
     ready: bool = False
     tasks: list[tuple[str, int]] = field(default_factory=list)  # (stream id, seq), in flight
     streams: set[str] = field(default_factory=set)  # producers: the streams it serves
-    generation: int = 0  # restarts of this slot, for naming profiles
+
+    def adopt(self, replacement: _Child) -> None:
+        """Take over a new process in this slot; streams keep pointing at this object."""
+        self.process, self.conn, self.outbox = (
+            replacement.process,
+            replacement.conn,
+            replacement.outbox,
+        )
+        self.generation = replacement.generation
+        self.ready, self.tasks, self.streams = False, [], set()
+
+    def describe(self) -> str:
+        return f"{self.role} {self.index} (pid {self.process.pid})"
+
+
+def describe_exit(code: int | None) -> str:
+    """``killed by SIGKILL`` or ``exit code 1``, as an operator would look it up."""
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 class StreamState:
@@ -151,19 +229,17 @@ class StreamState:
         self.producer: _Child | None = None  # the producer process serving it
         self.source_done = False
         self.ready: deque[BatchReady] = deque()  # produced, not dispatched, in seq order
-        self.retry: deque[tuple[BatchReady, int]] = deque()  # a dead transformer's chunks
+        self.retry: deque[tuple[BatchReady, int]] = deque()  # a dead transformer's batches
         self.in_flight: dict[int, tuple[BatchReady, int]] = {}  # seq -> (batch, out slot)
-        self.kills: dict[int, int] = {}  # seq -> transformers that died holding it
-        self.done: dict[int, tuple[BatchReady, TaskDone]] = {}  # batch seq -> its result
-        self.next_batch = 0  # the batch whose chunks the caller gets next
-        self.total_batches: int | None = None
-        self.pending: deque[Chunk] = deque()  # chunks of a consumed batch, not yet yielded
+        self.kills: dict[int, int] = {}  # seq -> transformers that died running it
+        self.results = ResultOrder()  # encoded batches, until the caller takes them
+        self.pending: deque[Chunk] = deque()  # chunks of a taken batch, not yet yielded
         self.columns: tuple[str, ...] | None = None
         self.total_rows: int | None = None
         self.rows = 0
         self.chunks = 0
         self.bytes = 0
-        self.restarts = 0  # transformer restarts while this stream ran
+        self.restarts = 0  # child restarts while this stream ran
         self.redispatched = 0  # its batches dispatched again after a transformer died
         self.skipped: list[tuple[int, int]] = []  # row ranges left out (poison_policy="skip")
         self.lossy = EncodeStats()
@@ -211,16 +287,14 @@ class Supervisor:
         min_batch_rows: int = MIN_BATCH_ROWS,
     ) -> None:
         self.ctx = mp.get_context(start_method)
+        self.pool_pid = os.getpid()
         self.min_batch_rows = min_batch_rows
         self.profile_dir = profile_dir  # memray captures of every child go here
-        self.n_workers = workers
+        self.n_transformers = workers
         self.slot_bytes = slot_bytes
-        self.max_restarts = max_restarts  # restart intensity, as OTP supervisors have
-        self.restart_window_s = restart_window_s
-        self.poison_policy = poison_policy  # "fail" or "skip" a batch that kills 3 workers
+        self.poison_policy = poison_policy  # "fail" or "skip" a batch that kills 3 transformers
         self.broken: str | None = None  # why the pool gave up, once it has
-        self._restarts: deque[float] = deque()  # monotonic times of recent transformer deaths
-        self.restarts_total = 0  # transformer deaths since the pool started
+        self.budget = RestartBudget(max_restarts, restart_window_s)  # child deaths afforded
         # The process tree's memory at the last health check, written by the health loop:
         # (RSS - shared plus the arenas once, cheap; PSS, exact and taken rarely).
         self.memory: tuple[int | None, int | None] = (None, None)
@@ -230,10 +304,13 @@ class Supervisor:
         self._publishing = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._streams: dict[str, StreamState] = {}
-        self._workers: list[_Child] = []
-        self.n_producers = max(1, -(-workers // PRODUCER_PER_WORKERS))
+        self._transformers: list[_Child] = []
+        self.n_producers = max(1, -(-workers // PRODUCER_PER_TRANSFORMERS))
         self._producers: list[_Child] = []
         self._wake_r, self._wake_w = self.ctx.Pipe(duplex=False)
+        # Only this process holds the write end; every child holds a read end and exits
+        # when it reads EOF, that is when this process is gone (pipeline.child).
+        self._lifeline_r, self._lifeline_w = self.ctx.Pipe(duplex=False)
         self._commands: deque = deque()  # run by the dispatcher, under the lock
         self._closing = False  # close() has begun: start no more processes
         self._paused = False  # admission of new batches paused by the memory breaker
@@ -247,6 +324,7 @@ class Supervisor:
     # ------------------------------------------------------------------ lifetime
 
     def start(self) -> None:
+        check_main_guard()
         main_file = getattr(sys.modules["__main__"], "__file__", None)
         if main_file is not None and not os.path.exists(main_file):
             # spawn and forkserver children re-import the main script by path
@@ -255,16 +333,46 @@ class Supervisor:
                 "file (code read from stdin?). Save it to a file and run that."
             )
         sweep_stale_segments()
-        self.registry = Registry(self.ctx)
-        self._workers = [self._start_child(TRANSFORMER, i) for i in range(self.n_workers)]
-        self._producers = [self._start_child(PRODUCER, i) for i in range(self.n_producers)]
-        deadline = time.monotonic() + START_TIMEOUT_S
-        for worker in self._workers + self._producers:  # no chunk is read before all are up
-            if not worker.conn.poll(max(0.0, deadline - time.monotonic())):
-                raise PipelineError("ashstream's processes did not start within 60 s")
-            worker.ready = worker.conn.recv() == READY
+        self.registry = Registry(self.ctx, self._lifeline_r, self.pool_pid)
+        # Appended one by one: if a start fails, close() stops the ones already started.
+        for i in range(self.n_transformers):
+            self._transformers.append(self._start_child(TRANSFORMER, i))
+        for i in range(self.n_producers):
+            self._producers.append(self._start_child(PRODUCER, i))
+        self._await_ready()
         self._thread = threading.Thread(target=self._run, name="ashstream-dispatch", daemon=True)
         self._thread.start()
+
+    def _await_ready(self) -> None:
+        """Wait until every child has imported what it needs: no batch is read before.
+
+        A child that dies meanwhile (a bad import, the out-of-memory killer) is seen by
+        its sentinel and replaced under the restart budget, or the start fails."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while waiting := [c for c in self._children() if not c.ready]:
+            handles = {c.conn: c for c in waiting} | {c.process.sentinel: c for c in waiting}
+            ready = wait(list(handles), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                names = ", ".join(c.describe() for c in waiting)
+                raise PipelineError(
+                    f"ashstream's processes did not start within {START_TIMEOUT_S:.0f} s "
+                    f"({names} not ready); is the machine overloaded?"
+                )
+            for handle in ready:
+                child = handles[handle]
+                if handle is child.conn:
+                    self._receive(child)  # READY, or a log line; EOF: its sentinel follows
+                elif handle == child.process.sentinel:
+                    code = self._reap(child)
+                    if not self.budget.record_death(time.monotonic()):
+                        raise WorkerCrashed(
+                            f"the {child.role} process {child.index} died while the pool "
+                            f"was starting ({describe_exit(code)}), {self.budget.in_window} "
+                            f"times within {self.budget.window_s:.0f} s; ashstream cannot "
+                            "start. If the system is short of memory, use fewer workers."
+                        )
+                    self._replace(child, code)
+        self._emit_outside_lock()
 
     def close(self) -> None:
         with self._lock:
@@ -277,32 +385,76 @@ class Supervisor:
             self._wake()
         if self._thread is not None:
             self._thread.join(5)
-        children = [(c.process, c.conn) for c in self._workers + self._producers]
-        for _, conn in children:
-            with contextlib.suppress(OSError):
-                conn.send(STOP)
-        for process, conn in children:
-            _stop_process(process)
-            conn.close()
-        self._workers = []
+        children = self._children()
+        for child in children:
+            child.outbox.put(STOP)
+        for child in children:
+            _stop_process(child.process)
+            child.outbox.close(JOIN_TIMEOUT_S)
+        self._transformers = []
         self._producers = []
         if self.registry is not None:
             self.registry.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        for conn in (self._wake_r, self._wake_w, self._lifeline_r, self._lifeline_w):
+            conn.close()
+        self._emit_outside_lock()
 
-    def _start_child(self, role: str, child_id: int, generation: int = 0) -> _Child:
+    def _children(self) -> list[_Child]:
+        return self._transformers + self._producers
+
+    def _start_child(self, role: str, index: int, generation: int = 0) -> _Child:
         """Start a transformer or a producer; ``generation`` counts restarts of its slot."""
+        params = ChildParams(
+            role,
+            index,
+            generation,
+            self.pool_pid,
+            self._lifeline_r,
+            self.profile_dir,
+            self._log_level(),
+            Faults.from_environment(role, generation),
+        )
         parent_end, child_end = self.ctx.Pipe()
         process = self.ctx.Process(
             target=_ENTRY_POINTS[role],
-            args=(child_id, child_end, self.profile_dir, generation, self._log_level()),
-            name=f"ashstream-{role}-{child_id}",
+            args=(params, child_end),
+            name=f"ashstream-{role}-{index}",
             daemon=True,
         )
-        process.start()
-        child_end.close()
-        return _Child(child_id, process, parent_end, generation=generation)
+        try:
+            process.start()
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        outbox = Outbox(parent_end, f"{role}-{index}", self._internal_error)
+        return _Child(role, index, process, parent_end, outbox, generation)
+
+    def _replace(self, child: _Child, code: int | None) -> None:
+        """A new process in a dead child's slot."""
+        replacement = self._start_child(child.role, child.index, child.generation + 1)
+        child.adopt(replacement)
+        self._events.append(
+            (
+                "process.restarted",
+                {"restarts_in_window": self.budget.in_window},
+                {
+                    "role": child.role,
+                    "index": child.index,
+                    "exit_code": code,
+                    "pid": child.process.pid,
+                },
+            )
+        )
+
+    @staticmethod
+    def _reap(child: _Child) -> int | None:
+        """Join a child whose sentinel fired; its exit code. Its outbox's thread closes
+        the pipe once it has given up on what was queued."""
+        child.process.join(JOIN_TIMEOUT_S)
+        child.outbox.close(timeout_s=0)
+        return child.process.exitcode
 
     @staticmethod
     def _log_level() -> int:
@@ -325,20 +477,20 @@ class Supervisor:
                 line.level, "[%s pid %d] %s", line.role, line.pid, line.message
             )
 
-    def worker_pids(self) -> list[int]:
+    def transformer_pids(self) -> list[int]:
         with self._lock:
-            return [w.process.pid for w in self._workers]
+            return [t.process.pid for t in self._transformers]
 
-    def busy_workers(self) -> int:
+    def busy_transformers(self) -> int:
         with self._lock:
-            return sum(1 for w in self._workers if w.tasks)
+            return sum(1 for t in self._transformers if t.tasks)
 
     # ------------------------------------------------------------------- streams
 
     def open_stream(self, report: Report, chunk_size: int) -> StreamState:
         if self.broken:
             raise PipelineError(f"the pool can run no more streams: {self.broken}")
-        window = self.n_workers + EXTRA_WINDOW
+        window = self.n_transformers + EXTRA_WINDOW
         arena = Arena.create(self.slot_bytes, 2 * window)
         try:
             stream = StreamState(secrets.token_hex(4), report, chunk_size, arena, window)
@@ -353,9 +505,7 @@ class Supervisor:
             producer.streams.add(stream.id)
             stream.producer = producer
             self._streams[stream.id] = stream
-            # Only the dispatcher writes to a child's pipe.
-            self._commands.append(lambda: self._send(producer, job))
-            self._wake()
+            producer.outbox.put(job)
         self.registry.put(stream.id, self._entry(stream))
         telemetry.emit("pipeline.started", {}, {"stream_id": stream.id, "report": report.name})
         return stream
@@ -370,10 +520,10 @@ class Supervisor:
                     raise stream.error
                 if stream.closing:
                     raise Cancelled(f"stream {stream.id} was cancelled")
-                if stream.next_batch in stream.done:
-                    batch, result = stream.done.pop(stream.next_batch)
+                if stream.results.next_ready():
+                    batch, result = stream.results.take()
                     break
-                if stream.total_batches is not None and stream.next_batch >= stream.total_batches:
+                if stream.results.finished():
                     if stream.collector is not None and not stream.final_groups:
                         stream.final_groups = stream.collector.finish()
                     return None
@@ -383,25 +533,21 @@ class Supervisor:
         closed = []
         if stream.collector is not None and result.partial is not None:
             closed = stream.collector.add(result.partial, batch.first_row)
-        # The slot stays this stream's until it is freed below, so read without the lock.
-        start = row = 0
-        for i, end in enumerate(result.chunk_ends):
+
+        def read_text(start: int, end: int) -> bytes:
+            # The slot stays this stream's until it is freed below: read without the lock.
             if result.inline is not None:
-                text = result.inline[start:end]
-            else:
-                try:
-                    text = stream.arena.read_bytes(result.out_slot, end, start)
-                except ValueError:  # the arena was closed: cancelled from another thread
-                    raise Cancelled(f"stream {stream.id} was cancelled") from None
-            rows = min(stream.chunk_size, result.rows - row)
-            first = batch.first_row + row
-            groups = [g for g in closed if first <= g.last_row + 1 < first + rows]
-            stream.pending.append(Chunk(batch.first_chunk + i, first, rows, text, groups))
-            start, row = end, row + rows
+                return result.inline[start:end]
+            try:
+                return stream.arena.read_bytes(result.out_slot, end, start)
+            except ValueError:  # the arena was closed: cancelled from another thread
+                raise Cancelled(f"stream {stream.id} was cancelled") from None
+
+        stream.pending.extend(cut_into_chunks(batch, result, stream.chunk_size, read_text, closed))
         with self._cond:
             stream.result_free.append(result.out_slot)
             stream.last_progress = time.monotonic()
-            stream.next_batch += 1
+            stream.results.taken()
             stream.rows += result.rows
             stream.chunks += len(result.chunk_ends)
             stream.bytes += result.nbytes
@@ -449,15 +595,10 @@ class Supervisor:
         if producer is not None and stream.id in producer.streams:
             producer.streams.discard(stream.id)
             if not stream.source_done:
-                self._send(producer, StopStream(stream.id))
-        for worker in self._workers:
-            self._send(worker, ReleaseArena(stream.arena.name))
+                producer.outbox.put(StopStream(stream.id))
+        for transformer in self._transformers:
+            transformer.outbox.put(ReleaseArena(stream.arena.name))
         stream.released.set()
-
-    def _send(self, child: _Child, message: object) -> None:
-        """Dispatcher thread only. A dead child's sentinel reports its death."""
-        with contextlib.suppress(OSError):
-            child.conn.send(message)
 
     def publish(self) -> None:
         """Copy every running stream's counters to the registry (the health loop calls it)."""
@@ -471,7 +612,7 @@ class Supervisor:
         """The stream's registry entry, with what the pool knows of its processes."""
         entry = stream.registry_entry()
         entry["memory_bytes"], entry["memory_pss_bytes"] = self.memory
-        entry["pids"]["transformers"] = [w.process.pid for w in self._workers]
+        entry["pids"]["transformers"] = [t.process.pid for t in self._transformers]
         return entry
 
     def pause_admission(self, paused: bool) -> None:
@@ -482,6 +623,10 @@ class Supervisor:
                 if stream.status in ("running", "paused"):
                     stream.status = "paused" if paused else "running"
             self._wake()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def fail(self, stream: StreamState, error: AshstreamError) -> None:
         with self._lock:
@@ -494,15 +639,16 @@ class Supervisor:
             self.fail(stream, error)
 
     def stalled_streams(self, no_progress_since: float) -> list[StreamState]:
-        """Streams with no progress since then, that are not waiting for their caller."""
+        """Streams with no progress since then, unless their caller has a batch to take
+        (then the wait is the caller's). Paused streams count: a pause that never ends
+        is a stall too."""
         with self._lock:
             return [
                 s
                 for s in self._streams.values()
                 if s.error is None
                 and not s.closing
-                and not s.done
-                and not self._paused
+                and not s.results.next_ready()
                 and s.last_progress < no_progress_since
             ]
 
@@ -513,34 +659,58 @@ class Supervisor:
     # ---------------------------------------------------------------- dispatcher
 
     def _wake(self) -> None:
-        with contextlib.suppress(OSError):
+        try:
             self._wake_w.send_bytes(b"!")
+        except OSError:
+            pass  # closed: the pool is closing
 
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                if self._stopping:
-                    return
-                handlers = self._handlers()
-            ready = wait(list(handlers), timeout=0.5)
-            with self._lock:
-                for obj in ready:
-                    handlers[obj]()
-                while self._commands:
-                    self._commands.popleft()()
-                self._schedule()
-                self._cond.notify_all()
-            # handlers may call back into the pool: never emit under the lock
-            self._emit_outside_lock()
+        try:
+            while self._dispatch_once():
+                pass
+        except BaseException as exc:
+            self._internal_error(exc)
 
-    def _handlers(self) -> dict[Any, Any]:
-        handlers: dict[Any, Any] = {self._wake_r: self._drain_wakeups}
-        for worker in self._workers:
-            handlers[worker.conn] = lambda w=worker: self._on_worker_message(w)
-            handlers[worker.process.sentinel] = lambda w=worker: self._on_worker_exit(w)
-        for producer in self._producers:
-            handlers[producer.conn] = lambda p=producer: self._on_producer_message(p)
-            handlers[producer.process.sentinel] = lambda p=producer: self._on_producer_exit(p)
+    def _dispatch_once(self) -> bool:
+        """One round: wait for a message, a death or a wake-up, act on it; False once
+        the dispatcher is to stop."""
+        with self._lock:
+            if self._stopping:
+                return False
+            handlers = self._handlers()
+        ready = wait(list(handlers), timeout=0.5)
+        with self._lock:
+            for handle in ready:
+                handlers[handle]()
+            while self._commands:
+                self._commands.popleft()()
+            self._schedule()
+            self._cond.notify_all()
+        # handlers may call back into the pool: never emit under the lock
+        self._emit_outside_lock()
+        return True
+
+    def _internal_error(self, exc: BaseException) -> None:
+        """A bug in the parent's own machinery (the dispatcher, an outbox): break the
+        pool cleanly. Every stream fails with an internal error, so no caller waits
+        forever; close() still stops every process and unlinks every segment."""
+        logger.debug("ashstream internal error", exc_info=exc)
+        reason = (
+            f"ashstream internal error, please report: {type(exc).__name__}: {exc}. "
+            f"{INTERNAL_ERROR_ADVICE}"
+        )
+        with self._lock:
+            self.broken = self.broken or reason
+            for stream in self._streams.values():
+                self._fail(stream, PipelineError(reason))
+            self._cond.notify_all()
+        self._emit_outside_lock()
+
+    def _handlers(self) -> dict[Any, Callable[[], object]]:
+        handlers: dict[Any, Callable[[], object]] = {self._wake_r: self._drain_wakeups}
+        for child in self._children():
+            handlers[child.conn] = lambda c=child: self._on_message(c)
+            handlers[child.process.sentinel] = lambda c=child: self._on_exit(c)
         return handlers
 
     def _drain_wakeups(self) -> None:
@@ -550,39 +720,34 @@ class Supervisor:
     def _schedule(self) -> None:
         if self.broken or self._paused:
             return
-        for worker in sorted(self._workers, key=lambda w: len(w.tasks)):
-            while worker.ready and len(worker.tasks) < TASKS_PER_WORKER:
+        for transformer in sorted(self._transformers, key=lambda t: len(t.tasks)):
+            while transformer.ready and len(transformer.tasks) < TASKS_PER_TRANSFORMER:
                 picked = self._next_task()
                 if picked is None:
                     return
                 stream, batch, out_slot = picked
-                task = Task(
-                    stream.id,
-                    stream.arena_ref,
-                    batch.seq,
-                    batch.first_row,
-                    batch.rows,
-                    batch.slot,
-                    batch.nbytes,
-                    out_slot,
-                    stream.report.pipeline.timezone,
-                    stream.chunk_size,
-                    batch.inline,
-                    stream.analysis,
+                transformer.outbox.put(
+                    Task(
+                        stream.id,
+                        stream.arena_ref,
+                        batch.seq,
+                        batch.first_row,
+                        batch.rows,
+                        batch.slot,
+                        batch.nbytes,
+                        out_slot,
+                        stream.report.pipeline.timezone,
+                        stream.chunk_size,
+                        batch.inline,
+                        stream.analysis,
+                    )
                 )
-                try:
-                    worker.conn.send(task)
-                except OSError:  # it died; its sentinel will bring the task back
-                    pass
-                worker.tasks.append((stream.id, batch.seq))
+                transformer.tasks.append((stream.id, batch.seq))
                 stream.in_flight[batch.seq] = (batch, out_slot)
 
     def _next_task(self) -> tuple[StreamState, BatchReady, int] | None:
         streams = [s for s in self._streams.values() if not s.closing and s.error is None]
-        if not streams:
-            return None
-        start = next(self._rr) % len(streams)
-        for stream in streams[start:] + streams[:start]:
+        for stream in round_robin(streams, next(self._rr)):
             if stream.retry:
                 batch, out_slot = stream.retry.popleft()
                 return stream, batch, out_slot
@@ -590,7 +755,7 @@ class Supervisor:
                 return stream, stream.ready.popleft(), stream.result_free.popleft()
         return None
 
-    # ---- producer events
+    # ---- messages
 
     def _receive(self, child: _Child) -> object | None:
         """The child's next message; None when its pipe is closed (its sentinel says why).
@@ -609,14 +774,23 @@ class Supervisor:
             return HANDLED
         return message
 
-    def _on_producer_message(self, producer: _Child) -> bool:
-        """Handle one message; False when the pipe is closed."""
-        message = self._receive(producer)
+    def _on_message(self, child: _Child) -> bool:
+        """Handle one message from a child; False when its pipe is closed."""
+        message = self._receive(child)
         if message is None:
             return False
+        if message is HANDLED:
+            return True
+        if child.role == TRANSFORMER:
+            self._on_task_result(child, message)
+        else:
+            self._on_producer_message(child, message)
+        return True
+
+    def _on_producer_message(self, producer: _Child, message: object) -> None:
         stream = self._streams.get(getattr(message, "stream_id", None))
         if stream is None or stream.closing:
-            return True  # a cancelled stream's late word
+            return  # a cancelled stream's late word
         stream.last_progress = time.monotonic()
         if isinstance(message, BatchReady):
             stream.ready.append(message)
@@ -624,50 +798,16 @@ class Supervisor:
             stream.columns, stream.total_rows = message.columns, message.total_rows
             stream.status = "running"
         elif isinstance(message, SourceDone):
-            stream.total_batches = message.batches
+            stream.results.total_batches = message.batches
             stream.source_done = True
             producer.streams.discard(stream.id)
         elif isinstance(message, StageFailed):
             self._fail(stream, _error_from(message))
-        return True
 
-    def _on_producer_exit(self, producer: _Child) -> None:
-        while producer.conn.poll() and self._on_producer_message(producer):
-            pass  # what it said before it went still counts
-        producer.process.join(JOIN_TIMEOUT_S)  # reap it, for its exit code
-        code = producer.process.exitcode
-        producer.conn.close()
-        for stream_id in producer.streams:
-            stream = self._streams.get(stream_id)
-            if stream is not None and not stream.source_done and not stream.closing:
-                self._fail(
-                    stream,
-                    WorkerCrashed(
-                        f"the producer process of stream {stream.id} died (exit code {code}); "
-                        "if the system was out of memory, lower chunk_size or the number of "
-                        "workers"
-                    ),
-                )
-        producer.generation += 1
-        replacement = self._start_child(PRODUCER, producer.worker_id, producer.generation)
-        producer.process, producer.conn = replacement.process, replacement.conn
-        producer.ready, producer.streams = False, set()
-
-    # ---- transformer events
-
-    def _on_worker_message(self, worker: _Child) -> bool:
-        """Handle one message; False when the pipe is closed."""
-        message = self._receive(worker)
-        if message is None:
-            return False
-        if isinstance(message, TaskDone | StageFailed):
-            self._on_task_result(worker, message)
-        return True
-
-    def _on_task_result(self, worker: _Child, message: TaskDone | StageFailed) -> None:
+    def _on_task_result(self, transformer: _Child, message: TaskDone | StageFailed) -> None:
         key = (message.stream_id, message.seq)
-        if key in worker.tasks:
-            worker.tasks.remove(key)
+        if key in transformer.tasks:
+            transformer.tasks.remove(key)
         stream = self._streams.get(message.stream_id)
         if stream is None or stream.closing or message.seq not in stream.in_flight:
             return  # a cancelled or failed stream's late result
@@ -675,12 +815,12 @@ class Supervisor:
         if isinstance(message, StageFailed):
             self._fail(stream, _error_from(message))
             return
-        stream.done[message.seq] = (batch, message)
+        stream.results.put(batch, message)
         stream.last_progress = time.monotonic()
         self._credit_input(stream, batch)
         self._events.append(
             (
-                "chunk.done",
+                "batch.done",
                 {"rows": message.rows, "bytes": message.nbytes},
                 {"stream_id": stream.id, "seq": message.seq},
             )
@@ -689,56 +829,73 @@ class Supervisor:
     def _credit_input(self, stream: StreamState, batch: BatchReady) -> None:
         """The batch's input slot is free again: the producer may write into it."""
         if batch.slot is not None and not stream.source_done and stream.producer is not None:
-            self._send(stream.producer, SlotCredit(stream.id, batch.slot))
+            stream.producer.outbox.put(SlotCredit(stream.id, batch.slot))
 
-    def _on_worker_exit(self, worker: _Child) -> None:
-        while worker.conn.poll() and self._on_worker_message(worker):
-            pass  # results it sent before dying still count
-        worker.process.join(JOIN_TIMEOUT_S)  # reap it, for its exit code
-        code = worker.process.exitcode
-        worker.conn.close()
-        lost, worker.tasks, worker.ready = list(worker.tasks), [], False
-        now = time.monotonic()
-        self.restarts_total += 1
-        self._restarts.append(now)
-        while self._restarts and self._restarts[0] < now - self.restart_window_s:
-            self._restarts.popleft()
+    # ---- deaths
+
+    def _on_exit(self, child: _Child) -> None:
+        """A child's sentinel fired: account for its work, then replace it, or give up
+        when the restart budget is spent."""
+        while child.conn.poll() and self._on_message(child):
+            pass  # what it said before it went still counts
+        code = self._reap(child)
+        affordable = self.budget.record_death(time.monotonic())
         for stream in self._streams.values():
             stream.restarts += 1
-        if len(self._restarts) > self.max_restarts:
-            self._workers.remove(worker)  # no replacement: nothing of it is waited on
+        if not affordable:  # every stream fails: nothing of the dead child is waited on
+            self._children_of(child.role).remove(child)
             self._break(
-                f"transformer processes died {len(self._restarts)} times within "
-                f"{self.restart_window_s:.0f} s (the last with exit code {code}); the pool "
-                "gives up. If the system is short of memory, use fewer workers or smaller chunks."
+                f"ashstream's processes died {self.budget.in_window} times within "
+                f"{self.budget.window_s:.0f} s (the last: {child.role} {child.index}, "
+                f"{describe_exit(code)}); the pool gives up. If the system is short of "
+                "memory, use fewer workers or smaller chunks."
             )
             return
-        worker.generation += 1
-        replacement = self._start_child(TRANSFORMER, worker.worker_id, worker.generation)
-        self._events.append(
-            (
-                "worker.restarted",
-                {"restarts_in_window": len(self._restarts)},
-                {"worker_id": worker.worker_id, "exit_code": code, "pid": replacement.process.pid},
-            )
-        )
-        worker.process, worker.conn = replacement.process, replacement.conn
+        if child.role == PRODUCER:
+            self._fail_streams_of(child, code)
+        else:
+            self._redispatch(child, code)
+        if not self._closing:
+            self._replace(child, code)
+
+    def _children_of(self, role: str) -> list[_Child]:
+        return self._transformers if role == TRANSFORMER else self._producers
+
+    def _fail_streams_of(self, producer: _Child, code: int | None) -> None:
+        """A dead producer's unfinished streams fail: a source is not re-read from the middle."""
+        for stream_id in producer.streams:
+            stream = self._streams.get(stream_id)
+            if stream is not None and not stream.source_done and not stream.closing:
+                self._fail(
+                    stream,
+                    WorkerCrashed(
+                        f"the producer process of stream {stream.id} died "
+                        f"({describe_exit(code)}) after {stream.rows} rows had been taken; "
+                        "if the system was out of memory, lower chunk_size or the number of "
+                        "workers"
+                    ),
+                )
+
+    def _redispatch(self, transformer: _Child, code: int | None) -> None:
+        """A dead transformer's batches go out again, unless one has killed too many."""
+        lost, transformer.tasks, transformer.ready = list(transformer.tasks), [], False
         for position, (stream_id, seq) in enumerate(lost):
             stream = self._streams.get(stream_id)
             if stream is None or stream.closing or seq not in stream.in_flight:
                 continue
             batch, out_slot = stream.in_flight.pop(seq)
             stream.redispatched += 1
-            if position == 0:  # a transformer works in order: only its oldest task ran
+            if suspected(position):
                 stream.kills[seq] = stream.kills.get(seq, 0) + 1
-            if stream.kills.get(seq, 0) < MAX_CHUNK_KILLS:
+            action = lost_batch_action(stream.kills.get(seq, 0), self.poison_policy)
+            if action is LostBatch.RETRY:
                 stream.retry.append((batch, out_slot))
                 stream.retry = deque(sorted(stream.retry, key=lambda item: item[0].seq))
                 continue
             last = batch.first_row + batch.rows - 1
             self._events.append(
                 (
-                    "chunk.quarantined",
+                    "batch.quarantined",
                     {"rows": batch.rows},
                     {
                         "stream_id": stream.id,
@@ -748,23 +905,23 @@ class Supervisor:
                     },
                 )
             )
-            if self.poison_policy == "skip":
+            if action is LostBatch.SKIP:
                 self._skip(stream, batch, out_slot)
                 continue
             self._fail(
                 stream,
                 WorkerCrashed(
-                    f"rows {batch.first_row}..{last} (batch {seq}) killed {MAX_CHUNK_KILLS} "
-                    f"transformer processes (the last exit code {code}) and are not retried; "
-                    "look for a value in them that the encoder cannot handle, or start the "
-                    "pool with poison_policy='skip' to leave them out and go on"
+                    f"rows {batch.first_row}..{last} (batch {seq}) killed {MAX_BATCH_KILLS} "
+                    f"transformer processes (the last {describe_exit(code)}) and are not "
+                    "retried; look for a value in them that the encoder cannot handle, or "
+                    "start the pool with poison_policy='skip' to leave them out and go on"
                 ),
             )
 
     def _skip(self, stream: StreamState, batch: BatchReady, out_slot: int) -> None:
         """Leave a poison batch out: record its rows and deliver nothing in its place."""
         stream.skipped.append((batch.first_row, batch.first_row + batch.rows - 1))
-        stream.done[batch.seq] = (batch, TaskDone(stream.id, batch.seq, 0, out_slot, 0, ()))
+        stream.results.put(batch, TaskDone(stream.id, batch.seq, 0, out_slot, 0, ()))
         self._credit_input(stream, batch)
 
     def _break(self, reason: str) -> None:

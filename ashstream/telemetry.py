@@ -7,10 +7,10 @@ its fields as structured ``extra`` data.
 
     from ashstream import telemetry
 
-    def on_chunk(event, measurements, metadata):
+    def on_batch(event, measurements, metadata):
         print(metadata["stream_id"], measurements["rows"])
 
-    telemetry.attach("chunk.done", on_chunk)
+    telemetry.attach("batch.done", on_batch)
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ EVENTS = (
     "pipeline.started",  # metadata: stream_id, report
     "pipeline.stopped",  # measurements: rows, chunks, duration_s; metadata: status
     "pipeline.failed",  # metadata: stream_id, error, error_type
-    "chunk.done",  # measurements: rows, bytes; metadata: stream_id, seq (batch)
-    "worker.restarted",  # metadata: worker_id, exit_code, pid
-    "chunk.quarantined",  # metadata: stream_id, first_row, last_row, policy
+    "batch.done",  # measurements: rows, bytes; metadata: stream_id, seq
+    "process.restarted",  # metadata: role, index, exit_code, pid (of the replacement)
+    "batch.quarantined",  # metadata: stream_id, first_row, last_row, policy
     "health.checked",  # measurements: memory_bytes, memory_limit_bytes, rows_per_s
     "memory.warning",  # measurements: memory_bytes, memory_limit_bytes
     "memory.critical",  # same; admission of new batches pauses
@@ -75,7 +75,7 @@ def emit(
     metadata = dict(metadata or {})
     # The caller gets a failed stream's exception, so its event is news, not an error.
     level = logging.WARNING if event in ("memory.warning", "memory.critical") else logging.DEBUG
-    if event in ("pipeline.failed", "worker.restarted", "chunk.quarantined"):
+    if event in ("pipeline.failed", "process.restarted", "batch.quarantined"):
         level = logging.INFO
     if logger.isEnabledFor(level):
         logger.log(

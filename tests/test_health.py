@@ -34,7 +34,7 @@ def events():
 def test_attach_refuses_unknown_events_and_detach_reports_absence():
     with pytest.raises(ValueError, match=r"unknown telemetry event 'chunk\.finished'"):
         telemetry.attach("chunk.finished", print)
-    assert telemetry.detach("chunk.done", print) is False
+    assert telemetry.detach("batch.done", print) is False
 
 
 def test_a_stream_emits_its_lifecycle_and_a_failing_handler_breaks_nothing(
@@ -43,7 +43,7 @@ def test_a_stream_emits_its_lifecycle_and_a_failing_handler_breaks_nothing(
     def broken(event, measurements, metadata):
         raise RuntimeError("handler bug")
 
-    telemetry.attach("chunk.done", broken)
+    telemetry.attach("batch.done", broken)
     report = write_report(
         tmp_path, 'name: t\nsource: {duckdb: {query: "SELECT * FROM range(40000) t(i)"}}\n'
     )
@@ -54,12 +54,12 @@ def test_a_stream_emits_its_lifecycle_and_a_failing_handler_breaks_nothing(
         ):
             rows = sum(c.num_rows for c in pool.stream(report, chunk_size=5000))
     finally:
-        telemetry.detach("chunk.done", broken)
+        telemetry.detach("batch.done", broken)
     assert rows == 40000
     names = [e[0] for e in events]
     assert names[0] == "pipeline.started" or "pipeline.started" in names
     assert "health.checked" in names
-    done = [e for e in events if e[0] == "chunk.done"]
+    done = [e for e in events if e[0] == "batch.done"]
     assert sum(m["rows"] for _, m, _ in done) == 40000
     stopped = [e for e in events if e[0] == "pipeline.stopped"]
     assert stopped[-1][1]["rows"] == 40000 and stopped[-1][2]["status"] == "completed"

@@ -180,7 +180,7 @@ def test_breaking_out_early_leaves_nothing_behind(tmp_path):
             break
         assert our_segments() == []
         assert [s for s in pool.list() if s["status"] == "cancelled"]
-        pids = pool.worker_pids()
+        pids = pool.transformer_pids()
     import psutil
 
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
@@ -226,7 +226,7 @@ def test_registry_records_each_stream(pools, tmp_path):
     handle = pool.start(report, chunk_size=500)
     running = pool.status(handle.id)
     assert running["status"] in ("starting", "running")
-    assert running["pids"]["transformers"] == pool.worker_pids()
+    assert running["pids"]["transformers"] == pool.transformer_pids()
     rows = sum(c.num_rows for c in handle)
     entry = pool.status(handle.id)
     assert entry["status"] == "completed"

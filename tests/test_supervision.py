@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 
 from ashstream import PipelineError, StreamPool, WorkerCrashed, encode_rows
-from ashstream.pipeline.worker import CRASH_AT_ROW_ENV
+from ashstream.pipeline.child import CRASH_AT_ROW_ENV
 from ashstream.shm import our_segments
 from tests.conftest import mixed_sql, mixed_table, write_report
 
@@ -54,7 +54,7 @@ def test_sigkill_a_transformer_at_a_random_moment(tolerant_pool, mixed, chunk_si
     for i, chunk in enumerate(handle):
         parts.append(chunk.text)
         if i == kill_after:
-            os.kill(rng.choice(tolerant_pool.worker_pids()), signal.SIGKILL)
+            os.kill(rng.choice(tolerant_pool.transformer_pids()), signal.SIGKILL)
     assert b"".join(parts) == text_of(table)
     assert tolerant_pool.status(handle.id)["status"] == "completed"
     deadline = time.monotonic() + 10
@@ -70,7 +70,7 @@ def test_chunks_held_by_killed_transformers_are_dispatched_again(tolerant_pool, 
     for i, chunk in enumerate(handle):
         parts.append(chunk.text)
         if i == 0:  # the next batches are in flight now: kill every transformer
-            for pid in tolerant_pool.worker_pids():
+            for pid in tolerant_pool.transformer_pids():
                 os.kill(pid, signal.SIGKILL)
     assert b"".join(parts) == text_of(table)
     entry = tolerant_pool.status(handle.id)
@@ -135,7 +135,7 @@ def test_sigkill_the_producer_fails_the_stream_cleanly(tolerant_pool, tmp_path):
     next(stream)
     os.kill(tolerant_pool.status(handle.id)["pids"]["producer"], signal.SIGKILL)
     with pytest.raises(
-        WorkerCrashed, match=r"the producer process of stream \w+ died \(exit code -9\)"
+        WorkerCrashed, match=r"the producer process of stream \w+ died \(killed by SIGKILL\)"
     ):
         for _ in stream:
             pass

@@ -14,11 +14,19 @@ result too big for its slot, which travel inline as bytes.
     parent --ReleaseArena-> transformer     (the stream is over: unmap its arena)
     parent --STOP---------> any child
     any child --LogLine---> parent          (its log records)
+
+The parent sends to each child from a thread of that child's own (``Outbox`` in
+``ashstream.supervisor``), so no other thread ever blocks on a full pipe; messages may
+therefore be as large as memory allows. ``Chunk`` is what the caller gets in the end.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ashstream.aggregate import ClosedGroup
 
 STOP = "stop"  # ask a child process to exit after its current work
 READY = "ready"  # a child finished importing and waits for work
@@ -136,3 +144,23 @@ class LogLine:
     message: str
     role: str
     pid: int
+
+
+@dataclass
+class Chunk:
+    """A run of consecutive rows, encoded: each row's Typst dictionary and ``,\\n``.
+
+    ``groups`` holds the groups whose end this chunk revealed: each ended on the row
+    before one of this chunk's rows (a group's end is known only when the next key is).
+    The groups still open at the end come in :attr:`Summary.groups`.
+    """
+
+    seq: int
+    first_row: int
+    num_rows: int
+    text: bytes
+    groups: list[ClosedGroup] = field(default_factory=list)
+
+    def rows(self) -> list[str]:
+        """One Typst dictionary literal per row (literals never hold a raw newline)."""
+        return self.text.decode("utf-8").split(",\n")[:-1]

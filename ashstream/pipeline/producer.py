@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
-import signal
 import threading
-import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
@@ -22,7 +20,8 @@ from typing import Any
 import pyarrow as pa
 
 from ashstream.aggregate import Analysis, RunningColumns, row_columns
-from ashstream.errors import AshstreamError
+from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError
+from ashstream.pipeline.child import ChildParams, become_child, parent_gone, simulate_start_crash
 from ashstream.pipeline.comms import (
     READY,
     STOP,
@@ -59,6 +58,7 @@ class _Job:
         self.credits: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # None: stop
         self.stopped = threading.Event()
         self.connection: Any = None  # set from the job's thread, read to interrupt it
+        self.rows_sent = 0  # rows handed to the parent so far, for error messages
         self.thread = threading.Thread(
             target=self.run, name=f"ashstream-produce-{job.stream_id}", daemon=True
         )
@@ -74,22 +74,36 @@ class _Job:
                 pass
 
     def run(self) -> None:
-        job = self.job
-        arena = Arena.attach(job.arena.name, job.arena.slot_bytes, job.arena.slots)
+        arena = None
         try:
+            arena = Arena.attach(
+                self.job.arena.name, self.job.arena.slot_bytes, self.job.arena.slots
+            )
             self.produce(arena)
         except _Stopped:
             pass
         except AshstreamError as exc:
-            if not self.stopped.is_set():
-                self.send(StageFailed(job.stream_id, None, type(exc).__name__, str(exc)))
+            self._report(type(exc).__name__, str(exc))
         except Exception as exc:
-            if not self.stopped.is_set():
-                detail = "".join(traceback.format_exception(exc))
-                message = f"producer failed: {detail}"
-                self.send(StageFailed(job.stream_id, None, "PipelineError", message))
+            if not _is_pipe_error(exc):  # else the parent is gone and nobody listens
+                where = f"producer failed after row {self.rows_sent} of stream {self.job.stream_id}"
+                logger.debug(where, exc_info=exc)
+                self._report(
+                    "PipelineError",
+                    f"{where}: {type(exc).__name__}: {exc}. {INTERNAL_ERROR_ADVICE}",
+                )
         finally:
-            arena.close()
+            if arena is not None:
+                arena.close()
+
+    def _report(self, kind: str, message: str) -> None:
+        """Tell the parent the stream failed, unless the parent stopped it first."""
+        if self.stopped.is_set():
+            return
+        try:
+            self.send(StageFailed(self.job.stream_id, None, kind, message))
+        except (EOFError, OSError):
+            pass  # the parent is gone: the watch thread ends this process
 
     def produce(self, arena: Arena) -> None:
         job = self.job
@@ -132,6 +146,7 @@ class _Job:
                 self.send(ready)
                 seq += 1
                 first_row += part.num_rows
+                self.rows_sent = first_row
                 first_chunk += -(-part.num_rows // job.chunk_size)
         self.send(SourceDone(job.stream_id, seq, first_row))
         logger.debug("stream %s: %d rows in %d batches read", job.stream_id, first_row, seq)
@@ -148,32 +163,30 @@ class _Job:
         return slot
 
 
-def run_producer(
-    producer_id: int,
-    conn: Connection,
-    profile_dir: str | None = None,
-    generation: int = 0,
-    log_level: int = logging.WARNING,
-) -> None:
+def run_producer(params: ChildParams, conn: Connection) -> None:
     """Process entry point: produce the streams the parent hands over until STOP.
 
     Runs in a producer process, started with the pool and kept, so that a stream's
-    first chunk never waits for a process start or imports. With ``profile_dir`` its
-    allocations are recorded with memray.
+    first chunk never waits for a process start or imports. With ``params.profile_dir``
+    its allocations are recorded with memray.
     """
+    watcher = become_child("producer", params.index, params.pool_pid, params.lifeline)
     send_lock = threading.Lock()
 
     def send(message: object) -> None:
         with send_lock:  # one pipe, many threads
             conn.send(message)
 
-    forward_logs(send, f"producer{producer_id}", log_level)
-    with tracked(profile_dir, f"producer{producer_id}", generation):
-        _serve(conn, send)
+    forward_logs(send, f"producer{params.index}", params.log_level)
+    simulate_start_crash(params.faults)
+    with tracked(params.profile_dir, f"producer{params.index}", params.generation):
+        try:
+            _serve(conn, send)
+        except (EOFError, OSError):
+            parent_gone(watcher)
 
 
 def _serve(conn: Connection, send: Callable[[object], None]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the parent decides what Ctrl-C means
     # Import while idle, not on a stream's clock (~0.3 s of CPU). Safe here: this
     # process never forks, and DuckDB's threads start only with a connection.
     import duckdb  # noqa: F401
@@ -183,10 +196,7 @@ def _serve(conn: Connection, send: Callable[[object], None]) -> None:
     send(READY)
     try:
         while True:
-            try:
-                message = conn.recv()
-            except EOFError:
-                return
+            message = conn.recv()
             if message == STOP:
                 return
             for stream_id in [i for i, j in jobs.items() if not j.thread.is_alive()]:
@@ -233,3 +243,8 @@ def _ipc_bytes(batch: pa.RecordBatch) -> bytes:
     with pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_batch(batch)
     return sink.getvalue().to_pybytes()
+
+
+def _is_pipe_error(exc: BaseException) -> bool:
+    """The pipe to the parent broke: the parent died or closed the pool."""
+    return isinstance(exc, EOFError | BrokenPipeError | ConnectionResetError)

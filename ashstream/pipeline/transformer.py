@@ -10,14 +10,20 @@ import logging
 import os
 import signal
 import time
-import traceback
 from multiprocessing.connection import Connection
 
 import pyarrow as pa
 
 from ashstream.aggregate import analyse_batch
 from ashstream.encode import EncodeOptions, EncodeStats, encode_rows_text
-from ashstream.errors import AshstreamError
+from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError
+from ashstream.pipeline.child import (
+    ChildParams,
+    Faults,
+    become_child,
+    parent_gone,
+    simulate_start_crash,
+)
 from ashstream.pipeline.comms import READY, STOP, ReleaseArena, StageFailed, Task, TaskDone
 from ashstream.pipeline.logs import forward_logs
 from ashstream.profiling import tracked
@@ -25,41 +31,31 @@ from ashstream.shm import Arena
 
 logger = logging.getLogger(__name__)
 
-# A seam for testing, read once per process: a transformer given a batch that holds this
-# row kills itself with SIGKILL, as an out-of-memory kill or a crash in native code would.
-CRASH_AT_ROW_ENV = "ASHSTREAM_TEST_CRASH_AT_ROW"
 
-
-def run_worker(
-    worker_id: int,
-    conn: Connection,
-    profile_dir: str | None = None,
-    generation: int = 0,
-    log_level: int = logging.WARNING,
-) -> None:
+def run_transformer(params: ChildParams, conn: Connection) -> None:
     """Process entry point: serve tasks until STOP or the parent goes away.
 
-    Runs in a transformer process; ignores SIGINT so that only the parent decides. With
-    ``profile_dir`` its allocations are recorded with memray (``ashstream.profiling``).
+    Runs in a transformer process. With ``params.profile_dir`` its allocations are
+    recorded with memray (``ashstream.profiling``).
     """
-    forward_logs(conn.send, f"transformer{worker_id}", log_level)
-    with tracked(profile_dir, f"transformer{worker_id}", generation):
-        _serve(worker_id, conn)
+    watcher = become_child("transformer", params.index, params.pool_pid, params.lifeline)
+    forward_logs(conn.send, f"transformer{params.index}", params.log_level)
+    simulate_start_crash(params.faults)
+    with tracked(params.profile_dir, f"transformer{params.index}", params.generation):
+        try:
+            _serve(conn, params.faults)
+        except (EOFError, OSError):
+            parent_gone(watcher)
 
 
-def _serve(worker_id: int, conn: Connection) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _serve(conn: Connection, faults: Faults) -> None:
     pa.set_cpu_count(1)  # one process per core already; no nested thread pools
     arenas: dict[str, Arena] = {}
     options: dict[str, EncodeOptions] = {}
-    crash_at_row = int(os.environ.get(CRASH_AT_ROW_ENV, "-1"))
     conn.send(READY)
     try:
         while True:
-            try:
-                message = conn.recv()
-            except EOFError:
-                break
+            message = conn.recv()
             if message == STOP:
                 break
             if isinstance(message, ReleaseArena):
@@ -67,16 +63,24 @@ def _serve(worker_id: int, conn: Connection) -> None:
                 if arena is not None:
                     arena.close()
             elif isinstance(message, Task):
-                if message.first_row <= crash_at_row < message.first_row + message.rows:
+                if _holds(message, faults.crash_at_row):
                     os.kill(os.getpid(), signal.SIGKILL)
-                conn.send(_run_task(message, arenas, options))
+                conn.send(_run_task(message, arenas, options, _holds(message, faults.fail_at_row)))
     finally:
         for arena in arenas.values():
             arena.close()
 
 
-def _run_task(task: Task, arenas: dict[str, Arena], options: dict[str, EncodeOptions]):
+def _holds(task: Task, row: int) -> bool:
+    return task.first_row <= row < task.first_row + task.rows
+
+
+def _run_task(
+    task: Task, arenas: dict[str, Arena], options: dict[str, EncodeOptions], fail: bool = False
+) -> TaskDone | StageFailed:
     try:
+        if fail:
+            raise RuntimeError("a failure injected by a test")
         arena = arenas.get(task.arena.name)
         if arena is None:
             arena = arenas[task.arena.name] = Arena.attach(
@@ -123,9 +127,19 @@ def _run_task(task: Task, arenas: dict[str, Arena], options: dict[str, EncodeOpt
             partial,
         )
     except AshstreamError as exc:
-        return StageFailed(task.stream_id, task.seq, type(exc).__name__, str(exc))
+        message = f"{_rows_of(task)}: {exc.with_row_offset(task.first_row)}"
+        return StageFailed(task.stream_id, task.seq, type(exc).__name__, message)
     except Exception as exc:
-        detail = "".join(traceback.format_exception(exc))
+        logger.debug("transformer failed on %s", _rows_of(task), exc_info=True)
         return StageFailed(
-            task.stream_id, task.seq, "PipelineError", f"transformer failed: {detail}"
+            task.stream_id,
+            task.seq,
+            "PipelineError",
+            f"transformer failed on {_rows_of(task)}: {type(exc).__name__}: {exc}. "
+            f"{INTERNAL_ERROR_ADVICE}",
         )
+
+
+def _rows_of(task: Task) -> str:
+    """The batch's rows, counted from the source's first row, as the user sees them."""
+    return f"rows {task.first_row}..{task.first_row + task.rows - 1} (batch {task.seq})"

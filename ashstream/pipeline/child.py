@@ -1,0 +1,110 @@
+"""What every child process does first: its name in ``ps``, its signals, a watch on the parent.
+
+A child must never outlive the process that owns the pool, however that process ends.
+``prctl(PR_SET_PDEATHSIG)`` cannot do it here: a forkserver child's parent is the fork
+server, not the pool. Instead the pool owns the only write end of a *lifeline* pipe and
+every child (transformers, producers, the registry's Manager) holds a read end: when the
+pool's process dies, however it dies, the kernel closes the write end and each child's
+watch thread reads EOF, unlinks the pool's shared-memory segments and exits at once,
+silently. The segments are then gone before the resource tracker looks for them, so it
+has nothing to warn about either.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import setproctitle
+
+from ashstream.shm import unlink_segments_of
+
+# Test seams, read from the *parent's* environment when it starts a child and passed in
+# the child's parameters: a forkserver child's environment is the fork server's, fixed
+# when the first process of the interpreter started, so the child could not see a
+# variable set later.
+CRASH_AT_ROW_ENV = "ASHSTREAM_TEST_CRASH_AT_ROW"  # a transformer given this row SIGKILLs itself
+FAIL_AT_ROW_ENV = "ASHSTREAM_TEST_FAIL_AT_ROW"  # ... raises an unexpected exception instead
+# "ROLE" or "ROLE:N": a child of that role SIGKILLs itself before it is ready, in its
+# slot's first N starts (every start when N is left out).
+CRASH_AT_START_ENV = "ASHSTREAM_TEST_CRASH_AT_START"
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Faults a test asked this child to simulate, as an out-of-memory kill would."""
+
+    crash_at_row: int = -1
+    fail_at_row: int = -1
+    crash_at_start: bool = False
+
+    @classmethod
+    def from_environment(cls, role: str, generation: int) -> Faults:
+        def row(variable: str) -> int:
+            return int(os.environ.get(variable, "-1")) if role == "transformer" else -1
+
+        target, _, starts = os.environ.get(CRASH_AT_START_ENV, "").partition(":")
+        at_start = target == role and (not starts or generation < int(starts))
+        return cls(row(CRASH_AT_ROW_ENV), row(FAIL_AT_ROW_ENV), at_start)
+
+
+@dataclass(frozen=True)
+class ChildParams:
+    """Everything a transformer or producer process is started with (picklable)."""
+
+    role: str  # "transformer" or "producer"
+    index: int  # its slot, 0..N-1, kept across restarts
+    generation: int  # restarts of this slot, for naming profiles
+    pool_pid: int  # the process that owns the pool, its arenas and the lifeline
+    lifeline: Connection  # read end of the pool's lifeline pipe: EOF when the pool died
+    profile_dir: str | None  # record allocations with memray into this folder
+    log_level: int  # the level the parent's ashstream logger shows
+    faults: Faults = Faults()
+
+
+def process_title(role: str, index: int | None, pool_pid: int) -> str:
+    """``ashstream: transformer 1 [pool 4242]``: what ``ps`` and ``top`` show."""
+    who = role if index is None else f"{role} {index}"
+    return f"ashstream: {who} [pool {pool_pid}]"
+
+
+def become_child(
+    role: str, index: int | None, pool_pid: int, lifeline: Connection
+) -> threading.Thread:
+    """First thing in a child: name it, leave Ctrl-C to the parent, watch the parent.
+
+    Returns the watch thread (see :func:`parent_gone`)."""
+    setproctitle.setproctitle(process_title(role, index, pool_pid))
+    # Ctrl-C reaches the whole process group; only the parent decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return watch_parent(lifeline, pool_pid)
+
+
+def watch_parent(lifeline: Connection, pool_pid: int) -> threading.Thread:
+    """A daemon thread that ends this process as soon as the pool's process is gone."""
+
+    def watch() -> None:
+        try:
+            lifeline.recv_bytes()  # the pool never writes: this returns only at EOF
+        except (EOFError, OSError):
+            pass
+        unlink_segments_of(pool_pid)
+        os._exit(0)  # no clean-up of our own is owed to a dead parent, nor a traceback
+
+    thread = threading.Thread(target=watch, name="ashstream-watch-parent", daemon=True)
+    thread.start()
+    return thread
+
+
+def parent_gone(watcher: threading.Thread, timeout_s: float = 1.0) -> None:
+    """The pipe to the parent broke: if the parent died, let the watch thread end this
+    process (it unlinks the segments); if the parent lives on, return."""
+    watcher.join(timeout_s)
+
+
+def simulate_start_crash(faults: Faults) -> None:
+    if faults.crash_at_start:
+        os.kill(os.getpid(), signal.SIGKILL)
