@@ -43,7 +43,7 @@ from ashstream.encode import (
 )
 from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError, Cancelled, ExitCode
 from ashstream.pool import StreamPool
-from ashstream.registry import running_pools
+from ashstream.registry import ACTIVE, running_pools
 from ashstream.report import load_report
 from ashstream.sinks import TypstModuleSink, compile_pdf
 from ashstream.sources import sample_source
@@ -52,6 +52,7 @@ stderr = Console(stderr=True, highlight=False)
 logger = logging.getLogger(__name__)
 ROWS_PER_PDF_PAGE = 40  # the built-in template's table at 8 pt on A4, measured
 JSON_ERRORS = "ashstream.json"  # ctx.meta key: a command prints its error as JSON too
+WRITTEN = "ashstream.written"  # ctx.meta key: the outputs a run has put in place
 
 
 class _Commands(click.Group):
@@ -60,8 +61,8 @@ class _Commands(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise  # click's own: usage errors (exit 2), --help, --version
+        except (click.exceptions.Exit, click.ClickException, click.Abort, BrokenPipeError):
+            raise  # click's own (usage errors, --help), and a closed stdout, which it handles
         except KeyboardInterrupt:
             _fail(Cancelled("interrupted (Ctrl-C)", ExitCode.INTERRUPTED), ctx)
         except AshstreamError as exc:
@@ -74,7 +75,9 @@ class _Commands(click.Group):
 def _fail(exc: BaseException, ctx: click.Context) -> None:
     """One line on stderr (and a JSON object on stdout for ``--json``), then exit."""
     if isinstance(exc, Cancelled):
-        stderr.print(f"Cancelled ({exc}): nothing was written.", markup=False)
+        written = ctx.meta.get(WRITTEN)
+        outcome = f"{' and '.join(written)} had been written" if written else "nothing was written"
+        stderr.print(f"Cancelled ({exc}): {outcome}.", markup=False)
         message, code = str(exc), int(exc.exit_code)
     elif isinstance(exc, AshstreamError):
         stderr.print(f"[bold red]Error:[/] {escape(str(exc))}", soft_wrap=True)
@@ -244,6 +247,7 @@ def _run(
     pdf_path = pdf or report.output.pdf
     preview = report.output.pdf_max_rows if pdf_path and not report.output.template else 0
     sink = TypstModuleSink(module_path, report, preview_rows=preview)
+    written = click.get_current_context().meta.setdefault(WRITTEN, [])  # for an interrupt
     sink.open()
     started = time.perf_counter()
     try:
@@ -282,7 +286,9 @@ def _run(
             if not quiet:
                 stderr.print(f"Compiling {pdf_path} with Typst…")
             compile_pdf(pdf_path, sink, columns, report.output.template)
+            written.append(str(pdf_path))
         sink.commit()  # last: a failure or Ctrl-C before this leaves no module behind
+        written.append(str(module_path))
     except BaseException:
         sink.abort()
         raise
@@ -457,9 +463,7 @@ def status(as_json, show_all) -> None:
     for pool in pools:
         pool["processes"] = _pool_processes(pool["pid"])
         if not show_all:
-            pool["streams"] = [
-                s for s in pool["streams"] if s.get("status") in ("starting", "running", "paused")
-            ]
+            pool["streams"] = [s for s in pool["streams"] if s.get("status") in ACTIVE]
     if as_json:
         click.echo(json.dumps(pools))
         return
@@ -492,7 +496,7 @@ def status(as_json, show_all) -> None:
             table.add_row(*(Text(cell) for cell in cells))
     out.print(table)
     for pool in pools:
-        if pool["streams"] and pool["processes"]:
+        if (pool["streams"] or pool["registry"] == "unreachable") and pool["processes"]:
             named = ", ".join(f"{p['title']} (pid {p['pid']})" for p in pool["processes"])
             out.print(f"Pool {pool['pid']} processes: {named}", markup=False, soft_wrap=True)
 

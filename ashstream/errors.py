@@ -16,7 +16,7 @@ class ExitCode(enum.IntEnum):
 # Said after an error that is ashstream's fault, not the user's.
 INTERNAL_ERROR_ADVICE = (
     "This is probably a bug in ashstream: please report it, with the trace that "
-    "--log-level debug shows"
+    "`ashstream run --log-level debug` shows"
 )
 
 
@@ -73,7 +73,8 @@ class ResourceError(AshstreamError):
 
 
 class PipelineError(AshstreamError):
-    """An internal failure of the pipeline: most likely a bug in ashstream."""
+    """The pipeline cannot go on: a stall, a pool that cannot start or was misused, or an
+    internal failure (whose message then says it is most likely a bug)."""
 
 
 class WorkerCrashed(PipelineError):

@@ -101,6 +101,7 @@ class HealthLoop:
         self._checks = 0
         self._warned = False  # above the warning level at the last check
         self._paused_since: float | None = None  # monotonic time admission was paused
+        self._check_failed = False  # the last check raised: warned once already
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ashstream-health", daemon=True)
 
@@ -203,6 +204,15 @@ class HealthLoop:
         while not self._stop.is_set():
             try:
                 self.check()
-            except Exception:  # a failed check must not end the checks that follow
+            except Exception as exc:  # a failed check must not end the checks that follow
+                if not self._check_failed:
+                    logger.warning(
+                        "a health check failed (%s: %s); memory and stalls may go unwatched",
+                        type(exc).__name__,
+                        exc,
+                    )
+                self._check_failed = True
                 logger.debug("health check failed", exc_info=True)
+            else:
+                self._check_failed = False
             self._stop.wait(self.interval_s)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,11 +30,13 @@ from multiprocessing.managers import DictProxy, SyncManager
 from pathlib import Path
 from typing import Any
 
-from ashstream.pipeline.child import Faults, become_child, simulate_start_crash
+from ashstream.pipeline.child import Faults, become_child
+from ashstream.procs import pid_alive
 
 logger = logging.getLogger(__name__)
 
 STATUSES = ("starting", "running", "paused", "completed", "failed", "cancelled")
+ACTIVE = STATUSES[:3]  # a stream in one of these is in progress
 
 _streams: dict[str, dict[str, Any]] = {}  # lives in the Manager's server process
 
@@ -49,11 +52,12 @@ class RegistryManager(SyncManager):
 RegistryManager.register("streams", callable=_streams_dict, proxytype=DictProxy)
 
 
-def _registry_process(lifeline: Connection, pool_pid: int, faults: Faults) -> None:
+def _registry_process(lifeline: Connection, pool_id: str, faults: Faults) -> None:
     """Runs first in the Manager's process: named in ``ps``, deaf to Ctrl-C (the parent
     must still be able to record the streams as cancelled), gone with the pool."""
-    become_child("registry", None, pool_pid, lifeline)
-    simulate_start_crash(faults)
+    become_child("registry", None, pool_id, lifeline)
+    if faults.crash_at_start:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def runtime_dir() -> Path:
@@ -69,7 +73,7 @@ def runtime_dir() -> Path:
 class Registry:
     """The pool's streams: read from this process's copy, published through the Manager."""
 
-    def __init__(self, ctx: BaseContext, lifeline: Connection, pool_pid: int) -> None:
+    def __init__(self, ctx: BaseContext, lifeline: Connection, pool_id: str) -> None:
         self._entries: dict[str, dict[str, Any]] = {}  # the truth, in this process
         self.reachable = True  # False once the Manager failed: publish no more
         self._file: Path | None = None
@@ -78,23 +82,32 @@ class Registry:
         self._manager = RegistryManager(ctx=ctx, authkey=authkey)
         try:
             faults = Faults.from_environment("registry", 0)
-            self._manager.start(_registry_process, (lifeline, pool_pid, faults))
+            self._manager.start(_registry_process, (lifeline, pool_id, faults))
             self._streams = self._manager.streams()
-        except (OSError, EOFError) as exc:
+            self._file = self._advertise(authkey)
+        except (OSError, EOFError) as exc:  # no Manager, or no place to say where it is
+            self.close()
             self._unreachable(exc)
-            return
-        self._file = runtime_dir() / f"{os.getpid()}-{secrets.token_hex(4)}.json"
-        descriptor = os.open(self._file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as f:
-            json.dump(
-                {
-                    "pid": os.getpid(),
-                    "address": self._manager.address,
-                    "authkey": authkey.hex(),
-                    "started_at": time.time(),
-                },
-                f,
-            )
+
+    def _advertise(self, authkey: bytes) -> Path:
+        """Write where the Manager listens, for ``ashstream status``; its path."""
+        path = runtime_dir() / f"{os.getpid()}-{secrets.token_hex(4)}.json"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(descriptor, "w") as f:
+                json.dump(
+                    {
+                        "pid": os.getpid(),
+                        "address": self._manager.address,
+                        "authkey": authkey.hex(),
+                        "started_at": time.time(),
+                    },
+                    f,
+                )
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
 
     def put(self, stream_id: str, entry: dict[str, Any]) -> None:
         entry = dict(entry)
@@ -146,9 +159,11 @@ def running_pools() -> list[dict[str, Any]]:
     for path in sorted(runtime_dir().glob("*.json")):
         try:
             info = json.loads(path.read_text())
-            os.kill(info["pid"], 0)
+            stale = not pid_alive(info["pid"])
         except (OSError, ValueError, KeyError):
-            path.unlink(missing_ok=True)  # a dead pool's, or unreadable: stale
+            stale = True  # unreadable
+        if stale:
+            path.unlink(missing_ok=True)
             continue
         pool = {"pid": info["pid"], "started_at": info["started_at"], "registry": "ok"}
         try:

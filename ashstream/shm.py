@@ -3,9 +3,11 @@
 The parent creates and unlinks every segment and registers it with multiprocessing's
 resource tracker, which unlinks it even if the parent is SIGKILLed. Children map it by
 name without registering, so no child's exit can unlink a segment still in use
-(cpython issue 82300) and no child can remove the parent's registration. Names carry a
+(cpython issue 82300). The one exception: when the pool's process has died, a child
+unlinks its segments and withdraws their registration (``unlink_segments_of``), so
+that they are gone at once and the tracker has nothing to warn about. Names carry a
 fixed prefix, the owner's pid and a run id, so segments of dead owners are swept at
-start-up.
+start-up. Only this user's segments are ever looked at.
 
 Batches travel as Arrow IPC streams written in place and read zero-copy; results travel
 as the UTF-8 text itself. Queues carry only slot numbers and sizes.
@@ -29,17 +31,32 @@ SEGMENT_PREFIX = "ashstream_"
 SHM_DIR = "/dev/shm"
 
 
-def segment_name(owner_pid: int | None = None) -> str:
-    """``ashstream_<pid>_<run id>``: under macOS's 31-character limit."""
-    return f"{SEGMENT_PREFIX}{owner_pid or os.getpid()}_{secrets.token_hex(4)}"
+def new_pool_id() -> str:
+    """``<pid>_<tag>``: names this pool's segments apart from another pool's of the same
+    process, so that one pool's clean-up never touches another's."""
+    return f"{os.getpid()}_{secrets.token_hex(2)}"
+
+
+def segment_name(pool_id: str) -> str:
+    """``ashstream_<pid>_<pool tag>_<stream tag>``: under macOS's 31-character limit."""
+    return f"{SEGMENT_PREFIX}{pool_id}_{secrets.token_hex(3)}"
 
 
 def our_segments() -> list[str]:
-    """Names of the segments in /dev/shm that carry our prefix."""
+    """Names of this user's segments in /dev/shm that carry our prefix (another user's
+    cannot be unlinked by us: /dev/shm is sticky)."""
     try:
-        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(SEGMENT_PREFIX))
+        entries = [e for e in os.scandir(SHM_DIR) if e.name.startswith(SEGMENT_PREFIX)]
     except FileNotFoundError:
         return []
+    names = []
+    for entry in entries:
+        try:
+            if entry.stat().st_uid == os.getuid():
+                names.append(entry.name)
+        except FileNotFoundError:
+            pass  # unlinked meanwhile
+    return sorted(names)
 
 
 def _owner_pid(name: str) -> int | None:
@@ -58,19 +75,21 @@ def sweep_stale_segments() -> list[str]:
             try:
                 _posixshmem.shm_unlink("/" + name)
                 swept.append(name)
-            except FileNotFoundError:
-                pass
+            except OSError:
+                pass  # unlinked meanwhile
     return swept
 
 
-def unlink_segments_of(owner_pid: int) -> list[str]:
-    """In a child whose pool process died: unlink that pool's segments and withdraw the
+def unlink_segments_of(pool_id: str) -> list[str]:
+    """In a child whose pool's process died: unlink the pool's segments and withdraw the
     pool's registration of each from the resource tracker (which children share), so the
     tracker does not warn of leaks at its exit. Only the process whose unlink succeeded
-    withdraws a name: the tracker reports a second withdrawal as an error."""
+    withdraws a name: the tracker reports a second withdrawal as an error. (Were the
+    tracker dead already, withdrawing would start a new one, which would then complain
+    about a name it never saw: it dies last, so that does not happen.)"""
     unlinked = []
     for name in our_segments():
-        if _owner_pid(name) != owner_pid:
+        if not name.startswith(f"{SEGMENT_PREFIX}{pool_id}_"):
             continue
         try:
             _posixshmem.shm_unlink("/" + name)
@@ -118,11 +137,11 @@ class Arena:
         self._buffer = pa.py_buffer(mapping)  # one Arrow view of the whole mapping
 
     @classmethod
-    def create(cls, slot_bytes: int, slots: int) -> Arena:
+    def create(cls, slot_bytes: int, slots: int, pool_id: str) -> Arena:
         slot_bytes = -(-slot_bytes // 64) * 64
         size = slot_bytes * slots
         check_free_space(size)
-        name = segment_name()
+        name = segment_name(pool_id)
         fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
         try:
             resource_tracker.register("/" + name, "shared_memory")

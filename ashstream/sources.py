@@ -6,21 +6,27 @@ process with threads must not fork, so the parent never imports it.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from ashstream.aggregate import check_analysis, sample_rows
 from ashstream.errors import ReportError, SourceError
+from ashstream.procs import pid_alive
 from ashstream.report import Report
 
 # DuckDB threads in the producer: the transformers need the cores; reading and ordering
 # is a small part of the work.
+# DuckDB's spill folders: ashstream-duckdb-<pid of the process using it>-<random>, so
+# that the folders of a process that died (which no finally survives) can be found.
+SPILL_PREFIX = "ashstream-duckdb-"
 PRODUCER_DUCKDB_THREADS = 1
 
 
@@ -103,7 +109,7 @@ def open_source(
         ) from None
     # DuckDB spills a query bigger than source_memory (the sort of a grouped report)
     # here, not into a ".tmp" folder in the current directory.
-    spill = tempfile.mkdtemp(prefix="ashstream-duckdb-")
+    spill = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-")
     try:
         return _open(con, report, rows_per_batch, on_connect, spill)
     except BaseException:
@@ -278,3 +284,27 @@ def sample_source(report: Report, rows: int = 1000) -> SourceSample:
     first = sample_rows(report, first)
     sample = pa.Table.from_batches([first])
     return SourceSample(sample.schema, source.total_rows, source_sql(report), sample)
+
+
+def _spill_dirs() -> list[tuple[Path, int]]:
+    """Our DuckDB spill folders in the temp directory, with the pid of their user."""
+    found = []
+    for path in Path(tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*"):
+        pid = path.name[len(SPILL_PREFIX) :].split("-")[0]
+        if pid.isdigit():
+            found.append((path, int(pid)))
+    return found
+
+
+def remove_spill_dirs_of(pid: int) -> None:
+    """Remove the spill folders of process ``pid`` (this one, about to exit)."""
+    for path, owner in _spill_dirs():
+        if owner == pid:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def sweep_stale_spill_dirs() -> None:
+    """Remove the spill folders of processes that died without removing them."""
+    for path, owner in _spill_dirs():
+        if not pid_alive(owner):
+            shutil.rmtree(path, ignore_errors=True)

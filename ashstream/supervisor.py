@@ -108,7 +108,8 @@ from ashstream.pipeline.scheduling import (
 from ashstream.pipeline.transformer import run_transformer
 from ashstream.registry import Registry
 from ashstream.report import Report
-from ashstream.shm import Arena, sweep_stale_segments
+from ashstream.shm import Arena, new_pool_id, sweep_stale_segments
+from ashstream.sources import sweep_stale_spill_dirs
 
 __all__ = ["MAX_RESTARTS", "RESTART_WINDOW_S", "Chunk", "StreamState", "Supervisor"]
 
@@ -129,7 +130,6 @@ EXTRA_WINDOW = 2
 START_TIMEOUT_S = 60.0
 JOIN_TIMEOUT_S = 1.0
 TRANSFORMER, PRODUCER = "transformer", "producer"
-HANDLED = object()  # _receive dealt with the message itself
 _ENTRY_POINTS = {TRANSFORMER: run_transformer, PRODUCER: run_producer}
 _CLOSE = object()  # an Outbox's last message: its thread closes the pipe and ends
 
@@ -152,7 +152,7 @@ class Outbox:
         """Never blocks."""
         self._queue.put(message)
 
-    def close(self, timeout_s: float | None = None) -> None:
+    def close(self, timeout_s: float) -> None:
         """Send what is queued, then close the connection; wait up to ``timeout_s`` (0: do
         not wait) for that to happen."""
         self._queue.put(_CLOSE)
@@ -239,7 +239,7 @@ class StreamState:
         self.rows = 0
         self.chunks = 0
         self.bytes = 0
-        self.restarts = 0  # child restarts while this stream ran
+        self.restarts = 0  # deaths of the pool's children while this stream ran
         self.redispatched = 0  # its batches dispatched again after a transformer died
         self.skipped: list[tuple[int, int]] = []  # row ranges left out (poison_policy="skip")
         self.lossy = EncodeStats()
@@ -287,7 +287,7 @@ class Supervisor:
         min_batch_rows: int = MIN_BATCH_ROWS,
     ) -> None:
         self.ctx = mp.get_context(start_method)
-        self.pool_pid = os.getpid()
+        self.pool_id = new_pool_id()  # names its segments; children clean up by it
         self.min_batch_rows = min_batch_rows
         self.profile_dir = profile_dir  # memray captures of every child go here
         self.n_transformers = workers
@@ -308,6 +308,9 @@ class Supervisor:
         self.n_producers = max(1, -(-workers // PRODUCER_PER_TRANSFORMERS))
         self._producers: list[_Child] = []
         self._wake_r, self._wake_w = self.ctx.Pipe(duplex=False)
+        # Written under the lock: never block on it (a 5-byte message is written whole
+        # or not at all); a full pipe already wakes the dispatcher.
+        os.set_blocking(self._wake_w.fileno(), False)
         # Only this process holds the write end; every child holds a read end and exits
         # when it reads EOF, that is when this process is gone (pipeline.child).
         self._lifeline_r, self._lifeline_w = self.ctx.Pipe(duplex=False)
@@ -333,7 +336,8 @@ class Supervisor:
                 "file (code read from stdin?). Save it to a file and run that."
             )
         sweep_stale_segments()
-        self.registry = Registry(self.ctx, self._lifeline_r, self.pool_pid)
+        sweep_stale_spill_dirs()
+        self.registry = Registry(self.ctx, self._lifeline_r, self.pool_id)
         # Appended one by one: if a start fails, close() stops the ones already started.
         for i in range(self.n_transformers):
             self._transformers.append(self._start_child(TRANSFORMER, i))
@@ -361,43 +365,55 @@ class Supervisor:
             for handle in ready:
                 child = handles[handle]
                 if handle is child.conn:
-                    self._receive(child)  # READY, or a log line; EOF: its sentinel follows
+                    message = _recv(child.conn)  # READY or a log line
+                    if message is not None:  # EOF: its sentinel follows
+                        self._handle(child, message)
                 elif handle == child.process.sentinel:
                     code = self._reap(child)
                     if not self.budget.record_death(time.monotonic()):
                         raise WorkerCrashed(
                             f"the {child.role} process {child.index} died while the pool "
-                            f"was starting ({describe_exit(code)}), {self.budget.in_window} "
-                            f"times within {self.budget.window_s:.0f} s; ashstream cannot "
-                            "start. If the system is short of memory, use fewer workers."
+                            f"was starting ({describe_exit(code)}); {self.budget.in_window} "
+                            f"child processes died within {self.budget.window_s:.0f} s, so "
+                            "ashstream cannot start. If the system is short of memory, use "
+                            "fewer workers."
                         )
                     self._replace(child, code)
         self._emit_outside_lock()
 
     def close(self) -> None:
+        """Cancel the streams, stop the dispatcher and every child, unlink every segment.
+
+        Each stage runs even if one before it failed (a second Ctrl-C, say): a pool that
+        closed must leave no process, thread or segment behind."""
         with self._lock:
             self._closing = True
             streams = list(self._streams.values())
-        for stream in streams:
-            self.close_stream(stream, "cancelled")
-        with self._lock:
-            self._stopping = True
-            self._wake()
-        if self._thread is not None:
-            self._thread.join(5)
-        children = self._children()
+        try:
+            for stream in streams:
+                self.close_stream(stream, "cancelled")
+        finally:
+            with self._lock:
+                self._stopping = True
+                self._wake()
+            if self._thread is not None:
+                self._thread.join(5)
+            try:
+                self._stop_children()
+            finally:
+                if self.registry is not None:
+                    self.registry.close()
+                for conn in (self._wake_r, self._wake_w, self._lifeline_r, self._lifeline_w):
+                    conn.close()
+        self._emit_outside_lock()
+
+    def _stop_children(self) -> None:
+        children, self._transformers, self._producers = self._children(), [], []
         for child in children:
             child.outbox.put(STOP)
         for child in children:
             _stop_process(child.process)
             child.outbox.close(JOIN_TIMEOUT_S)
-        self._transformers = []
-        self._producers = []
-        if self.registry is not None:
-            self.registry.close()
-        for conn in (self._wake_r, self._wake_w, self._lifeline_r, self._lifeline_w):
-            conn.close()
-        self._emit_outside_lock()
 
     def _children(self) -> list[_Child]:
         return self._transformers + self._producers
@@ -408,7 +424,7 @@ class Supervisor:
             role,
             index,
             generation,
-            self.pool_pid,
+            self.pool_id,
             self._lifeline_r,
             self.profile_dir,
             self._log_level(),
@@ -453,6 +469,8 @@ class Supervisor:
         """Join a child whose sentinel fired; its exit code. Its outbox's thread closes
         the pipe once it has given up on what was queued."""
         child.process.join(JOIN_TIMEOUT_S)
+        # Not waited for: its thread may be failing a send, and an unexpected failure
+        # there reports to _internal_error, which takes the lock the caller holds.
         child.outbox.close(timeout_s=0)
         return child.process.exitcode
 
@@ -488,27 +506,42 @@ class Supervisor:
     # ------------------------------------------------------------------- streams
 
     def open_stream(self, report: Report, chunk_size: int) -> StreamState:
-        if self.broken:
-            raise PipelineError(f"the pool can run no more streams: {self.broken}")
+        self._check_open()
         window = self.n_transformers + EXTRA_WINDOW
-        arena = Arena.create(self.slot_bytes, 2 * window)
+        arena = Arena.create(self.slot_bytes, 2 * window, self.pool_id)
         try:
             stream = StreamState(secrets.token_hex(4), report, chunk_size, arena, window)
+            job = ProducerJob(
+                stream.id,
+                report,
+                chunk_size,
+                stream.arena_ref,
+                stream.input_slots,
+                self.min_batch_rows,
+            )
+            with self._lock:
+                self._check_open()  # again: the pool may have broken or begun to close
+                producer = min(self._producers, key=lambda p: len(p.streams))
+                producer.streams.add(stream.id)
+                stream.producer = producer
+                self._streams[stream.id] = stream
+                producer.outbox.put(job)
         except BaseException:
             arena.close()
             raise
-        job = ProducerJob(
-            stream.id, report, chunk_size, stream.arena_ref, stream.input_slots, self.min_batch_rows
-        )
-        with self._lock:
-            producer = min(self._producers, key=lambda p: len(p.streams))
-            producer.streams.add(stream.id)
-            stream.producer = producer
-            self._streams[stream.id] = stream
-            producer.outbox.put(job)
-        self.registry.put(stream.id, self._entry(stream))
+        with self._publishing:  # never after the stream's final state
+            with self._lock:
+                entry = None if stream.closing else self._entry(stream)
+            if entry is not None:
+                self.registry.put(stream.id, entry)
         telemetry.emit("pipeline.started", {}, {"stream_id": stream.id, "report": report.name})
         return stream
+
+    def _check_open(self) -> None:
+        if self.broken:
+            raise PipelineError(f"the pool can run no more streams: {self.broken}")
+        if self._closing:
+            raise PipelineError("the pool is closing; start a new one")
 
     def next_chunk(self, stream: StreamState) -> Chunk | None:
         """The next chunk in source order, or None at the end. Runs in the caller's thread."""
@@ -639,16 +672,18 @@ class Supervisor:
             self.fail(stream, error)
 
     def stalled_streams(self, no_progress_since: float) -> list[StreamState]:
-        """Streams with no progress since then, unless their caller has a batch to take
-        (then the wait is the caller's). Paused streams count: a pause that never ends
-        is a stall too."""
+        """Streams with no progress since then, unless their caller has something to
+        take (then the wait is the caller's). Paused streams count: a pause that never
+        ends is a stall too."""
         with self._lock:
             return [
                 s
                 for s in self._streams.values()
                 if s.error is None
                 and not s.closing
-                and not s.results.next_ready()
+                and not s.pending  # chunks for the caller to take: the wait is its
+                and not s.results.next_ready()  # likewise a batch
+                and not s.results.finished()  # likewise the end
                 and s.last_progress < no_progress_since
             ]
 
@@ -662,7 +697,7 @@ class Supervisor:
         try:
             self._wake_w.send_bytes(b"!")
         except OSError:
-            pass  # closed: the pool is closing
+            pass  # closed (the pool is closing), or full (the dispatcher wakes anyway)
 
     def _run(self) -> None:
         try:
@@ -672,16 +707,28 @@ class Supervisor:
             self._internal_error(exc)
 
     def _dispatch_once(self) -> bool:
-        """One round: wait for a message, a death or a wake-up, act on it; False once
+        """One round: wait for messages, deaths or a wake-up, act on them; False once
         the dispatcher is to stop."""
         with self._lock:
             if self._stopping:
                 return False
-            handlers = self._handlers()
-        ready = wait(list(handlers), timeout=0.5)
+            conns = {child.conn: child for child in self._children()}
+            sentinels = {child.process.sentinel: child for child in self._children()}
+        ready = wait([self._wake_r, *conns, *sentinels], timeout=0.5)
+        # Read without the lock: a large message takes a while, and a child stopped in
+        # the middle of sending must not hold up the callers. Only this thread reads.
+        received = [(conns[h], h, _recv(h)) for h in ready if h in conns]
+        if self._wake_r in ready:
+            while self._wake_r.poll():
+                self._wake_r.recv_bytes()
         with self._lock:
+            for child, conn, message in received:
+                if child.conn is conn and message is not None:  # EOF: its sentinel follows
+                    self._handle(child, message)
             for handle in ready:
-                handlers[handle]()
+                child = sentinels.get(handle)
+                if child is not None and child.process.sentinel == handle:
+                    self._on_exit(child)
             while self._commands:
                 self._commands.popleft()()
             self._schedule()
@@ -705,17 +752,6 @@ class Supervisor:
                 self._fail(stream, PipelineError(reason))
             self._cond.notify_all()
         self._emit_outside_lock()
-
-    def _handlers(self) -> dict[Any, Callable[[], object]]:
-        handlers: dict[Any, Callable[[], object]] = {self._wake_r: self._drain_wakeups}
-        for child in self._children():
-            handlers[child.conn] = lambda c=child: self._on_message(c)
-            handlers[child.process.sentinel] = lambda c=child: self._on_exit(c)
-        return handlers
-
-    def _drain_wakeups(self) -> None:
-        while self._wake_r.poll():
-            self._wake_r.recv_bytes()
 
     def _schedule(self) -> None:
         if self.broken or self._paused:
@@ -757,35 +793,16 @@ class Supervisor:
 
     # ---- messages
 
-    def _receive(self, child: _Child) -> object | None:
-        """The child's next message; None when its pipe is closed (its sentinel says why).
-
-        Messages every child sends are handled here: READY (its imports are done) and
-        LogLine (relayed to the parent's logging); the caller sees them as HANDLED."""
-        try:
-            message = child.conn.recv()
-        except (EOFError, OSError):
-            return None
-        if message == READY:
+    def _handle(self, child: _Child, message: object) -> None:
+        """Under the lock: one message from a child."""
+        if message == READY:  # its imports are done
             child.ready = True
-            return HANDLED
-        if isinstance(message, LogLine):
+        elif isinstance(message, LogLine):
             self._relay_log(message)
-            return HANDLED
-        return message
-
-    def _on_message(self, child: _Child) -> bool:
-        """Handle one message from a child; False when its pipe is closed."""
-        message = self._receive(child)
-        if message is None:
-            return False
-        if message is HANDLED:
-            return True
-        if child.role == TRANSFORMER:
+        elif child.role == TRANSFORMER:
             self._on_task_result(child, message)
         else:
             self._on_producer_message(child, message)
-        return True
 
     def _on_producer_message(self, producer: _Child, message: object) -> None:
         stream = self._streams.get(getattr(message, "stream_id", None))
@@ -836,8 +853,11 @@ class Supervisor:
     def _on_exit(self, child: _Child) -> None:
         """A child's sentinel fired: account for its work, then replace it, or give up
         when the restart budget is spent."""
-        while child.conn.poll() and self._on_message(child):
-            pass  # what it said before it went still counts
+        while child.conn.poll():  # what it said before it went still counts
+            message = _recv(child.conn)  # never blocks: nobody can write any more
+            if message is None:
+                break
+            self._handle(child, message)
         code = self._reap(child)
         affordable = self.budget.record_death(time.monotonic())
         for stream in self._streams.values():
@@ -855,8 +875,17 @@ class Supervisor:
             self._fail_streams_of(child, code)
         else:
             self._redispatch(child, code)
-        if not self._closing:
+        if self._closing:  # close() stops the others; nothing is waited on from this one
+            self._children_of(child.role).remove(child)
+            return
+        try:
             self._replace(child, code)
+        except OSError as exc:  # out of processes, file descriptors or memory
+            self._children_of(child.role).remove(child)
+            self._break(
+                f"cannot start a new {child.role} process in place of one that died "
+                f"({describe_exit(code)}): {exc}. The system is short of resources."
+            )
 
     def _children_of(self, role: str) -> list[_Child]:
         return self._transformers if role == TRANSFORMER else self._producers
@@ -931,8 +960,8 @@ class Supervisor:
             self._fail(stream, WorkerCrashed(reason))
 
     def _fail(self, stream: StreamState, error: AshstreamError) -> None:
-        """Under the lock."""
-        if stream.error is None:
+        """Under the lock. A stream being closed keeps the status its caller gave it."""
+        if stream.error is None and not stream.closing:
             stream.error = error
             stream.status = "failed"
             self._events.append(
@@ -946,6 +975,14 @@ class Supervisor:
                     },
                 )
             )
+
+
+def _recv(conn: Connection) -> object | None:
+    """The next message on a child's pipe; None when the pipe is closed."""
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        return None
 
 
 def _error_from(message: StageFailed) -> AshstreamError:

@@ -5,9 +5,11 @@ A child must never outlive the process that owns the pool, however that process 
 server, not the pool. Instead the pool owns the only write end of a *lifeline* pipe and
 every child (transformers, producers, the registry's Manager) holds a read end: when the
 pool's process dies, however it dies, the kernel closes the write end and each child's
-watch thread reads EOF, unlinks the pool's shared-memory segments and exits at once,
-silently. The segments are then gone before the resource tracker looks for them, so it
-has nothing to warn about either.
+watch thread reads EOF, cleans up after the pool and exits at once, silently. The
+segments are then gone before the resource tracker looks for them, so it has nothing to
+warn about either. (The write end also closes when the pool closes; a child still alive
+then just exits. A plain ``os.fork`` of the pool's process by user code would copy the
+write end and delay the children's exit until the fork exits too.)
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import setproctitle
 
+from ashstream.pipeline.logs import forward_logs
+from ashstream.profiling import tracked
 from ashstream.shm import unlink_segments_of
+from ashstream.sources import remove_spill_dirs_of
 
 # Test seams, read from the *parent's* environment when it starts a child and passed in
 # the child's parameters: a forkserver child's environment is the fork server's, fixed
@@ -58,7 +64,7 @@ class ChildParams:
     role: str  # "transformer" or "producer"
     index: int  # its slot, 0..N-1, kept across restarts
     generation: int  # restarts of this slot, for naming profiles
-    pool_pid: int  # the process that owns the pool, its arenas and the lifeline
+    pool_id: str  # "<pid of the pool's process>_<tag>": names its segments (shm.new_pool_id)
     lifeline: Connection  # read end of the pool's lifeline pipe: EOF when the pool died
     profile_dir: str | None  # record allocations with memray into this folder
     log_level: int  # the level the parent's ashstream logger shows
@@ -72,18 +78,18 @@ def process_title(role: str, index: int | None, pool_pid: int) -> str:
 
 
 def become_child(
-    role: str, index: int | None, pool_pid: int, lifeline: Connection
+    role: str, index: int | None, pool_id: str, lifeline: Connection
 ) -> threading.Thread:
     """First thing in a child: name it, leave Ctrl-C to the parent, watch the parent.
 
-    Returns the watch thread (see :func:`parent_gone`)."""
-    setproctitle.setproctitle(process_title(role, index, pool_pid))
+    Returns the watch thread (see :func:`run_child`)."""
+    setproctitle.setproctitle(process_title(role, index, int(pool_id.split("_")[0])))
     # Ctrl-C reaches the whole process group; only the parent decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return watch_parent(lifeline, pool_pid)
+    return watch_parent(lifeline, pool_id)
 
 
-def watch_parent(lifeline: Connection, pool_pid: int) -> threading.Thread:
+def watch_parent(lifeline: Connection, pool_id: str) -> threading.Thread:
     """A daemon thread that ends this process as soon as the pool's process is gone."""
 
     def watch() -> None:
@@ -91,20 +97,33 @@ def watch_parent(lifeline: Connection, pool_pid: int) -> threading.Thread:
             lifeline.recv_bytes()  # the pool never writes: this returns only at EOF
         except (EOFError, OSError):
             pass
-        unlink_segments_of(pool_pid)
-        os._exit(0)  # no clean-up of our own is owed to a dead parent, nor a traceback
+        try:
+            unlink_segments_of(pool_id)  # none are left if the pool closed normally
+            remove_spill_dirs_of(os.getpid())  # a producer's DuckDB spill, if any
+        finally:
+            os._exit(0)  # no clean-up of our own is owed to a dead parent, nor a traceback
 
     thread = threading.Thread(target=watch, name="ashstream-watch-parent", daemon=True)
     thread.start()
     return thread
 
 
-def parent_gone(watcher: threading.Thread, timeout_s: float = 1.0) -> None:
-    """The pipe to the parent broke: if the parent died, let the watch thread end this
-    process (it unlinks the segments); if the parent lives on, return."""
-    watcher.join(timeout_s)
-
-
-def simulate_start_crash(faults: Faults) -> None:
-    if faults.crash_at_start:
+def run_child(
+    params: ChildParams,
+    send: Callable[[object], None],
+    serve: Callable[[], None],
+) -> None:
+    """The life of a transformer or producer process around its ``serve`` loop: named,
+    watching the parent, logging through the parent, profiled when asked."""
+    name = f"{params.role}{params.index}"
+    watcher = become_child(params.role, params.index, params.pool_id, params.lifeline)
+    forward_logs(send, name, params.log_level)
+    if params.faults.crash_at_start:
         os.kill(os.getpid(), signal.SIGKILL)
+    with tracked(params.profile_dir, name, params.generation):
+        try:
+            serve()
+        except (EOFError, OSError):
+            # The pipe to the parent broke. If the parent died, the watch thread ends
+            # this process (after cleaning up); if it lives on, return.
+            watcher.join(1.0)

@@ -1,11 +1,12 @@
-"""The messages that cross process boundaries: small, picklable, data-free.
+"""The messages that cross process boundaries: small and picklable, and ``Chunk``.
 
-Each process has one duplex pipe to the parent, and only the parent's dispatcher thread
-reads or writes the parent's ends, so a SIGKILLed child can never wedge a lock shared
-with another (one pipe per child, as mpire does since 2.1). Data never travels here:
-batches and results live in the stream's shared-memory arena (``ashstream.shm``); a
-message names the slot. The exceptions are a single row too big for any slot and a
-result too big for its slot, which travel inline as bytes.
+Each process has one duplex pipe to the parent (one pipe per child, as mpire does since
+2.1), so a SIGKILLed child can never wedge a lock shared with another. In the parent,
+only the dispatcher thread reads a child's pipe and only that child's outbox thread
+writes to it. Data does not travel here: batches and results live in the stream's
+shared-memory arena (``ashstream.shm``); a message names the slot. The exceptions are a
+single row too big for any slot and a result too big for its slot, which travel inline
+as bytes.
 
     parent --ProducerJob--> producer --SourceOpened/BatchReady/SourceDone/StageFailed--> parent
     parent --SlotCredit---> producer        (a free input slot: credit-based backpressure)
@@ -15,9 +16,9 @@ result too big for its slot, which travel inline as bytes.
     parent --STOP---------> any child
     any child --LogLine---> parent          (its log records)
 
-The parent sends to each child from a thread of that child's own (``Outbox`` in
-``ashstream.supervisor``), so no other thread ever blocks on a full pipe; messages may
-therefore be as large as memory allows. ``Chunk`` is what the caller gets in the end.
+Because of the outbox threads (``Outbox`` in ``ashstream.supervisor``) no other thread
+ever blocks on a full pipe, so an inline message may be as large as memory allows.
+``Chunk`` is what the caller gets in the end.
 """
 
 from __future__ import annotations

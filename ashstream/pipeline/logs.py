@@ -21,6 +21,8 @@ class ForwardingHandler(logging.Handler):
         try:
             message = self.format(record)
             self.send(LogLine(record.name, record.levelno, message, self.role, os.getpid()))
+        except (EOFError, OSError):
+            pass  # the parent is gone or closing: nobody is left to read it
         except Exception:
             self.handleError(record)
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from ashstream.aggregate import Analysis, RunningColumns, row_columns
 from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError
-from ashstream.pipeline.child import ChildParams, become_child, parent_gone, simulate_start_crash
+from ashstream.pipeline.child import ChildParams, run_child
 from ashstream.pipeline.comms import (
     READY,
     STOP,
@@ -33,8 +33,6 @@ from ashstream.pipeline.comms import (
     StageFailed,
     StopStream,
 )
-from ashstream.pipeline.logs import forward_logs
-from ashstream.profiling import tracked
 from ashstream.shm import Arena, ipc_size
 from ashstream.sources import open_source
 
@@ -170,20 +168,13 @@ def run_producer(params: ChildParams, conn: Connection) -> None:
     first chunk never waits for a process start or imports. With ``params.profile_dir``
     its allocations are recorded with memray.
     """
-    watcher = become_child("producer", params.index, params.pool_pid, params.lifeline)
     send_lock = threading.Lock()
 
     def send(message: object) -> None:
         with send_lock:  # one pipe, many threads
             conn.send(message)
 
-    forward_logs(send, f"producer{params.index}", params.log_level)
-    simulate_start_crash(params.faults)
-    with tracked(params.profile_dir, f"producer{params.index}", params.generation):
-        try:
-            _serve(conn, send)
-        except (EOFError, OSError):
-            parent_gone(watcher)
+    run_child(params, send, lambda: _serve(conn, send))
 
 
 def _serve(conn: Connection, send: Callable[[object], None]) -> None:

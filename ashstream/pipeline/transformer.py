@@ -17,16 +17,8 @@ import pyarrow as pa
 from ashstream.aggregate import analyse_batch
 from ashstream.encode import EncodeOptions, EncodeStats, encode_rows_text
 from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError
-from ashstream.pipeline.child import (
-    ChildParams,
-    Faults,
-    become_child,
-    parent_gone,
-    simulate_start_crash,
-)
+from ashstream.pipeline.child import ChildParams, Faults, run_child
 from ashstream.pipeline.comms import READY, STOP, ReleaseArena, StageFailed, Task, TaskDone
-from ashstream.pipeline.logs import forward_logs
-from ashstream.profiling import tracked
 from ashstream.shm import Arena
 
 logger = logging.getLogger(__name__)
@@ -38,14 +30,7 @@ def run_transformer(params: ChildParams, conn: Connection) -> None:
     Runs in a transformer process. With ``params.profile_dir`` its allocations are
     recorded with memray (``ashstream.profiling``).
     """
-    watcher = become_child("transformer", params.index, params.pool_pid, params.lifeline)
-    forward_logs(conn.send, f"transformer{params.index}", params.log_level)
-    simulate_start_crash(params.faults)
-    with tracked(params.profile_dir, f"transformer{params.index}", params.generation):
-        try:
-            _serve(conn, params.faults)
-        except (EOFError, OSError):
-            parent_gone(watcher)
+    run_child(params, conn.send, lambda: _serve(conn, params.faults))
 
 
 def _serve(conn: Connection, faults: Faults) -> None:
