@@ -84,7 +84,8 @@ def main() -> None:
             for name, r in results.items()
         ],
     )
-    write_results("bench_versions", {"rows": args.rows, "workers": args.workers, "cases": results})
+    cases = {"rows": args.rows, "workers": args.workers, "cases": results}
+    write_results(f"bench_versions_{args.rows}", cases)
 
 
 if __name__ == "__main__":
