@@ -1,5 +1,9 @@
 """ashstream: stream DuckDB queries and Parquet files into Typst values."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from ashstream import telemetry
 from ashstream.aggregate import ClosedGroup, Summary
 from ashstream.encode import (
@@ -21,7 +25,8 @@ from ashstream.errors import (
     UnsupportedTypeError,
     WorkerCrashed,
 )
-from ashstream.pool import Chunk, StreamHandle, StreamPool
+from ashstream.inline import InlineStream
+from ashstream.pipeline.comms import Chunk
 from ashstream.report import Report, load_report
 
 __version__ = "0.1.0"
@@ -34,6 +39,7 @@ __all__ = [
     "EncodeError",
     "EncodeOptions",
     "EncodeStats",
+    "InlineStream",
     "PipelineError",
     "Report",
     "ReportError",
@@ -52,3 +58,17 @@ __all__ = [
     "load_report",
     "telemetry",
 ]
+
+
+if TYPE_CHECKING:
+    from ashstream.pool import StreamHandle, StreamPool
+
+
+def __getattr__(name: str) -> object:
+    """The pool and its process machinery load on first use (PEP 562): a small report
+    that runs in the calling process never needs them, and a command starts sooner."""
+    if name in ("StreamPool", "StreamHandle"):
+        from ashstream import pool
+
+        return getattr(pool, name)
+    raise AttributeError(f"module 'ashstream' has no attribute {name!r}")

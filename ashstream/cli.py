@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import signal
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import psutil
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -42,11 +43,13 @@ from ashstream.encode import (
     typst_type,
 )
 from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError, Cancelled, ExitCode
-from ashstream.pool import StreamPool
-from ashstream.registry import ACTIVE, running_pools
+from ashstream.inline import INLINE_MAX_ROWS, InlineStream, runs_inline
 from ashstream.report import load_report
 from ashstream.sinks import TypstModuleSink, compile_pdf
 from ashstream.sources import sample_source
+
+if TYPE_CHECKING:
+    from ashstream.pool import StreamPool
 
 stderr = Console(stderr=True, highlight=False)
 logger = logging.getLogger(__name__)
@@ -138,6 +141,14 @@ def _sigterm_cancels():
     "-o", "--output", type=click.Path(dir_okay=False), help="The Typst data module to write."
 )
 @click.option("--pdf", type=click.Path(dir_okay=False), help="Also compile a PDF to this path.")
+@click.option(
+    "--inline-rows",
+    type=click.IntRange(min=0),
+    default=INLINE_MAX_ROWS,
+    show_default=True,
+    help="Run a source of at most this many rows (Parquet row count) in this process, "
+    "without starting workers; 0: always start them.",
+)
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 @click.option(
@@ -170,6 +181,7 @@ def run(
     params,
     output,
     pdf,
+    inline_rows,
     no_progress,
     quiet,
     as_json,
@@ -193,6 +205,7 @@ def run(
             show_progress=not (no_progress or quiet or as_json),
             quiet=quiet or as_json,
             memray_dir=memray_dir,
+            inline_rows=inline_rows,
         )
     if memray_dir:
         summary["profiles"] = _profiles(memray_dir, quiet or as_json)
@@ -239,7 +252,16 @@ def _profiles(directory: str, quiet: bool) -> list[dict]:
 
 
 def _run(
-    report_path, chunk_size, workers, params, output, pdf, show_progress, quiet, memray_dir=None
+    report_path,
+    chunk_size,
+    workers,
+    params,
+    output,
+    pdf,
+    show_progress,
+    quiet,
+    memray_dir=None,
+    inline_rows=INLINE_MAX_ROWS,
 ) -> dict:
     report = load_report(report_path, params)
     workers = workers or report.pipeline.workers
@@ -251,8 +273,7 @@ def _run(
     sink.open()
     started = time.perf_counter()
     try:
-        with StreamPool(workers, profile_dir=memray_dir) as pool:
-            handle = pool.start(report, chunk_size)
+        with _engine(report, chunk_size, workers, memray_dir, inline_rows) as (handle, pool):
             chunks = groups = 0
             with _progress(show_progress) as progress:
                 task = progress.add_task(report.name, total=None, status="starting")
@@ -272,9 +293,10 @@ def _run(
                 "report": report.name,
                 "rows": sink.rows,
                 "chunks": chunks,
-                "workers": pool.workers,
-                "peak_memory_bytes": pool.peak_memory_bytes,
-                "restarts": pool.restarts,
+                "engine": "inline" if pool is None else "pool",
+                "workers": 0 if pool is None else pool.workers,
+                "peak_memory_bytes": _peak_rss() if pool is None else pool.peak_memory_bytes,
+                "restarts": 0 if pool is None else pool.restarts,
                 "skipped_rows": handle.skipped,
                 "warnings": handle.lossy.messages(),
                 "groups": groups + len(results.groups),
@@ -297,12 +319,30 @@ def _run(
     return summary
 
 
+@contextmanager
+def _engine(report, chunk_size, workers, memray_dir, inline_rows):
+    """The report's stream and the pool running it, or None for a source small enough
+    to run in this process (``--inline-rows``): starting a pool costs about a second."""
+    if runs_inline(report, inline_rows):
+        yield InlineStream(report, chunk_size or report.pipeline.chunk_size), None
+        return
+    from ashstream.pool import StreamPool  # loaded only when a pool is needed
+
+    with StreamPool(workers, profile_dir=memray_dir) as pool:
+        yield pool.start(report, chunk_size), pool
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _print_summary(summary: dict) -> None:
     for line in summary["warnings"]:
         stderr.print(f"[yellow]Warning:[/] {line}", markup=True)
     stderr.print(
         f"{summary['rows']:,} rows in {summary['seconds']:.2f} s "
-        f"({summary['rows_per_s']:,.0f} rows/s, {summary['workers']} workers, "
+        f"({summary['rows_per_s']:,.0f} rows/s, {_engine_words(summary)}, "
         f"peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB)"
     )
     if summary["groups"]:
@@ -312,6 +352,12 @@ def _print_summary(summary: dict) -> None:
         stderr.print(f"Totals: {totals}", markup=False, soft_wrap=True)
     outputs = summary["outputs"]
     stderr.print(f"Wrote {outputs['typst']}" + (f" and {outputs['pdf']}" if outputs["pdf"] else ""))
+
+
+def _engine_words(summary: dict) -> str:
+    if summary["engine"] == "inline":
+        return "in this process"
+    return f"{summary['workers']} workers"
 
 
 class _JsonFormatter(logging.Formatter):
@@ -459,6 +505,8 @@ def _first_values(sample) -> dict[str, str]:
 @click.option("--all", "show_all", is_flag=True, help="Also show finished streams.")
 def status(as_json, show_all) -> None:
     """List the ashstream runs of this user in progress on this machine."""
+    from ashstream.registry import ACTIVE, running_pools
+
     pools = running_pools()
     for pool in pools:
         pool["processes"] = _pool_processes(pool["pid"])
@@ -503,6 +551,8 @@ def status(as_json, show_all) -> None:
 
 def _pool_processes(pool_pid: int) -> list[dict]:
     """The pool's children as ``ps`` names them (``ashstream: transformer 0 [pool N]``)."""
+    import psutil
+
     try:
         children = psutil.Process(pool_pid).children(recursive=True)
     except psutil.Error:
@@ -518,9 +568,11 @@ def _pool_processes(pool_pid: int) -> list[dict]:
     return found
 
 
-def _status_line(pool: StreamPool, rows: int, started: float) -> str:
+def _status_line(pool: StreamPool | None, rows: int, started: float) -> str:
     elapsed = time.perf_counter() - started
     rate = rows / elapsed if elapsed > 0 else 0.0
+    if pool is None:
+        return f"{rate:,.0f} rows/s · in this process"
     return (
         f"{rate:,.0f} rows/s · {pool.memory_bytes / 2**20:,.0f} MiB · "
         f"{pool.busy_transformers()}/{pool.workers} transformers busy"

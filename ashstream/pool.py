@@ -10,6 +10,7 @@ from typing import Any
 from ashstream.aggregate import Summary
 from ashstream.errors import AshstreamError, PipelineError, ReportError
 from ashstream.health import HEALTH_INTERVAL_S, STALL_TIMEOUT_S, HealthLoop
+from ashstream.pipeline.collector import summary_of
 from ashstream.pipeline.comms import Chunk
 from ashstream.report import Report, load_report, parse_param, parse_size
 from ashstream.supervisor import (
@@ -73,11 +74,7 @@ class StreamHandle:
                 f"stream {self.id} is {state.status}; its summary exists once every chunk "
                 "has been taken"
             )
-        if state.collector is None:
-            return Summary([], {}, {})
-        return Summary(
-            state.final_groups, state.collector.report_totals(), state.collector.chart_results()
-        )
+        return summary_of(state.collector, state.final_groups)
 
     def __iter__(self) -> Iterator[Chunk]:
         return self._chunks()

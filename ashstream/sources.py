@@ -219,16 +219,25 @@ def _total_rows(con: Any, report: Report, sql: str, params: Mapping[str, Any]) -
     """Rows the stream will yield, when that is cheap (or asked for with count_rows)."""
     src = report.source
     if src.parquet and not src.where:
-        import pyarrow.parquet as pq
-
-        try:
-            return sum(pq.ParquetFile(p).metadata.num_rows for p in src.parquet)
-        except (OSError, pa.ArrowException):
-            return None  # the read itself will report the broken file
+        return parquet_row_count(report)
     if src.count_rows:
         count_sql = f"SELECT count(*) FROM ({sql}) AS counted"
         return con.sql(count_sql, params=bound_params(count_sql, params)).fetchall()[0][0]
     return None
+
+
+def parquet_row_count(report: Report) -> int | None:
+    """The rows of the report's Parquet files, from their footers alone (with a ``where``,
+    an upper bound); None for another source, or a file that cannot be read (the read
+    itself then reports it)."""
+    if not report.source.parquet:
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in report.source.parquet)
+    except (OSError, pa.ArrowException):
+        return None
 
 
 def _read(

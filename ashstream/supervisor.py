@@ -66,6 +66,7 @@ from typing import Any
 
 from ashstream import errors, telemetry
 from ashstream.aggregate import Analysis, ClosedGroup, Collector
+from ashstream.batch_job import MIN_BATCH_ROWS
 from ashstream.encode import EncodeStats
 from ashstream.errors import (
     INTERNAL_ERROR_ADVICE,
@@ -115,10 +116,6 @@ __all__ = ["MAX_RESTARTS", "RESTART_WINDOW_S", "Chunk", "StreamState", "Supervis
 
 logger = logging.getLogger(__name__)
 
-# Rows read and encoded together at least, whatever the chunk size: a transformer call
-# costs about 1 ms of fixed overhead, so 1000-row chunks encoded one by one would run at
-# half speed. The caller still gets chunks of at most chunk_size rows.
-MIN_BATCH_ROWS = 16384
 # One producer process per this many transformers: a producer serves several streams on
 # threads, so memory does not grow with the number of streams.
 PRODUCER_PER_TRANSFORMERS = 4
@@ -576,7 +573,17 @@ class Supervisor:
             except ValueError:  # the arena was closed: cancelled from another thread
                 raise Cancelled(f"stream {stream.id} was cancelled") from None
 
-        stream.pending.extend(cut_into_chunks(batch, result, stream.chunk_size, read_text, closed))
+        stream.pending.extend(
+            cut_into_chunks(
+                batch.first_row,
+                batch.first_chunk,
+                result.rows,
+                result.chunk_ends,
+                stream.chunk_size,
+                read_text,
+                closed,
+            )
+        )
         with self._cond:
             stream.result_free.append(result.out_slot)
             stream.last_progress = time.monotonic()

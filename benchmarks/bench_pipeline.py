@@ -36,6 +36,7 @@ import multiprocessing as mp
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -43,20 +44,21 @@ import time
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _duckdb_peer import write_literals
 from _harness import print_table, write_results
-from bench_encode import SALES_SQL, duckdb_query
+from _sales import SALES_SQL
 
 from ashstream import StreamPool, load_report
 from ashstream.encode import encode_rows, encode_rows_text
 
 CHUNK_SIZE = 10_000
+DEFAULT_ROWS = "1000000,10000000"
 
 
 class PeakPss:
@@ -93,18 +95,6 @@ def run_ashstream(pool: StreamPool, report_path: Path, out: Path) -> None:
     with open(out, "wb") as f:
         for chunk in pool.stream(report_path, chunk_size=CHUNK_SIZE):
             f.write(chunk.text)
-
-
-def run_duckdb(parquet: Path, out: Path, threads: int) -> None:
-    con = duckdb.connect()
-    con.execute(f"SET threads = {threads}")
-    con.execute(f"CREATE VIEW sales AS SELECT * FROM read_parquet('{parquet}')")
-    query = duckdb_query().replace("')') AS row", "'),\n') AS row")
-    with open(out, "wb") as f:
-        for batch in con.sql(query).to_arrow_reader(batch_size=CHUNK_SIZE):
-            column = batch.column(0).cast(pa.string())
-            end = np.frombuffer(column.buffers()[1], np.int32, count=len(column) + 1)[-1]
-            f.write(column.buffers()[2].slice(0, int(end)))
 
 
 def _pool_encode(ipc: bytes) -> bytes:
@@ -167,11 +157,18 @@ def measure(fn, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="1000000,10000000")
+    parser.add_argument("--rows", default=DEFAULT_ROWS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="200k rows, 1 repeat")
     parser.add_argument("--analysis", action="store_true", help="the cost of groups etc.")
+    parser.add_argument(
+        "--small", action="store_true", help="whole processes on small reports (--rows 10000,...)"
+    )
     args = parser.parse_args()
+    if args.small:
+        rows = [10_000, 100_000, 300_000, 1_000_000] if args.rows == DEFAULT_ROWS else None
+        measure_small(rows or [int(n) for n in args.rows.split(",")], args.repeats)
+        return
     sizes = [200_000] if args.quick else [int(n) for n in args.rows.split(",")]
     repeats = 1 if args.quick else args.repeats
     results: dict = {"chunk_size": CHUNK_SIZE, "sizes": {}}
@@ -320,8 +317,8 @@ def measure_size(rows: int, workdir: Path, repeats: int) -> dict:
                     first.append(time.perf_counter() - start)
                     stream.close()
     peers = {
-        "DuckDB SQL, 1 thread": lambda: run_duckdb(parquet, out["d1"], 1),
-        "DuckDB SQL, 2 threads": lambda: run_duckdb(parquet, out["d2"], 2),
+        "DuckDB SQL, 1 thread": lambda: write_literals(str(parquet), str(out["d1"]), 1),
+        "DuckDB SQL, 2 threads": lambda: write_literals(str(parquet), str(out["d2"]), 2),
         "multiprocessing.Pool(2), bytes": lambda: run_mp_pool(parquet, out["mp"], 2),
         "multiprocessing.Pool(2), str rows": lambda: run_mp_pool_rows(parquet, out["mpr"], 2),
         "encoder alone, 1 process": lambda: run_single_process(parquet, out["single"]),
@@ -386,6 +383,81 @@ def report_results(results: dict) -> None:
             f"\nashstream(2) peak memory at {int(sizes[-1]):,} rows / at {int(sizes[0]):,}: {ratio:.2f}x"
         )
     path = write_results("bench_pipeline", results)
+    print(f"\nwrote {path}")
+
+
+def measure_small(sizes: list[int], repeats: int) -> None:
+    """What every user of a small report feels: whole processes, start-up included.
+
+    Per size: ``ashstream run`` in the calling process (``--inline-rows`` at the size),
+    with a pool (``--inline-rows 0``), and DuckDB writing
+    the same row literals in a process of its own (2 threads). Cases alternate round by
+    round after one discarded warm-up round; medians. The module's rows must equal
+    DuckDB's text, and the two ashstream modules must be byte-identical.
+    """
+    here = Path(__file__).resolve().parent
+    workdir = Path(tempfile.mkdtemp(prefix="ashstream-bench-"))
+    results: dict = {"sizes": {}}
+    try:
+        for rows in sizes:
+            parquet = workdir / f"sales-{rows}.parquet"
+            duckdb.connect().execute(
+                f"COPY ({SALES_SQL.format(rows=rows)}) TO '{parquet}' (FORMAT parquet)"
+            )
+            report = workdir / f"sales-{rows}.yaml"
+            report.write_text(f"name: sales\nsource:\n  parquet: {parquet.name}\n")
+            ashstream = [sys.executable, "-m", "ashstream", "run", str(report), "-q", "-o"]
+            commands = {
+                "ashstream run, in this process": [
+                    *ashstream,
+                    str(workdir / "inline.typ"),
+                    "--inline-rows",
+                    str(rows),
+                ],
+                "ashstream run, a pool": [
+                    *ashstream,
+                    str(workdir / "pool.typ"),
+                    "--inline-rows",
+                    "0",
+                ],
+                "DuckDB SQL, 2 threads (process)": [
+                    sys.executable,
+                    str(here / "_duckdb_peer.py"),
+                    str(parquet),
+                    str(workdir / "duckdb.txt"),
+                    "2",
+                ],
+            }
+            times: dict[str, list[float]] = {name: [] for name in commands}
+            for round_ in range(repeats + 1):
+                for name, command in commands.items():
+                    started = time.perf_counter()
+                    subprocess.run(command, check=True)
+                    if round_:
+                        times[name].append(time.perf_counter() - started)
+            inline = (workdir / "inline.typ").read_bytes()
+            assert inline == (workdir / "pool.typ").read_bytes(), "inline and pool modules differ"
+            start, end = inline.index(b"#let rows = (\n") + 14, inline.index(b")\n#let groups")
+            rows_text = inline[start:end]
+            assert rows_text == (workdir / "duckdb.txt").read_bytes(), "rows differ from DuckDB's"
+            peer = statistics.median(times["DuckDB SQL, 2 threads (process)"])
+            results["sizes"][str(rows)] = {
+                name: {
+                    "wall_s": statistics.median(runs),
+                    "runs_s": runs,
+                    "x_duckdb_wall": statistics.median(runs) / peer,
+                }
+                for name, runs in times.items()
+            }
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    table = [
+        [f"{int(rows):,}", name, f"{c['wall_s']:.2f}", f"{c['x_duckdb_wall']:.2f}"]
+        for rows, cases in results["sizes"].items()
+        for name, c in cases.items()
+    ]
+    print_table(["rows", "case", "median wall s", "wall x DuckDB's"], table)
+    path = write_results("bench_small", results)
     print(f"\nwrote {path}")
 
 

@@ -26,7 +26,7 @@ import duckdb
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import print_table, write_results
-from bench_encode import SALES_SQL
+from _sales import SALES_SQL
 
 HERE = Path(__file__).resolve().parent.parent
 

@@ -24,7 +24,7 @@ import typst
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ashstream import EncodeError, SourceError, StreamPool, load_report
+from ashstream import EncodeError, InlineStream, SourceError, StreamPool, load_report
 from ashstream.charts import lttb
 from ashstream.sources import source_sql
 from tests.conftest import write_report
@@ -228,8 +228,12 @@ def report_for(directory: Path, table: pa.Table, **extra):
     return load_report(write_report(directory, spec))
 
 
-def run(pool: StreamPool, report, chunk_size: int) -> dict:
-    handle = pool.start(report, chunk_size)
+def run(pool: StreamPool | None, report, chunk_size: int) -> dict:
+    """What a stream gives: on the pool, or (None) in this process with InlineStream."""
+    if pool is None:
+        handle = InlineStream(report, chunk_size, min_batch_rows=1)
+    else:
+        handle = pool.start(report, chunk_size)
     text, groups = b"", []
     for chunk in handle:
         text += chunk.text
@@ -432,6 +436,8 @@ def test_same_result_for_every_chunk_size_and_worker_count(small_batch_pools, ro
             for chunk_size in CHUNK_SIZES:
                 result = run(small_batch_pools[workers], report, chunk_size)
                 assert result == first, f"{workers} workers, chunk size {chunk_size} differ"
+        for chunk_size in CHUNK_SIZES:  # the same batch job, in this process
+            assert run(None, report, chunk_size) == first, f"inline, chunk size {chunk_size}"
     finally:
         shutil.rmtree(directory)
 
@@ -460,6 +466,7 @@ def test_groups_across_many_batches_match_the_oracle(small_batch_pools, tmp_path
     first = run(small_batch_pools[2], report, 7)
     check_against_oracle(first, table)
     assert run(small_batch_pools[3], report, 256) == first
+    assert run(None, report, 7) == first
 
 
 def test_an_empty_source_has_totals_and_no_groups(small_batch_pools, tmp_path):

@@ -855,3 +855,49 @@ def test_a_run_removes_temporary_files_a_killed_run_left_and_no_others(tmp_path)
     )
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted([*kept, "out.pdf", "out.typ"])
+
+
+@pytest.mark.process
+@pytest.mark.timeout(120)
+def test_a_small_parquet_report_runs_in_this_process_and_writes_the_pools_bytes(tmp_path):
+    """Groups, variables (a running one too), a chart, fields with an expression, where
+    and a parameter: the module is the same byte for byte with and without a pool."""
+    import json
+
+    import duckdb
+
+    duckdb.connect().execute(
+        f"COPY ({mixed_sql(5000)}) TO '{tmp_path / 'mixed.parquet'}' (FORMAT parquet)"
+    )
+    report = write_report(
+        tmp_path,
+        {
+            "name": "small",
+            "source": {"parquet": "mixed.parquet", "where": "id >= $low", "order_by": "id"},
+            "params": {"low": {"type": "int", "default": 0}},
+            "fields": ["id", "letter", "amount", "day", {"name": "half", "expr": "ratio / 2"}],
+            "groups": [{"name": "letter", "field": "letter"}],
+            "variables": [
+                {"name": "total", "function": "sum", "field": "amount", "reset": "letter"},
+                {
+                    "name": "upto",
+                    "function": "sum",
+                    "field": "amount",
+                    "reset": "report",
+                    "running": True,
+                },
+            ],
+            "charts": [
+                {"name": "per_day", "x": "day", "y": "amount", "agg": "sum", "bucket": "month"}
+            ],
+        },
+    )
+    runs = {}
+    for engine, extra in (("inline", []), ("pool", ["--inline-rows", "0"])):
+        out = tmp_path / f"{engine}.typ"
+        result = run_cli("run", str(report), "-o", str(out), "--json", "--param", "low=7", *extra)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["engine"] == engine
+        runs[engine] = out.read_bytes().replace(out.name.encode(), b"")
+    assert runs["inline"] == runs["pool"]
+    assert b"upto" in runs["inline"] and b"per_day" in runs["inline"]

@@ -12,6 +12,7 @@ import pytest
 
 from ashstream import (
     EncodeError,
+    InlineStream,
     ReportError,
     SourceError,
     StreamPool,
@@ -132,6 +133,13 @@ def test_duckdb_query_with_params_where_order_by_and_fields(pools, tmp_path):
     assert text == expected_text(expected)
     assert handle.total_rows == expected.num_rows  # count_rows: true
     assert handle.columns == ("id", "customer", "day", "amount")
+    _, pooled = collect(pools(2).start(report, 100, {"min_amount": "5"}))
+    inline = InlineStream(load_report(report, {"min_amount": "5"}), chunk_size=100)
+    chunks = list(inline)  # the same batch job in this process: the same chunks
+    assert [(c.seq, c.first_row, c.text) for c in chunks] == [
+        (c.seq, c.first_row, c.text) for c in pooled
+    ]
+    assert (inline.total_rows, inline.columns) == (handle.total_rows, handle.columns)
 
 
 def test_empty_source_and_one_row(pools, tmp_path):

@@ -72,9 +72,7 @@ def test_results_are_handed_out_in_seq_order_whatever_order_they_arrive_in():
 
 def test_a_batch_is_cut_into_chunks_of_at_most_chunk_size_rows():
     text = b"r0,\nr1,\nr2,\nr3,\nr4,\n"
-    batch = BatchReady("s", 4, first_row=100, first_chunk=20, rows=5, slot=0, nbytes=0)
-    result = TaskDone("s", 4, 5, 0, len(text), chunk_ends=(8, 16, 20))
-    chunks = cut_into_chunks(batch, result, 2, lambda start, end: text[start:end], [])
+    chunks = cut_into_chunks(100, 20, 5, (8, 16, 20), 2, lambda start, end: text[start:end], [])
     assert [(c.seq, c.first_row, c.num_rows, c.text) for c in chunks] == [
         (20, 100, 2, b"r0,\nr1,\n"),
         (21, 102, 2, b"r2,\nr3,\n"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ashstream.aggregate import ClosedGroup
+from ashstream.aggregate import ClosedGroup, Collector, Summary
 from ashstream.pipeline.comms import BatchReady, Chunk, TaskDone
 
 
@@ -42,20 +42,29 @@ class ResultOrder:
 
 
 def cut_into_chunks(
-    batch: BatchReady,
-    result: TaskDone,
+    first_row: int,
+    first_chunk: int,
+    rows: int,
+    chunk_ends: tuple[int, ...],
     chunk_size: int,
     read_text: Callable[[int, int], bytes],
     closed: list[ClosedGroup],
 ) -> list[Chunk]:
-    """The batch's chunks: at most ``chunk_size`` rows each, each with the groups whose
-    end it revealed. ``read_text(start, end)`` returns the result text's bytes."""
+    """A batch's chunks: at most ``chunk_size`` rows each, each with the groups whose end
+    it revealed. ``read_text(start, end)`` returns bytes of the batch's text."""
     chunks = []
     start = row = 0
-    for i, end in enumerate(result.chunk_ends):
-        rows = min(chunk_size, result.rows - row)
-        first = batch.first_row + row
-        groups = [g for g in closed if first <= g.last_row + 1 < first + rows]
-        chunks.append(Chunk(batch.first_chunk + i, first, rows, read_text(start, end), groups))
-        start, row = end, row + rows
+    for i, end in enumerate(chunk_ends):
+        taken = min(chunk_size, rows - row)
+        first = first_row + row
+        groups = [g for g in closed if first <= g.last_row + 1 < first + taken]
+        chunks.append(Chunk(first_chunk + i, first, taken, read_text(start, end), groups))
+        start, row = end, row + taken
     return chunks
+
+
+def summary_of(collector: Collector | None, final_groups: list[ClosedGroup]) -> Summary:
+    """A finished stream's totals, charts and the groups still open at its end."""
+    if collector is None:
+        return Summary([], {}, {})
+    return Summary(final_groups, collector.report_totals(), collector.chart_results())

@@ -13,13 +13,13 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
 import pyarrow as pa
 
-from ashstream.aggregate import Analysis, RunningColumns, row_columns
+from ashstream.batch_job import read_batches
 from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError
 from ashstream.pipeline.child import ChildParams, run_child
 from ashstream.pipeline.comms import (
@@ -34,7 +34,6 @@ from ashstream.pipeline.comms import (
     StopStream,
 )
 from ashstream.shm import Arena, ipc_size
-from ashstream.sources import open_source
 
 logger = logging.getLogger(__name__)
 
@@ -106,19 +105,12 @@ class _Job:
     def produce(self, arena: Arena) -> None:
         job = self.job
         free_slots = deque(job.input_slots)
-        source = open_source(
-            job.report, max(job.chunk_size, job.min_batch_rows), on_connect=self._connected
+        source = read_batches(
+            job.report, job.chunk_size, job.min_batch_rows, on_connect=self._connected
         )
-        analysis = Analysis.of(job.report)
-        running = RunningColumns(analysis) if analysis is not None else None
-        batches = source.batches
-        if running:  # the one process that sees every batch in order carries their state
-            batches = map(running.add, batches)
-        self.send(
-            SourceOpened(job.stream_id, row_columns(job.report, source.schema), source.total_rows)
-        )
+        self.send(SourceOpened(job.stream_id, source.columns, source.total_rows))
         seq = first_row = first_chunk = 0
-        for batch in _first_chunk_alone(batches, job.chunk_size):
+        for batch in source.batches:
             for part in split_to_fit(batch, arena.slot_bytes // INPUT_SHARE_OF_SLOT):
                 while not free_slots:
                     free_slots.append(self._wait_for_credit())
@@ -205,16 +197,6 @@ def _serve(conn: Connection, send: Callable[[object], None]) -> None:
         for job in jobs.values():
             job.thread.join(1.0)
         conn.close()
-
-
-def _first_chunk_alone(batches: Iterator[pa.RecordBatch], chunk_size: int):
-    """The first chunk travels as a batch of its own, so that the caller sees it after
-    encoding chunk_size rows rather than a whole batch."""
-    for i, batch in enumerate(batches):
-        if i == 0 and batch.num_rows > chunk_size:
-            yield batch.slice(0, chunk_size)
-            batch = batch.slice(chunk_size)
-        yield batch
 
 
 def split_to_fit(batch: pa.RecordBatch, slot_bytes: int) -> list[pa.RecordBatch]:

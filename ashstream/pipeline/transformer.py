@@ -14,8 +14,8 @@ from multiprocessing.connection import Connection
 
 import pyarrow as pa
 
-from ashstream.aggregate import analyse_batch
-from ashstream.encode import EncodeOptions, EncodeStats, encode_rows_text
+from ashstream.batch_job import encode_batch
+from ashstream.encode import EncodeOptions
 from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError
 from ashstream.pipeline.child import ChildParams, Faults, run_child
 from ashstream.pipeline.comms import READY, STOP, ReleaseArena, StageFailed, Task, TaskDone
@@ -75,41 +75,31 @@ def _run_task(
             batch = pa.ipc.open_stream(pa.py_buffer(task.inline)).read_next_batch()
         else:
             batch = arena.read_batch(task.in_slot, task.in_nbytes)
-        partial = None
-        if task.analysis is not None:
-            partial = analyse_batch(batch, task.analysis, task.first_row)
-            if task.analysis.hidden:
-                batch = batch.drop_columns(list(task.analysis.hidden))
         if task.timezone not in options:
             options[task.timezone] = EncodeOptions(timezone=task.timezone)
-        stats = EncodeStats()
         started = time.perf_counter()
-        text, row_ends = encode_rows_text(batch, options=options[task.timezone], stats=stats)
+        done = encode_batch(
+            batch, task.first_row, task.chunk_size, options[task.timezone], task.analysis
+        )
+        del batch  # no view of the slot may outlive the task
         logger.debug(
             "stream %s batch %d: %d rows encoded in %.1f ms",
             task.stream_id,
             task.seq,
-            batch.num_rows,
+            done.rows,
             (time.perf_counter() - started) * 1000,
         )
-        rows = batch.num_rows
-        del batch  # no view of the slot may outlive the task
-        chunk_ends = tuple(
-            int(row_ends[min(end, rows) - 1])
-            for end in range(task.chunk_size, rows + task.chunk_size, task.chunk_size)
-        )
-        lossy = tuple((column, reason, n) for (column, reason), n in stats.counts.items())
-        inline = None if arena.write_bytes(task.out_slot, text) else text.to_pybytes()
+        inline = None if arena.write_bytes(task.out_slot, done.text) else done.text.to_pybytes()
         return TaskDone(
             task.stream_id,
             task.seq,
-            rows,
+            done.rows,
             task.out_slot,
-            len(text),
-            chunk_ends,
-            lossy,
+            len(done.text),
+            done.chunk_ends,
+            done.lossy,
             inline,
-            partial,
+            done.partial,
         )
     except AshstreamError as exc:
         message = f"{_rows_of(task)}: {exc.with_row_offset(task.first_row)}"
