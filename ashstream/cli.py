@@ -267,7 +267,8 @@ def _run(
     workers = workers or report.pipeline.workers
     module_path = Path(output or report.output.typst or f"{report.name}.typ")
     pdf_path = pdf or report.output.pdf
-    preview = report.output.pdf_max_rows if pdf_path and not report.output.template else 0
+    every_row = report.output.template is not None and report.output.template_rows == "all"
+    preview = report.output.pdf_max_rows if pdf_path and not every_row else 0
     sink = TypstModuleSink(module_path, report, preview_rows=preview)
     written = click.get_current_context().meta.setdefault(WRITTEN, [])  # for an interrupt
     sink.open()
@@ -307,7 +308,7 @@ def _run(
         if pdf_path:
             if not quiet:
                 stderr.print(f"Compiling {pdf_path} with Typst…")
-            compile_pdf(pdf_path, sink, columns, report.output.template)
+            compile_pdf(pdf_path, sink, columns, report.output.template, every_row)
             written.append(str(pdf_path))
         sink.commit()  # last: a failure or Ctrl-C before this leaves no module behind
         written.append(str(module_path))

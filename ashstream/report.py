@@ -156,6 +156,9 @@ class Output:
     template: str | None = None
     pdf_max_rows: int = DEFAULT_PDF_MAX_ROWS
     detail: bool = True  # the built-in template shows detail rows
+    # "preview": a template reads the first pdf_max_rows rows (and every group, the
+    # totals and charts); "all": every row, at Typst's cost of seconds and GiB a million
+    template_rows: str = "preview"
 
 
 @dataclass(frozen=True)
@@ -637,7 +640,11 @@ class _Parser:
     def output(self, value: object) -> Output:
         if value is None:
             return Output()
-        spec = self.mapping(value, "output", {"typst", "pdf", "template", "pdf_max_rows", "detail"})
+        spec = self.mapping(
+            value,
+            "output",
+            {"typst", "pdf", "template", "pdf_max_rows", "detail", "template_rows"},
+        )
         paths = {}
         for key in ("typst", "pdf", "template"):
             if spec.get(key) is not None:
@@ -650,7 +657,8 @@ class _Parser:
                 "output.pdf_max_rows", f"expected a whole number >= 0, got {max_rows!r}"
             )
         detail = self.flag(spec, "detail", "output", default=True)
-        return Output(pdf_max_rows=max_rows, detail=detail, **paths)
+        template_rows = self.choice(spec, "template_rows", "output", ("preview", "all"), "preview")
+        return Output(pdf_max_rows=max_rows, detail=detail, template_rows=template_rows, **paths)
 
     def pipeline(self, value: object) -> PipelineSettings:
         if value is None:

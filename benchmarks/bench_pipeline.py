@@ -164,7 +164,13 @@ def main() -> None:
     parser.add_argument(
         "--small", action="store_true", help="whole processes on small reports (--rows 10000,...)"
     )
+    parser.add_argument(
+        "--template", action="store_true", help="a user template on the example report"
+    )
     args = parser.parse_args()
+    if args.template:
+        measure_template(args.repeats)
+        return
     if args.small:
         rows = [10_000, 100_000, 300_000, 1_000_000] if args.rows == DEFAULT_ROWS else None
         measure_small(rows or [int(n) for n in args.rows.split(",")], args.repeats)
@@ -458,6 +464,80 @@ def measure_small(sizes: list[int], repeats: int) -> None:
     ]
     print_table(["rows", "case", "median wall s", "wall x DuckDB's"], table)
     path = write_results("bench_small", results)
+    print(f"\nwrote {path}")
+
+
+# Reads every row it is given, lays out a table of the first hundred.
+USER_TEMPLATE = """#import sys.inputs.data: rows, meta
+= #meta.name: #rows.len() of #meta.row_count rows
+#let first = rows.slice(0, calc.min(100, rows.len()))
+#table(columns: 3, ..first.map(r => (str(r.id), r.region, str(r.amount))).flatten())
+"""
+
+
+def measure_template(repeats: int) -> None:
+    """A user template on examples/sales.yaml: the run without a PDF, with a template
+    that reads the bounded module (the default), and with ``template_rows: all`` on
+    fewer rows (Typst needs a minute and ~9 GiB for a million), whole processes,
+    alternating; medians of wall time and of the tree's peak PSS."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "sales.yaml"
+    workdir = Path(tempfile.mkdtemp(prefix="ashstream-bench-"))
+    try:
+        (workdir / "user.typ").write_text(USER_TEMPLATE)
+        spec = example.read_text().replace("\noutput:", "\noutput_of_example:")
+        head = spec.split("\noutput_of_example:")[0]
+        cases = {}
+        for name, rows, template in (
+            ("no PDF", 1_000_000, None),
+            ("user template, bounded (default)", 1_000_000, "template: user.typ\n"),
+            ("no PDF", 200_000, None),
+            (
+                "user template, template_rows: all",
+                200_000,
+                "template: user.typ\n  template_rows: all\n",
+            ),
+        ):
+            n = len(cases)
+            report = workdir / f"{n}.yaml"
+            output = "\noutput:\n  " + (template or "typst: x.typ\n")
+            text = head.replace("default: 1000000", f"default: {rows}")
+            report.write_text(text + output + "pipeline:\n  chunk_size: 10000\n")
+            pdf = ["--pdf", str(workdir / f"{n}.pdf")] if template else []
+            run = ["run", str(report), "-q", "-o", str(workdir / f"{n}.typ"), *pdf]
+            cases[f"{name}, {rows // 1000}k rows"] = (
+                rows,
+                [sys.executable, "-m", "ashstream", *run],
+            )
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        peaks: dict[str, list[int]] = {name: [] for name in cases}
+        for round_ in range(repeats + 1):
+            for name, (_, command) in cases.items():
+                with PeakPss(0.5) as sampler:  # PSS walks page tables: sample rarely
+                    started = time.perf_counter()
+                    subprocess.run(command, check=True, cwd=workdir)
+                    seconds = time.perf_counter() - started
+                if round_:
+                    times[name].append(seconds)
+                    peaks[name].append(sampler.peak_bytes)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    results = {
+        name: {
+            "rows": cases[name][0],
+            "wall_s": statistics.median(times[name]),
+            "runs_s": times[name],
+            "peak_pss_bytes": statistics.median(peaks[name]),
+        }
+        for name in cases
+    }
+    print_table(
+        ["case", "rows", "median wall s", "peak PSS MiB"],
+        [
+            [name, f"{r['rows']:,}", f"{r['wall_s']:.2f}", f"{r['peak_pss_bytes'] / 2**20:,.0f}"]
+            for name, r in results.items()
+        ],
+    )
+    path = write_results("bench_template", {"cases": results})
     print(f"\nwrote {path}")
 
 

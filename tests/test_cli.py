@@ -311,6 +311,11 @@ BAD_REPORTS = [
         "output.template: no such template file",
         id="missing-template",
     ),
+    pytest.param(
+        "name: x\nsource: {duckdb: {query: 'SELECT 1'}}\noutput: {template_rows: most}\n",
+        "output.template_rows: expected one of preview, all, got 'most'",
+        id="bad-template-rows",
+    ),
     pytest.param("name: x\nsource: [1, 2\n", "not valid YAML", id="invalid-yaml"),
     pytest.param("", "the file is empty", id="empty-file"),
     pytest.param(
@@ -901,3 +906,32 @@ def test_a_small_parquet_report_runs_in_this_process_and_writes_the_pools_bytes(
         runs[engine] = out.read_bytes().replace(out.name.encode(), b"")
     assert runs["inline"] == runs["pool"]
     assert b"upto" in runs["inline"] and b"per_day" in runs["inline"]
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(
+    ("template_rows", "seen", "ok"),
+    [(None, 50, True), ("all", 5000, True), (None, 5000, False)],
+    ids=["preview by default", "every row when asked", "the check can fail"],
+)
+def test_a_user_template_reads_pdf_max_rows_unless_it_asks_for_every_row(
+    tmp_path, template_rows, seen, ok
+):
+    template = (
+        "#import sys.inputs.data: rows, groups, totals, charts, meta\n"
+        f"#assert.eq(rows.len(), {seen})\n"
+        f"#assert.eq(meta.rows_shown, {seen})\n"
+        "#assert.eq(meta.row_count, 5000)\n"
+        "= #meta.name\n"
+    )
+    output = {"pdf_max_rows": 50} | ({"template_rows": template_rows} if template_rows else {})
+    report = write_template_report(tmp_path, template, "SELECT * FROM range(5000) t(i)", **output)
+    result = invoke("run", str(report), "--pdf", str(tmp_path / "t.pdf"), "-q")
+    if ok:
+        assert result.exit_code == 0, result.stderr
+        assert (tmp_path / "t.pdf").read_bytes().startswith(b"%PDF")
+        assert (tmp_path / "t.typ").read_bytes().count(b",\n") >= 5000  # the module is whole
+    else:
+        assert result.exit_code == 1
+        assert "Typst could not compile t.pdf" in result.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["report.yaml", "template.typ"]
