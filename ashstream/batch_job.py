@@ -39,9 +39,11 @@ def read_batches(
     chunk_size: int,
     min_batch_rows: int = MIN_BATCH_ROWS,
     on_connect: Callable[[Any], None] | None = None,
+    connection: Any = None,
 ) -> BatchSource:
-    """Open the report's source and stream its batches (see the module docstring)."""
-    source = open_source(report, max(chunk_size, min_batch_rows), on_connect=on_connect)
+    """Open the report's source and stream its batches (see the module docstring);
+    ``on_connect`` and ``connection`` as for :func:`ashstream.sources.open_source`."""
+    source = open_source(report, max(chunk_size, min_batch_rows), on_connect, connection)
     analysis = Analysis.of(report)
     batches = source.batches
     if analysis is not None:
