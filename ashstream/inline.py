@@ -22,8 +22,8 @@ from ashstream.sources import parquet_row_count
 
 # Reports over at most this many rows run in the calling process when the row count is
 # known before reading (Parquet metadata). Measured on 2 cores (benchmarks/bench_pipeline.py
-# --small, medians of 5): in this process against a pool, 0.41 s / 1.00 s at 10k rows,
-# 0.88 s / 1.32 s at 300k, 1.82 s / 1.98 s at 1M. The pool's lead grows with cores, so
+# --small, medians of 3): in this process against a pool, 0.43 s / 0.71 s at 10k rows,
+# 0.81 s / 1.03 s at 300k, 1.94 s / 1.81 s at 1M. The pool's lead grows with cores, so
 # the line sits below the 2-core crossover.
 INLINE_MAX_ROWS = 500_000
 

@@ -334,6 +334,8 @@ class Supervisor:
             )
         sweep_stale_segments()
         sweep_stale_spill_dirs()
+        if self.ctx.get_start_method() == "forkserver":
+            _preload_in_forkserver()
         self.registry = Registry(self.ctx, self._lifeline_r, self.pool_id)
         # Appended one by one: if a start fails, close() stops the ones already started.
         for i in range(self.n_transformers):
@@ -997,6 +999,30 @@ def _error_from(message: StageFailed) -> AshstreamError:
     if not (isinstance(cls, type) and issubclass(cls, AshstreamError)):
         cls = PipelineError
     return cls(message.message)
+
+
+# What the fork server imports once, so that each child forks with them loaded instead of
+# importing pyarrow and ashstream itself (a pool opened in 0.65 s, now 0.35 s, on 2 cores).
+# Forking after these imports is safe: the only threads they start (numpy's BLAS pool,
+# jemalloc's background thread) are idle and fork-aware, and DuckDB starts none until a
+# connection, which the fork server never makes.
+FORKSERVER_PRELOAD = (
+    "ashstream.pipeline.transformer",
+    "ashstream.pipeline.producer",
+    "ashstream.registry",
+)
+
+
+def _preload_in_forkserver() -> None:
+    """Add ours to the fork server's preload list (it takes effect only if the fork
+    server has not started yet in this process). The list is read from the private
+    attribute that ``set_forkserver_preload`` writes, so a caller's own entries stay."""
+    from multiprocessing import forkserver
+
+    current = list(getattr(forkserver._forkserver, "_preload_modules", ["__main__"]))
+    forkserver.set_forkserver_preload(
+        current + [name for name in FORKSERVER_PRELOAD if name not in current]
+    )
 
 
 def _stop_process(process: BaseProcess) -> None:
