@@ -72,3 +72,7 @@ def __getattr__(name: str) -> object:
 
         return getattr(pool, name)
     raise AttributeError(f"module 'ashstream' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,11 +1,12 @@
 """The work on one stream's batches that does not depend on where it runs.
 
 ``read_batches`` is what a producer does before a batch is handed on: open the source,
-add the running values (they need every row in order, so the one reader carries them)
-and send the first chunk alone. ``encode_batch`` is what a transformer does with a
-batch: the analysis partials, then the Typst text and where each chunk of it ends.
-The pool runs them in its producer and transformer processes; a small report runs them
-in the calling process (``ashstream.inline``). Same code, same bytes.
+add the running values (they need every row in order, so the one reader carries them),
+send the first chunk alone and cut batches to a size in bytes. ``encode_batch`` is what a
+transformer does with a batch: the analysis partials, then the Typst text and where each
+chunk of it ends; ``batch_failure`` is what the user is told when that fails. The pool
+runs them in its producer and transformer processes; a small report runs them in the
+calling process (``ashstream.inline``). Same code, same chunks, same bytes.
 """
 
 from __future__ import annotations
@@ -18,13 +19,25 @@ import pyarrow as pa
 
 from ashstream.aggregate import Analysis, BatchPartial, RunningColumns, analyse_batch, row_columns
 from ashstream.encode import EncodeOptions, EncodeStats, encode_rows_text
+from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError, PipelineError
 from ashstream.report import Report
+from ashstream.shm import ipc_size
 from ashstream.sources import open_source
 
 # Rows read and encoded together at least, whatever the chunk size: encoding a batch
 # costs about 1 ms of fixed overhead, so 1000-row chunks encoded one by one would run at
 # half speed. The caller still gets chunks of at most chunk_size rows.
 MIN_BATCH_ROWS = 16384
+# Bytes of each shared-memory slot by default; a batch is cut to fit its share of one.
+DEFAULT_SLOT_BYTES = 8 * 2**20
+# An input batch may fill this share of a slot (1/4): Typst text is usually 2-4x the Arrow
+# size, and the result must fit a slot of the same size to avoid the slow inline path.
+INPUT_SHARE_OF_SLOT = 4
+
+
+def input_bytes(slot_bytes: int) -> int:
+    """The most Arrow IPC bytes a batch may take, for slots of ``slot_bytes``."""
+    return slot_bytes // INPUT_SHARE_OF_SLOT
 
 
 @dataclass
@@ -38,21 +51,37 @@ def read_batches(
     report: Report,
     chunk_size: int,
     min_batch_rows: int = MIN_BATCH_ROWS,
+    max_batch_bytes: int = input_bytes(DEFAULT_SLOT_BYTES),
     on_connect: Callable[[Any], None] | None = None,
     connection: Any = None,
 ) -> BatchSource:
-    """Open the report's source and stream its batches (see the module docstring);
+    """Open the report's source and stream its batches (see the module docstring): at
+    most ``max_batch_bytes`` of Arrow IPC each, unless a single row is bigger.
     ``on_connect`` and ``connection`` as for :func:`ashstream.sources.open_source`."""
     source = open_source(report, max(chunk_size, min_batch_rows), on_connect, connection)
     analysis = Analysis.of(report)
     batches = source.batches
     if analysis is not None:
         batches = map(RunningColumns(analysis).add, batches)
-    return BatchSource(
-        row_columns(report, source.schema),
-        source.total_rows,
-        _first_chunk_alone(batches, chunk_size),
+    parts = (
+        part
+        for batch in _first_chunk_alone(batches, chunk_size)
+        for part in split_to_fit(batch, max_batch_bytes)
     )
+    return BatchSource(row_columns(report, source.schema), source.total_rows, parts)
+
+
+def split_to_fit(batch: pa.RecordBatch, max_bytes: int) -> list[pa.RecordBatch]:
+    """Row ranges of ``batch`` whose IPC form fits ``max_bytes`` (a single row always
+    passes)."""
+    size = ipc_size(batch)
+    if size <= max_bytes or batch.num_rows <= 1:
+        return [batch]
+    rows = max(1, int(batch.num_rows * max_bytes / size * 0.9))
+    parts = []
+    for start in range(0, batch.num_rows, rows):
+        parts += split_to_fit(batch.slice(start, rows), max_bytes)
+    return parts
 
 
 def _first_chunk_alone(
@@ -99,3 +128,19 @@ def encode_batch(
     )
     lossy = tuple((column, reason, n) for (column, reason), n in stats.counts.items())
     return EncodedBatch(text, rows, chunk_ends, lossy, partial)
+
+
+def batch_rows(first_row: int, rows: int, seq: int) -> str:
+    """A batch's rows, counted from the source's first row, as the user sees them."""
+    return f"rows {first_row}..{first_row + rows - 1} (batch {seq})"
+
+
+def batch_failure(exc: Exception, first_row: int, rows: int, seq: int) -> AshstreamError:
+    """What the user is told when the batch job fails on a batch: an ashstream error with
+    the batch's rows named, or an internal error (its trace belongs in the debug log)."""
+    where = batch_rows(first_row, rows, seq)
+    if isinstance(exc, AshstreamError):
+        return type(exc)(f"{where}: {exc.with_row_offset(first_row)}")
+    return PipelineError(
+        f"transformer failed on {where}: {type(exc).__name__}: {exc}. {INTERNAL_ERROR_ADVICE}"
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
+import os
 import signal
 import sys
 import time
@@ -43,7 +43,7 @@ from ashstream.encode import (
     typst_type,
 )
 from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError, Cancelled, ExitCode
-from ashstream.inline import INLINE_MAX_ROWS, InlineStream, runs_inline
+from ashstream.inline import INLINE_MAX_ROWS, InlineStream, inline_max_rows, runs_inline
 from ashstream.report import load_report
 from ashstream.sinks import TypstModuleSink, compile_pdf
 from ashstream.sources import sample_source
@@ -144,10 +144,9 @@ def _sigterm_cancels():
 @click.option(
     "--inline-rows",
     type=click.IntRange(min=0),
-    default=INLINE_MAX_ROWS,
-    show_default=True,
-    help="Run a source of at most this many rows (Parquet row count) in this process, "
-    "without starting workers; 0: always start them.",
+    help=f"Run a Parquet source of at most this many rows in this process, without "
+    f"starting workers; 0: always start them (default: {INLINE_MAX_ROWS:,} on 2 cores, "
+    "fewer on more; 0 when --workers is given).",
 )
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
@@ -261,9 +260,11 @@ def _run(
     show_progress,
     quiet,
     memray_dir=None,
-    inline_rows=INLINE_MAX_ROWS,
+    inline_rows=None,
 ) -> dict:
     report = load_report(report_path, params)
+    if inline_rows is None:  # --workers asks for workers
+        inline_rows = 0 if workers else inline_max_rows(len(os.sched_getaffinity(0)))
     workers = workers or report.pipeline.workers
     module_path = Path(output or report.output.typst or f"{report.name}.typ")
     pdf_path = pdf or report.output.pdf
@@ -296,7 +297,7 @@ def _run(
                 "chunks": chunks,
                 "engine": "inline" if pool is None else "pool",
                 "workers": 0 if pool is None else pool.workers,
-                "peak_memory_bytes": _peak_rss() if pool is None else pool.peak_memory_bytes,
+                "peak_memory_bytes": (pool or handle).peak_memory_bytes,
                 "restarts": 0 if pool is None else pool.restarts,
                 "skipped_rows": handle.skipped,
                 "warnings": handle.lossy.messages(),
@@ -310,6 +311,11 @@ def _run(
                 stderr.print(f"Compiling {pdf_path} with Typst…")
             compile_pdf(pdf_path, sink, columns, report.output.template, every_row)
             written.append(str(pdf_path))
+            if report.output.template and not every_row and sink.rows > preview:
+                summary["warnings"].append(
+                    f"the template read the first {preview:,} of {sink.rows:,} rows "
+                    "(output.pdf_max_rows); output.template_rows: all gives it every row"
+                )
         sink.commit()  # last: a failure or Ctrl-C before this leaves no module behind
         written.append(str(module_path))
     except BaseException:
@@ -323,19 +329,15 @@ def _run(
 @contextmanager
 def _engine(report, chunk_size, workers, memray_dir, inline_rows):
     """The report's stream and the pool running it, or None for a source small enough
-    to run in this process (``--inline-rows``): starting a pool costs about a second."""
+    to run in this process (``--inline-rows``): starting a pool costs a third of a second
+    or more, and small reports do not win it back."""
     if runs_inline(report, inline_rows):
-        yield InlineStream(report, chunk_size or report.pipeline.chunk_size), None
+        yield InlineStream(report, chunk_size), None
         return
     from ashstream.pool import StreamPool  # loaded only when a pool is needed
 
     with StreamPool(workers, profile_dir=memray_dir) as pool:
         yield pool.start(report, chunk_size), pool
-
-
-def _peak_rss() -> int:
-    """This process's peak resident memory (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _print_summary(summary: dict) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ashstream.aggregate import Summary
+from ashstream.batch_job import DEFAULT_SLOT_BYTES, MIN_BATCH_ROWS
 from ashstream.errors import AshstreamError, PipelineError, ReportError
 from ashstream.health import HEALTH_INTERVAL_S, STALL_TIMEOUT_S, HealthLoop
 from ashstream.pipeline.collector import summary_of
@@ -15,7 +16,6 @@ from ashstream.pipeline.comms import Chunk
 from ashstream.report import Report, load_report, parse_param, parse_size
 from ashstream.supervisor import (
     MAX_RESTARTS,
-    MIN_BATCH_ROWS,
     RESTART_WINDOW_S,
     StreamState,
     Supervisor,
@@ -23,10 +23,6 @@ from ashstream.supervisor import (
 )
 
 __all__ = ["Chunk", "StreamHandle", "StreamPool", "Summary"]
-
-# Bytes per shared-memory slot. A batch larger than this is split by rows; a single row
-# larger than this, or a result text larger than this, travels through a pipe instead.
-DEFAULT_SLOT_BYTES = 8 * 2**20
 
 
 class StreamHandle:
@@ -112,7 +108,9 @@ class StreamPool:
 
     Args:
         workers: transformer processes; default one per available core.
-        slot_bytes: size of each shared-memory slot (see ``DEFAULT_SLOT_BYTES``).
+        slot_bytes: size of each shared-memory slot (8 MiB). A batch is cut to fit a
+            quarter of one; a row, or a batch's text, bigger than a slot travels whole
+            through the child's pipe instead.
         start_method: ``"forkserver"`` (default) or ``"spawn"``; never ``"fork"``, which
             is unsafe once DuckDB or Arrow have started threads.
         max_restarts, restart_window_s: restart intensity. A dead transformer is replaced

@@ -1,7 +1,8 @@
 """Open the report's DuckDB query or Parquet files and read them as Arrow record batches.
 
-Runs only inside a producer process: DuckDB starts threads as soon as it is used, and a
-process with threads must not fork, so the parent never imports it.
+Runs in a producer process, or in the calling process for a small report (which then
+starts no pool). DuckDB starts threads as soon as it is used; ashstream never forks a
+process that has used it (children start from a fork server that imports no DuckDB).
 """
 
 from __future__ import annotations

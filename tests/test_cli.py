@@ -1,9 +1,11 @@
 """The ``ashstream`` command, in a real subprocess and through click's runner."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 from click.testing import CliRunner
@@ -926,11 +928,14 @@ def test_a_user_template_reads_pdf_max_rows_unless_it_asks_for_every_row(
     )
     output = {"pdf_max_rows": 50} | ({"template_rows": template_rows} if template_rows else {})
     report = write_template_report(tmp_path, template, "SELECT * FROM range(5000) t(i)", **output)
-    result = invoke("run", str(report), "--pdf", str(tmp_path / "t.pdf"), "-q")
+    result = invoke("run", str(report), "--pdf", str(tmp_path / "t.pdf"), "--json")
     if ok:
         assert result.exit_code == 0, result.stderr
         assert (tmp_path / "t.pdf").read_bytes().startswith(b"%PDF")
         assert (tmp_path / "t.typ").read_bytes().count(b",\n") >= 5000  # the module is whole
+        warnings = json.loads(result.stdout)["warnings"]
+        cut = "the template read the first 50 of 5,000 rows (output.pdf_max_rows)"
+        assert [w for w in warnings if w.startswith(cut)] == ([] if template_rows else [ANY])
     else:
         assert result.exit_code == 1
         assert "Typst could not compile t.pdf" in result.stderr

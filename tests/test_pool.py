@@ -13,6 +13,7 @@ import pytest
 from ashstream import (
     EncodeError,
     InlineStream,
+    PipelineError,
     ReportError,
     SourceError,
     StreamPool,
@@ -432,3 +433,40 @@ def test_closing_the_iterator_cancels_the_stream(running_stream):
     stream.close()
     assert pool.status(handle.id)["status"] == "cancelled"
     assert our_segments() == []
+
+
+def test_inline_stream_cuts_the_pools_batches_and_reports_its_errors(pools, tmp_path):
+    """Wide rows are cut to fit a slot's share in both engines, so the chunks agree;
+    an encoding error names the same rows; a stream is read once."""
+    wide = write_report(
+        tmp_path,
+        {
+            "name": "w",
+            "source": {
+                "duckdb": {"query": "SELECT i, repeat('x', 300) AS s FROM range(40000) t(i)"}
+            },
+        },
+        "wide.yaml",
+    )
+    pooled = [(c.seq, c.first_row, c.num_rows) for c in pools(2).stream(wide, chunk_size=5000)]
+    inline = InlineStream(load_report(wide), chunk_size=5000)
+    assert [(c.seq, c.first_row, c.num_rows) for c in inline] == pooled
+    assert len(pooled) > 8  # some batches were cut
+    with pytest.raises(PipelineError, match="read once"):
+        iter(inline)
+    union = write_report(
+        tmp_path,
+        {
+            "name": "u",
+            "source": {
+                "duckdb": {"query": "SELECT i, union_value(n := i) AS u FROM range(10) t(i)"}
+            },
+        },
+        "union.yaml",
+    )
+    with pytest.raises(EncodeError) as from_pool:
+        list(pools(2).stream(union))
+    with pytest.raises(EncodeError) as from_inline:
+        list(InlineStream(load_report(union)))
+    assert str(from_inline.value) == str(from_pool.value)
+    assert str(from_pool.value).startswith("rows 0..")

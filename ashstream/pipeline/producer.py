@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ashstream.batch_job import read_batches
+from ashstream.batch_job import input_bytes, read_batches
 from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError
 from ashstream.pipeline.child import ChildParams, run_child
 from ashstream.pipeline.comms import (
@@ -33,13 +33,9 @@ from ashstream.pipeline.comms import (
     StageFailed,
     StopStream,
 )
-from ashstream.shm import Arena, ipc_size
+from ashstream.shm import Arena
 
 logger = logging.getLogger(__name__)
-
-# An input batch may fill this share of a slot (1/4): Typst text is usually 2-4x the Arrow
-# size, and the result must fit a slot of the same size to avoid the slow inline path.
-INPUT_SHARE_OF_SLOT = 4
 
 
 class _Stopped(Exception):
@@ -93,6 +89,8 @@ class _Job:
         finally:
             if arena is not None:
                 arena.close()
+            if self.spare is not None and self.connection is None:
+                self.spare.close()  # handed over but never used: the stream ended first
 
     def _report(self, kind: str, message: str) -> None:
         """Tell the parent the stream failed, unless the parent stopped it first."""
@@ -107,38 +105,42 @@ class _Job:
         job = self.job
         free_slots = deque(job.input_slots)
         source = read_batches(
-            job.report, job.chunk_size, job.min_batch_rows, self._connected, self.spare
+            job.report,
+            job.chunk_size,
+            job.min_batch_rows,
+            input_bytes(arena.slot_bytes),
+            self._connected,
+            self.spare,
         )
         self.send(SourceOpened(job.stream_id, source.columns, source.total_rows))
         seq = first_row = first_chunk = 0
-        for batch in source.batches:
-            for part in split_to_fit(batch, arena.slot_bytes // INPUT_SHARE_OF_SLOT):
-                while not free_slots:
-                    free_slots.append(self._wait_for_credit())
-                slot = free_slots.popleft()
-                nbytes = arena.write_batch(slot, part)
-                if nbytes is None:  # one row bigger than a slot: send it through the pipe
-                    free_slots.appendleft(slot)
-                    inline = _ipc_bytes(part)
-                    ready = BatchReady(
-                        job.stream_id,
-                        seq,
-                        first_row,
-                        first_chunk,
-                        part.num_rows,
-                        None,
-                        len(inline),
-                        inline,
-                    )
-                else:
-                    ready = BatchReady(
-                        job.stream_id, seq, first_row, first_chunk, part.num_rows, slot, nbytes
-                    )
-                self.send(ready)
-                seq += 1
-                first_row += part.num_rows
-                self.rows_sent = first_row
-                first_chunk += -(-part.num_rows // job.chunk_size)
+        for part in source.batches:
+            while not free_slots:
+                free_slots.append(self._wait_for_credit())
+            slot = free_slots.popleft()
+            nbytes = arena.write_batch(slot, part)
+            if nbytes is None:  # one row bigger than a slot: send it through the pipe
+                free_slots.appendleft(slot)
+                inline = _ipc_bytes(part)
+                ready = BatchReady(
+                    job.stream_id,
+                    seq,
+                    first_row,
+                    first_chunk,
+                    part.num_rows,
+                    None,
+                    len(inline),
+                    inline,
+                )
+            else:
+                ready = BatchReady(
+                    job.stream_id, seq, first_row, first_chunk, part.num_rows, slot, nbytes
+                )
+            self.send(ready)
+            seq += 1
+            first_row += part.num_rows
+            self.rows_sent = first_row
+            first_chunk += -(-part.num_rows // job.chunk_size)
         self.send(SourceDone(job.stream_id, seq, first_row))
         logger.debug("stream %s: %d rows in %d batches read", job.stream_id, first_row, seq)
 
@@ -173,12 +175,13 @@ def run_producer(params: ChildParams, conn: Connection) -> None:
 def _serve(conn: Connection, send: Callable[[object], None]) -> None:
     # Import while idle, not on a stream's clock (~0.3 s of CPU). Safe here: this
     # process never forks. One in-memory connection is kept ready for the next stream
-    # (connecting costs ~12 ms, half of a warm stream's first chunk); the next one is
-    # made at the following message (a slot credit: the first batch is through).
-    import duckdb
+    # (connecting costs ~12 ms of a warm stream's first chunk); the next one is made at
+    # the following message (a slot credit: the first batch is through). An idle one
+    # holds DuckDB's threads, which sleep.
+    import duckdb  # noqa: F401
     import pyarrow.parquet  # noqa: F401
 
-    spare = duckdb.connect()
+    spare = _spare_connection()
     jobs: dict[str, _Job] = {}
     send(READY)
     try:
@@ -201,7 +204,7 @@ def _serve(conn: Connection, send: Callable[[object], None]) -> None:
             elif isinstance(message, StopStream) and message.stream_id in jobs:
                 jobs.pop(message.stream_id).stop()
             if spare is None:
-                spare = duckdb.connect()
+                spare = _spare_connection()
     finally:
         for job in jobs.values():
             job.stop()
@@ -212,23 +215,22 @@ def _serve(conn: Connection, send: Callable[[object], None]) -> None:
         conn.close()
 
 
-def split_to_fit(batch: pa.RecordBatch, slot_bytes: int) -> list[pa.RecordBatch]:
-    """Row ranges of ``batch`` whose IPC form fits a slot (a single row always passes)."""
-    size = ipc_size(batch)
-    if size <= slot_bytes or batch.num_rows <= 1:
-        return [batch]
-    rows = max(1, int(batch.num_rows * slot_bytes / size * 0.9))
-    parts = []
-    for start in range(0, batch.num_rows, rows):
-        parts += split_to_fit(batch.slice(start, rows), slot_bytes)
-    return parts
-
-
 def _ipc_bytes(batch: pa.RecordBatch) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_batch(batch)
     return sink.getvalue().to_pybytes()
+
+
+def _spare_connection() -> Any:
+    """A fresh in-memory DuckDB connection, or None if one cannot be made now (the
+    stream then connects for itself, and reports what fails)."""
+    import duckdb
+
+    try:
+        return duckdb.connect()
+    except Exception:
+        return None
 
 
 def _is_pipe_error(exc: BaseException) -> bool:

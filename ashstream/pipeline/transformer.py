@@ -14,9 +14,9 @@ from multiprocessing.connection import Connection
 
 import pyarrow as pa
 
-from ashstream.batch_job import encode_batch
+from ashstream.batch_job import batch_failure, encode_batch
 from ashstream.encode import EncodeOptions
-from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError
+from ashstream.errors import AshstreamError
 from ashstream.pipeline.child import ChildParams, Faults, run_child
 from ashstream.pipeline.comms import READY, STOP, ReleaseArena, StageFailed, Task, TaskDone
 from ashstream.shm import Arena
@@ -101,20 +101,8 @@ def _run_task(
             inline,
             done.partial,
         )
-    except AshstreamError as exc:
-        message = f"{_rows_of(task)}: {exc.with_row_offset(task.first_row)}"
-        return StageFailed(task.stream_id, task.seq, type(exc).__name__, message)
     except Exception as exc:
-        logger.debug("transformer failed on %s", _rows_of(task), exc_info=True)
-        return StageFailed(
-            task.stream_id,
-            task.seq,
-            "PipelineError",
-            f"transformer failed on {_rows_of(task)}: {type(exc).__name__}: {exc}. "
-            f"{INTERNAL_ERROR_ADVICE}",
-        )
-
-
-def _rows_of(task: Task) -> str:
-    """The batch's rows, counted from the source's first row, as the user sees them."""
-    return f"rows {task.first_row}..{task.first_row + task.rows - 1} (batch {task.seq})"
+        if not isinstance(exc, AshstreamError):
+            logger.debug("transformer failed on batch %d", task.seq, exc_info=True)
+        error = batch_failure(exc, task.first_row, task.rows, task.seq)
+        return StageFailed(task.stream_id, task.seq, type(error).__name__, str(error))
