@@ -170,7 +170,13 @@ def main() -> None:
     parser.add_argument(
         "--first-chunk", action="store_true", help="time to a new stream's first chunk"
     )
+    parser.add_argument(
+        "--concurrent", action="store_true", help="20 streams at once against one alone"
+    )
     args = parser.parse_args()
+    if args.concurrent:
+        measure_concurrent(args.repeats)
+        return
     if args.first_chunk:
         measure_first_chunk(10 if args.repeats == 3 else args.repeats)
         return
@@ -582,6 +588,58 @@ def load_report_text(directory: Path, text: str):
     path = directory / "report.yaml"
     path.write_text(text)
     return load_report(path)
+
+
+def measure_concurrent(repeats: int, streams: int = 20, rows: int = 200_000) -> None:
+    """One pool (2 workers): one stream alone, then ``streams`` streams at once from as
+    many threads, each of ``rows`` rows of the sales schema; peak PSS of the tree and
+    wall time, medians of ``repeats`` after a warm-up stream."""
+    workdir = Path(tempfile.mkdtemp(prefix="ashstream-bench-"))
+    try:
+        parquet = workdir / "sales.parquet"
+        duckdb.connect().execute(
+            f"COPY ({SALES_SQL.format(rows=rows)}) TO '{parquet}' (FORMAT parquet)"
+        )
+        report = load_report_text(workdir, f"name: sales\nsource: {{parquet: {parquet.name}}}\n")
+        one, many = [], []
+        with StreamPool(2) as pool:
+
+            def consume() -> None:
+                for _ in pool.stream(report, chunk_size=CHUNK_SIZE):
+                    pass
+
+            consume()
+            for _ in range(repeats):
+                for results, count in ((one, 1), (many, streams)):
+                    time.sleep(0.5)
+                    threads = [threading.Thread(target=consume) for _ in range(count)]
+                    with PeakPss(0.05) as sampler:
+                        start = time.perf_counter()
+                        for thread in threads:
+                            thread.start()
+                        for thread in threads:
+                            thread.join()
+                        results.append((time.perf_counter() - start, sampler.peak_bytes))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    wall_one = statistics.median(t for t, _ in one)
+    wall_many = statistics.median(t for t, _ in many)
+    peak_one = statistics.median(p for _, p in one)
+    peak_many = statistics.median(p for _, p in many)
+    print(
+        f"1 stream: {wall_one:.2f} s, peak {peak_one / 2**20:,.0f} MiB; {streams} streams: "
+        f"{wall_many:.2f} s, peak {peak_many / 2**20:,.0f} MiB; memory {peak_many / peak_one:.2f}x, "
+        f"throughput {streams * wall_one / wall_many:.2f}x one stream's"
+    )
+    write_results(
+        "bench_concurrent",
+        {
+            "streams": streams,
+            "rows_per_stream": rows,
+            "one": {"wall_s": wall_one, "peak_pss_bytes": peak_one, "runs": one},
+            "many": {"wall_s": wall_many, "peak_pss_bytes": peak_many, "runs": many},
+        },
+    )
 
 
 if __name__ == "__main__":
