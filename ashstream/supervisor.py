@@ -104,6 +104,7 @@ from ashstream.pipeline.scheduling import (
     RestartBudget,
     lost_batch_action,
     round_robin,
+    stream_window,
     suspected,
 )
 from ashstream.pipeline.transformer import run_transformer
@@ -122,8 +123,6 @@ PRODUCER_PER_TRANSFORMERS = 4
 # Tasks handed to one transformer before it finishes the first: 2 hides the round trip
 # through the dispatcher without letting one slow transformer hoard batches.
 TASKS_PER_TRANSFORMER = 2
-# Batches a stream may have in flight beyond one per transformer; each costs two slots.
-EXTRA_WINDOW = 2
 START_TIMEOUT_S = 60.0
 JOIN_TIMEOUT_S = 1.0
 TRANSFORMER, PRODUCER = "transformer", "producer"
@@ -506,7 +505,8 @@ class Supervisor:
 
     def open_stream(self, report: Report, chunk_size: int) -> StreamState:
         self._check_open()
-        window = self.n_transformers + EXTRA_WINDOW
+        with self._lock:
+            window = stream_window(self.n_transformers, len(self._streams))
         arena = Arena.create(self.slot_bytes, 2 * window, self.pool_id)
         try:
             stream = StreamState(secrets.token_hex(4), report, chunk_size, arena, window)

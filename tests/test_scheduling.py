@@ -13,6 +13,7 @@ from ashstream.pipeline.scheduling import (
     RestartBudget,
     lost_batch_action,
     round_robin,
+    stream_window,
     suspected,
 )
 from ashstream.supervisor import describe_exit
@@ -91,3 +92,10 @@ def test_an_encode_error_counts_rows_from_the_sources_first_row_when_asked():
     assert str(error) == "column 'name', row 3: invalid UTF-8"
     assert error.with_row_offset(65536) == "column 'name', row 65539: invalid UTF-8"
     assert EncodeError("plain").with_row_offset(10) == "plain"
+
+
+def test_streams_opened_beside_others_share_the_room_down_to_one_batch():
+    assert stream_window(transformers=2, open_streams=0) == 4  # alone: 2 + EXTRA_WINDOW
+    assert stream_window(transformers=2, open_streams=1) == 2
+    assert stream_window(transformers=2, open_streams=19) == 1  # never less than one
+    assert stream_window(transformers=8, open_streams=1) == 5

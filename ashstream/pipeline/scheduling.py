@@ -17,6 +17,9 @@ MAX_BATCH_KILLS = 3
 # default intensity is 3 in 5 s; data work restarts less eagerly).
 MAX_RESTARTS = 10
 RESTART_WINDOW_S = 60.0
+# Batches a lone stream may have in flight beyond one per transformer; each costs two
+# slots of its arena (an input and a result).
+EXTRA_WINDOW = 2
 
 
 class RestartBudget:
@@ -69,3 +72,12 @@ def round_robin(items: Sequence, turn: int) -> list:
         return []
     start = turn % len(items)
     return [*items[start:], *items[:start]]
+
+
+def stream_window(transformers: int, open_streams: int) -> int:
+    """Batches in flight for a stream opened beside ``open_streams`` others: a lone stream
+    keeps every transformer busy with room to spare; streams opened beside others share
+    that room, down to one batch each (an input slot and a result slot: the least that
+    cannot deadlock), so twenty streams do not touch twenty full arenas. The transformers
+    stay busy: the streams together keep enough batches in flight."""
+    return max(1, (transformers + EXTRA_WINDOW) // (open_streams + 1))
