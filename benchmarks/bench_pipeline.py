@@ -305,13 +305,7 @@ def report_analysis(results: dict) -> None:
 
 
 def measure_size(rows: int, workdir: Path, repeats: int) -> dict:
-    parquet = workdir / f"sales-{rows}.parquet"
-    duckdb.connect().execute(
-        f"COPY ({SALES_SQL.format(rows=rows)}) TO '{parquet}' (FORMAT parquet)"
-    )
-    report = workdir / f"sales-{rows}.yaml"
-    report.write_text(f"name: sales\nsource:\n  parquet: {parquet.name}\n")
-    load_report(report)  # fail early on a bad definition
+    parquet, report = sales_files(workdir, rows)
     out = {n: workdir / f"{n}-{rows}.typ" for n in ("a1", "a2", "d1", "d2", "mp", "mpr", "single")}
 
     def progress(name: str) -> None:
@@ -418,12 +412,7 @@ def measure_small(sizes: list[int], repeats: int) -> None:
     results: dict = {"sizes": {}}
     try:
         for rows in sizes:
-            parquet = workdir / f"sales-{rows}.parquet"
-            duckdb.connect().execute(
-                f"COPY ({SALES_SQL.format(rows=rows)}) TO '{parquet}' (FORMAT parquet)"
-            )
-            report = workdir / f"sales-{rows}.yaml"
-            report.write_text(f"name: sales\nsource:\n  parquet: {parquet.name}\n")
+            parquet, report = sales_files(workdir, rows)
             ashstream = [sys.executable, "-m", "ashstream", "run", str(report), "-q", "-o"]
             commands = {
                 "ashstream run, in this process": [
@@ -559,11 +548,7 @@ def measure_first_chunk(repeats: int) -> None:
     a service answering requests would see it; median of ``repeats``."""
     workdir = Path(tempfile.mkdtemp(prefix="ashstream-bench-"))
     try:
-        parquet = workdir / "sales.parquet"
-        duckdb.connect().execute(
-            f"COPY ({SALES_SQL.format(rows=1_000_000)}) TO '{parquet}' (FORMAT parquet)"
-        )
-        report = load_report_text(workdir, f"name: sales\nsource: {{parquet: {parquet.name}}}\n")
+        _, report = sales_files(workdir, 1_000_000)
         times = []
         with StreamPool(2) as pool:
             for round_ in range(repeats + 1):
@@ -584,10 +569,16 @@ def measure_first_chunk(repeats: int) -> None:
     write_results("bench_first_chunk", {"first_chunk_s": statistics.median(times), "runs_s": times})
 
 
-def load_report_text(directory: Path, text: str):
-    path = directory / "report.yaml"
-    path.write_text(text)
-    return load_report(path)
+def sales_files(workdir: Path, rows: int) -> tuple[Path, Path]:
+    """A Parquet file of ``rows`` rows of the sales schema and a report reading it."""
+    parquet = workdir / f"sales-{rows}.parquet"
+    duckdb.connect().execute(
+        f"COPY ({SALES_SQL.format(rows=rows)}) TO '{parquet}' (FORMAT parquet)"
+    )
+    report = workdir / f"sales-{rows}.yaml"
+    report.write_text(f"name: sales\nsource:\n  parquet: {parquet.name}\n")
+    load_report(report)  # fail early on a bad definition
+    return parquet, report
 
 
 def measure_concurrent(repeats: int, streams: int = 20, rows: int = 200_000) -> None:
@@ -596,11 +587,7 @@ def measure_concurrent(repeats: int, streams: int = 20, rows: int = 200_000) -> 
     wall time, medians of ``repeats`` after a warm-up stream."""
     workdir = Path(tempfile.mkdtemp(prefix="ashstream-bench-"))
     try:
-        parquet = workdir / "sales.parquet"
-        duckdb.connect().execute(
-            f"COPY ({SALES_SQL.format(rows=rows)}) TO '{parquet}' (FORMAT parquet)"
-        )
-        report = load_report_text(workdir, f"name: sales\nsource: {{parquet: {parquet.name}}}\n")
+        _, report = sales_files(workdir, rows)
         one, many = [], []
         with StreamPool(2) as pool:
 
