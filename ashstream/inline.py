@@ -44,7 +44,7 @@ def inline_max_rows(cores: int) -> int:
 
 def runs_inline(report: Report, max_rows: int) -> bool:
     """Whether ``report``'s source is known to be small enough to run in this process."""
-    rows = parquet_row_count(report) if max_rows > 0 else None
+    rows = parquet_row_count(report, stop_above=max_rows) if max_rows > 0 else None
     return rows is not None and rows <= max_rows
 
 

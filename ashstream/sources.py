@@ -235,18 +235,24 @@ def _total_rows(con: Any, report: Report, sql: str, params: Mapping[str, Any]) -
     return None
 
 
-def parquet_row_count(report: Report) -> int | None:
+def parquet_row_count(report: Report, stop_above: int | None = None) -> int | None:
     """The rows of the report's Parquet files, from their footers alone (with a ``where``,
     an upper bound); None for another source, or a file that cannot be read (the read
-    itself then reports it)."""
+    itself then reports it). With ``stop_above``, the count stops once it passes that
+    (a directory of many files need not have every footer read)."""
     if not report.source.parquet:
         return None
     import pyarrow.parquet as pq
 
+    total = 0
     try:
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in report.source.parquet)
+        for path in report.source.parquet:
+            total += pq.ParquetFile(path).metadata.num_rows
+            if stop_above is not None and total > stop_above:
+                break
     except (OSError, pa.ArrowException):
         return None
+    return total
 
 
 def _read(
