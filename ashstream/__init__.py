@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ashstream import telemetry
-from ashstream.aggregate import ClosedGroup, Summary
+from ashstream.analysis.aggregate import ClosedGroup, Summary
+from ashstream.chunks import Chunk
 from ashstream.encode import (
     EncodeOptions,
     EncodeStats,
@@ -13,6 +14,7 @@ from ashstream.encode import (
     encode_rows,
     encode_value,
 )
+from ashstream.engines.inline import InlineStream
 from ashstream.errors import (
     AshstreamError,
     Cancelled,
@@ -25,8 +27,6 @@ from ashstream.errors import (
     UnsupportedTypeError,
     WorkerCrashed,
 )
-from ashstream.inline import InlineStream
-from ashstream.pipeline.comms import Chunk
 from ashstream.report import Report, load_report
 
 __version__ = "0.1.0"
@@ -61,14 +61,14 @@ __all__ = [
 
 
 if TYPE_CHECKING:
-    from ashstream.pool import StreamHandle, StreamPool
+    from ashstream.engines.local.pool import StreamHandle, StreamPool
 
 
 def __getattr__(name: str) -> object:
     """The pool and its process machinery load on first use (PEP 562): a small report
     that runs in the calling process never needs them, and a command starts sooner."""
     if name in ("StreamPool", "StreamHandle"):
-        from ashstream import pool
+        from ashstream.engines.local import pool
 
         return getattr(pool, name)
     raise AttributeError(f"module 'ashstream' has no attribute {name!r}")

@@ -6,7 +6,7 @@ send the first chunk alone and cut batches to a size in bytes. ``encode_batch`` 
 transformer does with a batch: the analysis partials, then the Typst text and where each
 chunk of it ends; ``batch_failure`` is what the user is told when that fails. The pool
 runs them in its producer and transformer processes; a small report runs them in the
-calling process (``ashstream.inline``). Same code, same chunks, same bytes.
+calling process (``ashstream.engines.inline``). Same code, same chunks, same bytes.
 """
 
 from __future__ import annotations
@@ -17,11 +17,16 @@ from typing import Any
 
 import pyarrow as pa
 
-from ashstream.aggregate import Analysis, BatchPartial, RunningColumns, analyse_batch, row_columns
+from ashstream.analysis.aggregate import (
+    Analysis,
+    BatchPartial,
+    RunningColumns,
+    analyse_batch,
+    row_columns,
+)
 from ashstream.encode import EncodeOptions, EncodeStats, encode_rows_text
 from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError, PipelineError
 from ashstream.report import Report
-from ashstream.shm import ipc_size
 from ashstream.sources import open_source
 
 # Rows read and encoded together at least, whatever the chunk size: encoding a batch
@@ -69,6 +74,14 @@ def read_batches(
         for part in split_to_fit(batch, max_batch_bytes)
     )
     return BatchSource(row_columns(report, source.schema), source.total_rows, parts)
+
+
+def ipc_size(batch: pa.RecordBatch) -> int:
+    """Bytes of ``batch`` as a complete IPC stream (schema, batch, end marker)."""
+    sink = pa.MockOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.size()
 
 
 def split_to_fit(batch: pa.RecordBatch, max_bytes: int) -> list[pa.RecordBatch]:

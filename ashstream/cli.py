@@ -42,14 +42,14 @@ from ashstream.encode import (
     encode_rows_text,
     typst_type,
 )
+from ashstream.engines.inline import INLINE_MAX_ROWS, InlineStream, inline_max_rows, runs_inline
 from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError, Cancelled, ExitCode
-from ashstream.inline import INLINE_MAX_ROWS, InlineStream, inline_max_rows, runs_inline
 from ashstream.report import load_report
 from ashstream.sinks import TypstModuleSink, compile_pdf
 from ashstream.sources import sample_source
 
 if TYPE_CHECKING:
-    from ashstream.pool import StreamPool
+    from ashstream.engines.local.pool import StreamPool
 
 stderr = Console(stderr=True, highlight=False)
 logger = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ def _engine(report, chunk_size, workers, memray_dir, inline_rows):
     if runs_inline(report, inline_rows):
         yield InlineStream(report, chunk_size), None
         return
-    from ashstream.pool import StreamPool  # loaded only when a pool is needed
+    from ashstream.engines.local.pool import StreamPool  # loaded only when a pool is needed
 
     with StreamPool(workers, profile_dir=memray_dir) as pool:
         yield pool.start(report, chunk_size), pool
@@ -508,7 +508,7 @@ def _first_values(sample) -> dict[str, str]:
 @click.option("--all", "show_all", is_flag=True, help="Also show finished streams.")
 def status(as_json, show_all) -> None:
     """List the ashstream runs of this user in progress on this machine."""
-    from ashstream.registry import ACTIVE, running_pools
+    from ashstream.engines.local.registry import ACTIVE, running_pools
 
     pools = running_pools()
     for pool in pools:

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ashstream import __version__
-from ashstream.aggregate import ClosedGroup, Summary
+from ashstream.analysis.aggregate import ClosedGroup, Summary
+from ashstream.chunks import Chunk
 from ashstream.encode import EncodeOptions, encode_value
 from ashstream.errors import SinkError
-from ashstream.pipeline.comms import Chunk
 from ashstream.procs import pid_alive
 from ashstream.report import Report
 from ashstream.templates import default_template

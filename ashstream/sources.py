@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ashstream.aggregate import check_analysis, sample_rows
+from ashstream.analysis.aggregate import check_analysis, sample_rows
 from ashstream.errors import ReportError, SourceError
 from ashstream.procs import pid_alive
 from ashstream.report import Report

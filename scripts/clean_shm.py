@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from ashstream.shm import SEGMENT_PREFIX, our_segments, sweep_stale_segments
+from ashstream.engines.local.shm import SEGMENT_PREFIX, our_segments, sweep_stale_segments
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from ashstream import StreamPool
-from ashstream.shm import our_segments
+from ashstream.engines.local.shm import our_segments
 
 # One mixed table for the pipeline tests: escapes, nulls, dates, decimals, nested values.
 MIXED_SQL = """

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ashstream import EncodeError, InlineStream, SourceError, StreamPool, load_report
-from ashstream.charts import lttb
+from ashstream.analysis.charts import lttb
 from ashstream.sources import source_sql
 from tests.conftest import write_report
 from tests.typst_roundtrip import evaluate_module
@@ -693,7 +693,7 @@ def test_calendar_buckets_of_zoned_timestamps_follow_the_display_zone_and_nested
 
 def test_nan_and_null_keys_are_one_group_each_across_batches():
     """As in GROUP BY: NaN equals NaN and null equals null, also across a batch boundary."""
-    from ashstream.aggregate import Analysis, Collector, analyse_batch
+    from ashstream.analysis.aggregate import Analysis, Collector, analyse_batch
     from ashstream.report import Group, Report, Source, Variable
 
     report = Report(
@@ -846,7 +846,7 @@ def test_a_source_already_sorted_is_not_sorted_again_and_its_order_is_checked(
 
 
 def test_sorted_keys_compare_as_order_by_does():
-    from ashstream.aggregate import _sorts_after
+    from ashstream.analysis.aggregate import _sorts_after
 
     nan = float("nan")
     ascending = [1.0, 2.0, nan, None]  # DuckDB: NaN above every number, nulls last

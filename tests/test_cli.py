@@ -375,7 +375,7 @@ def test_an_interrupted_run_exits_cleanly_and_writes_nothing(tmp_path, signum, c
 
     import psutil
 
-    from ashstream.shm import our_segments
+    from ashstream.engines.local.shm import our_segments
 
     query = "SELECT i, repeat('x', 200) AS s FROM range(100000000) t(i)"
     report = write_report(tmp_path, {"name": "long", "source": {"duckdb": {"query": query}}})
@@ -649,7 +649,7 @@ def test_status_refuses_a_wrong_key_and_drops_stale_entries(tmp_path, monkeypatc
     import multiprocessing
 
     from ashstream import StreamPool
-    from ashstream.registry import RegistryManager, running_pools, runtime_dir
+    from ashstream.engines.local.registry import RegistryManager, running_pools, runtime_dir
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     dead = subprocess.run(
@@ -751,8 +751,8 @@ def test_children_log_lines_reach_the_parents_log(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stderr.splitlines()]
-    worker = [x for x in lines if x["logger"] == "ashstream.pipeline.transformer"]
-    producer = [x for x in lines if x["logger"] == "ashstream.pipeline.producer"]
+    worker = [x for x in lines if x["logger"] == "ashstream.engines.local.transformer"]
+    producer = [x for x in lines if x["logger"] == "ashstream.engines.local.producer"]
     assert worker and all("[transformer" in x["message"] for x in worker)
     assert any("rows encoded in" in x["message"] for x in worker)
     assert any(

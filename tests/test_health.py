@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ashstream import PipelineError, StreamPool, load_report, telemetry
-from ashstream.shm import our_segments
+from ashstream.engines.local.shm import our_segments
 from tests.conftest import write_report
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pytest
 
 from ashstream import PipelineError, StreamPool, WorkerCrashed, encode_rows
-from ashstream.pipeline.child import CRASH_AT_START_ENV, FAIL_AT_ROW_ENV
-from ashstream.registry import running_pools
-from ashstream.shm import SEGMENT_PREFIX, our_segments
+from ashstream.engines.local.child import CRASH_AT_START_ENV, FAIL_AT_ROW_ENV
+from ashstream.engines.local.registry import running_pools
+from ashstream.engines.local.shm import SEGMENT_PREFIX, our_segments
 from ashstream.sources import SPILL_PREFIX
 from tests.conftest import mixed_sql, mixed_table, write_report
 

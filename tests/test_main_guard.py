@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from ashstream.pipeline.main_guard import check_main_guard, line_is_guarded
+from ashstream.engines.local.main_guard import check_main_guard, line_is_guarded
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPORTS = "import sys\nfrom ashstream.pipeline.main_guard import check_main_guard\n"
+IMPORTS = "import sys\nfrom ashstream.engines.local.main_guard import check_main_guard\n"
 MARK = "# <- here"
 
 

@@ -20,7 +20,7 @@ from ashstream import (
     encode_rows,
     load_report,
 )
-from ashstream.shm import our_segments
+from ashstream.engines.local.shm import our_segments
 from tests.conftest import mixed_sql, mixed_table, write_report
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
@@ -288,7 +288,7 @@ def test_stale_segments_of_dead_processes_are_swept_at_start(tmp_path):
     import subprocess
     import sys
 
-    from ashstream.shm import SEGMENT_PREFIX
+    from ashstream.engines.local.shm import SEGMENT_PREFIX
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ashstream.errors import EncodeError
-from ashstream.pipeline.collector import ResultOrder, cut_into_chunks
-from ashstream.pipeline.comms import BatchReady, TaskDone
-from ashstream.pipeline.scheduling import (
+from ashstream.chunks import cut_into_chunks
+from ashstream.engines.local.collector import ResultOrder
+from ashstream.engines.local.comms import BatchReady, TaskDone
+from ashstream.engines.local.scheduling import (
     MAX_BATCH_KILLS,
     LostBatch,
     RestartBudget,
@@ -16,7 +16,8 @@ from ashstream.pipeline.scheduling import (
     stream_window,
     suspected,
 )
-from ashstream.supervisor import describe_exit
+from ashstream.engines.local.supervisor import describe_exit
+from ashstream.errors import EncodeError
 
 
 def test_the_restart_budget_forgets_deaths_older_than_its_window():

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pytest
 
 from ashstream import PipelineError, StreamPool, WorkerCrashed, encode_rows
-from ashstream.pipeline.child import CRASH_AT_ROW_ENV
-from ashstream.shm import our_segments
+from ashstream.engines.local.child import CRASH_AT_ROW_ENV
+from ashstream.engines.local.shm import our_segments
 from tests.conftest import mixed_sql, mixed_table, write_report
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]

@@ -23,9 +23,9 @@ from multiprocessing.connection import Connection
 
 import setproctitle
 
-from ashstream.pipeline.logs import forward_logs
+from ashstream.engines.local.logs import forward_logs
+from ashstream.engines.local.shm import unlink_segments_of
 from ashstream.profiling import tracked
-from ashstream.shm import unlink_segments_of
 from ashstream.sources import remove_spill_dirs_of
 
 # Test seams, read from the *parent's* environment when it starts a child and passed in

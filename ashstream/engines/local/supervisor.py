@@ -65,24 +65,17 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from ashstream import errors, telemetry
-from ashstream.aggregate import Analysis, ClosedGroup, Collector
+from ashstream.analysis.aggregate import Analysis, ClosedGroup, Collector
 from ashstream.batch_job import MIN_BATCH_ROWS
+from ashstream.chunks import Chunk, cut_into_chunks
 from ashstream.encode import EncodeStats
-from ashstream.errors import (
-    INTERNAL_ERROR_ADVICE,
-    AshstreamError,
-    Cancelled,
-    PipelineError,
-    WorkerCrashed,
-)
-from ashstream.pipeline.child import ChildParams, Faults
-from ashstream.pipeline.collector import ResultOrder, cut_into_chunks
-from ashstream.pipeline.comms import (
+from ashstream.engines.local.child import ChildParams, Faults
+from ashstream.engines.local.collector import ResultOrder
+from ashstream.engines.local.comms import (
     READY,
     STOP,
     ArenaRef,
     BatchReady,
-    Chunk,
     LogLine,
     ProducerJob,
     ReleaseArena,
@@ -94,9 +87,10 @@ from ashstream.pipeline.comms import (
     Task,
     TaskDone,
 )
-from ashstream.pipeline.main_guard import check_main_guard
-from ashstream.pipeline.producer import run_producer
-from ashstream.pipeline.scheduling import (
+from ashstream.engines.local.main_guard import check_main_guard
+from ashstream.engines.local.producer import run_producer
+from ashstream.engines.local.registry import Registry
+from ashstream.engines.local.scheduling import (
     MAX_BATCH_KILLS,
     MAX_RESTARTS,
     RESTART_WINDOW_S,
@@ -107,10 +101,16 @@ from ashstream.pipeline.scheduling import (
     stream_window,
     suspected,
 )
-from ashstream.pipeline.transformer import run_transformer
-from ashstream.registry import Registry
+from ashstream.engines.local.shm import Arena, new_pool_id, sweep_stale_segments
+from ashstream.engines.local.transformer import run_transformer
+from ashstream.errors import (
+    INTERNAL_ERROR_ADVICE,
+    AshstreamError,
+    Cancelled,
+    PipelineError,
+    WorkerCrashed,
+)
 from ashstream.report import Report
-from ashstream.shm import Arena, new_pool_id, sweep_stale_segments
 from ashstream.sources import sweep_stale_spill_dirs
 
 __all__ = ["MAX_RESTARTS", "RESTART_WINDOW_S", "Chunk", "StreamState", "Supervisor"]
@@ -1007,9 +1007,9 @@ def _error_from(message: StageFailed) -> AshstreamError:
 # jemalloc's background thread) are idle and fork-aware, and DuckDB starts none until a
 # connection, which the fork server never makes.
 FORKSERVER_PRELOAD = (
-    "ashstream.pipeline.transformer",
-    "ashstream.pipeline.producer",
-    "ashstream.registry",
+    "ashstream.engines.local.transformer",
+    "ashstream.engines.local.producer",
+    "ashstream.engines.local.registry",
 )
 
 

@@ -30,7 +30,7 @@ from multiprocessing.managers import DictProxy, SyncManager
 from pathlib import Path
 from typing import Any
 
-from ashstream.pipeline.child import Faults, become_child
+from ashstream.engines.local.child import Faults, become_child
 from ashstream.procs import pid_alive
 
 logger = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ import time
 import psutil
 
 from ashstream import telemetry
+from ashstream.engines.local.supervisor import Supervisor
 from ashstream.errors import PipelineError, ResourceError
-from ashstream.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 

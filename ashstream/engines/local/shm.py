@@ -24,6 +24,7 @@ from multiprocessing import resource_tracker
 
 import pyarrow as pa
 
+from ashstream.batch_job import ipc_size
 from ashstream.errors import ResourceError
 from ashstream.procs import pid_alive
 
@@ -223,11 +224,3 @@ class Arena:
             with contextlib.suppress(FileNotFoundError):
                 _posixshmem.shm_unlink("/" + self.name)
             resource_tracker.unregister("/" + self.name, "shared_memory")
-
-
-def ipc_size(batch: pa.RecordBatch) -> int:
-    """Bytes of ``batch`` as a complete IPC stream (schema, batch, end marker)."""
-    sink = pa.MockOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-    return sink.size()

@@ -1,7 +1,7 @@
 """Charts: a million rows into a few hundred points, in parallel and in constant memory.
 
 Aggregated charts (``agg`` sum, count, avg, min, max) reduce each batch to one state per
-(series, bucket) with the variables' exact functions (:mod:`ashstream.aggregate`); the
+(series, bucket) with the variables' exact functions (:mod:`ashstream.analysis.aggregate`); the
 collector merges them. A calendar bucket is computed at the finest unit (hour for
 timestamps, day for dates) and rolled up in the collector, so ``bucket: auto`` can keep
 every candidate unit and, at the end, pick the finest with at most ``points`` buckets.
@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ashstream.aggregate import FUNCTIONS, _plain, _valid
+from ashstream.analysis.functions import FUNCTIONS, plain, valid_mask
 from ashstream.report import Chart
 
 __all__ = ["ChartCollector", "chart_partial", "lttb"]
@@ -74,8 +74,8 @@ def _finest_keys(x: pa.Array, chart: Chart, timezone: str) -> tuple[np.ndarray, 
 
 def _with_x(batch: pa.RecordBatch, x: str) -> pa.RecordBatch:
     """The rows whose x can be placed: not null, and not NaN or infinite."""
-    column = _plain(batch.column(x))
-    mask = _valid(column)
+    column = plain(batch.column(x))
+    mask = valid_mask(column)
     if pa.types.is_floating(column.type):
         mask &= np.isfinite(column.fill_null(0).to_numpy(zero_copy_only=False))
     return batch if mask.all() else batch.filter(pa.array(mask))
@@ -87,7 +87,7 @@ def chart_partial(batch: pa.RecordBatch, chart: Chart, first_row: int, timezone:
     batch = _with_x(batch, chart.x)
     if not batch.num_rows:
         return ("", {})
-    keys, unit = _finest_keys(_plain(batch.column(chart.x)), chart, timezone)
+    keys, unit = _finest_keys(plain(batch.column(chart.x)), chart, timezone)
     series = _series_values(batch, chart)
     if series:
         pairs = np.stack([series[1], keys])
@@ -100,7 +100,7 @@ def chart_partial(batch: pa.RecordBatch, chart: Chart, first_row: int, timezone:
     if chart.agg == "count" and chart.y is None:
         states = np.bincount(ids, minlength=n).tolist()
     else:
-        states = FUNCTIONS[chart.agg].reduce(_plain(batch.column(chart.y)), ids, n)
+        states = FUNCTIONS[chart.agg].reduce(plain(batch.column(chart.y)), ids, n)
     names = series[0] if series else [None]
     out = {}
     for j in range(n):
@@ -126,7 +126,7 @@ def _series_values(batch: pa.RecordBatch, chart: Chart) -> tuple[list, np.ndarra
     """The series' distinct values and each row's index into them."""
     if chart.series is None:
         return None
-    encoded = pc.dictionary_encode(_plain(batch.column(chart.series)), null_encoding="encode")
+    encoded = pc.dictionary_encode(plain(batch.column(chart.series)), null_encoding="encode")
     return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False)
 
 
@@ -185,15 +185,15 @@ def _merge_bin(bins: dict, b: int, low: _Point, high: _Point) -> None:
 
 def _series_partial(batch: pa.RecordBatch, chart: Chart, first_row: int, timezone: str) -> dict:
     rows = np.arange(first_row, first_row + batch.num_rows, dtype=np.int64)
-    mask = _valid(batch.column(chart.x)) & _valid(batch.column(chart.y))
-    y_all = pc.cast(_plain(batch.column(chart.y)), pa.float64()).fill_null(np.nan)
+    mask = valid_mask(batch.column(chart.x)) & valid_mask(batch.column(chart.y))
+    y_all = pc.cast(plain(batch.column(chart.y)), pa.float64()).fill_null(np.nan)
     mask &= np.isfinite(y_all.to_numpy(zero_copy_only=False))
     batch, rows = batch.filter(pa.array(mask)), rows[mask]
     if not batch.num_rows:
         return {}
-    x = _plain(batch.column(chart.x))
+    x = plain(batch.column(chart.x))
     ticks, _ = _ticks(x, timezone)
-    y = pc.cast(_plain(batch.column(chart.y)), pa.float64()).to_numpy(zero_copy_only=False)
+    y = pc.cast(plain(batch.column(chart.y)), pa.float64()).to_numpy(zero_copy_only=False)
     series = _series_values(batch, chart)
     out = {}
     groups = [(None, np.arange(batch.num_rows))]

@@ -20,9 +20,8 @@ from typing import Any
 import pyarrow as pa
 
 from ashstream.batch_job import input_bytes, read_batches
-from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError
-from ashstream.pipeline.child import ChildParams, run_child
-from ashstream.pipeline.comms import (
+from ashstream.engines.local.child import ChildParams, run_child
+from ashstream.engines.local.comms import (
     READY,
     STOP,
     BatchReady,
@@ -33,7 +32,8 @@ from ashstream.pipeline.comms import (
     StageFailed,
     StopStream,
 )
-from ashstream.shm import Arena
+from ashstream.engines.local.shm import Arena
+from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError
 
 logger = logging.getLogger(__name__)
 

@@ -7,10 +7,7 @@ and the oldest undelivered batch always holds one), so waiting here cannot deadl
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from ashstream.aggregate import ClosedGroup, Collector, Summary
-from ashstream.pipeline.comms import BatchReady, Chunk, TaskDone
+from ashstream.engines.local.comms import BatchReady, TaskDone
 
 
 class ResultOrder:
@@ -39,32 +36,3 @@ class ResultOrder:
 
     def finished(self) -> bool:
         return self.total_batches is not None and self.next_seq >= self.total_batches
-
-
-def cut_into_chunks(
-    first_row: int,
-    first_chunk: int,
-    rows: int,
-    chunk_ends: tuple[int, ...],
-    chunk_size: int,
-    read_text: Callable[[int, int], bytes],
-    closed: list[ClosedGroup],
-) -> list[Chunk]:
-    """A batch's chunks: at most ``chunk_size`` rows each, each with the groups whose end
-    it revealed. ``read_text(start, end)`` returns bytes of the batch's text."""
-    chunks = []
-    start = row = 0
-    for i, end in enumerate(chunk_ends):
-        taken = min(chunk_size, rows - row)
-        first = first_row + row
-        groups = [g for g in closed if first <= g.last_row + 1 < first + taken]
-        chunks.append(Chunk(first_chunk + i, first, taken, read_text(start, end), groups))
-        start, row = end, row + taken
-    return chunks
-
-
-def summary_of(collector: Collector | None, final_groups: list[ClosedGroup]) -> Summary:
-    """A finished stream's totals, charts and the groups still open at its end."""
-    if collector is None:
-        return Summary([], {}, {})
-    return Summary(final_groups, collector.report_totals(), collector.chart_results())

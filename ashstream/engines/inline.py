@@ -16,12 +16,11 @@ import time
 from collections.abc import Iterator
 
 from ashstream import telemetry
-from ashstream.aggregate import Analysis, ClosedGroup, Collector, Summary
+from ashstream.analysis.aggregate import Analysis, ClosedGroup, Collector, Summary
 from ashstream.batch_job import MIN_BATCH_ROWS, batch_failure, encode_batch, read_batches
+from ashstream.chunks import Chunk, cut_into_chunks, summary_of
 from ashstream.encode import EncodeOptions, EncodeStats
 from ashstream.errors import AshstreamError, PipelineError, ReportError
-from ashstream.pipeline.collector import cut_into_chunks, summary_of
-from ashstream.pipeline.comms import Chunk
 from ashstream.report import Report
 from ashstream.sources import parquet_row_count, sweep_stale_spill_dirs
 

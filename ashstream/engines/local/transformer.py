@@ -16,10 +16,10 @@ import pyarrow as pa
 
 from ashstream.batch_job import batch_failure, encode_batch
 from ashstream.encode import EncodeOptions
+from ashstream.engines.local.child import ChildParams, Faults, run_child
+from ashstream.engines.local.comms import READY, STOP, ReleaseArena, StageFailed, Task, TaskDone
+from ashstream.engines.local.shm import Arena
 from ashstream.errors import AshstreamError
-from ashstream.pipeline.child import ChildParams, Faults, run_child
-from ashstream.pipeline.comms import READY, STOP, ReleaseArena, StageFailed, Task, TaskDone
-from ashstream.shm import Arena
 
 logger = logging.getLogger(__name__)
 

@@ -7,20 +7,19 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ashstream.aggregate import Summary
+from ashstream.analysis.aggregate import Summary
 from ashstream.batch_job import DEFAULT_SLOT_BYTES, MIN_BATCH_ROWS
-from ashstream.errors import AshstreamError, PipelineError, ReportError
-from ashstream.health import HEALTH_INTERVAL_S, STALL_TIMEOUT_S, HealthLoop
-from ashstream.pipeline.collector import summary_of
-from ashstream.pipeline.comms import Chunk
-from ashstream.report import Report, load_report, parse_param, parse_size
-from ashstream.supervisor import (
+from ashstream.chunks import Chunk, summary_of
+from ashstream.engines.local.health import HEALTH_INTERVAL_S, STALL_TIMEOUT_S, HealthLoop
+from ashstream.engines.local.supervisor import (
     MAX_RESTARTS,
     RESTART_WINDOW_S,
     StreamState,
     Supervisor,
     default_workers,
 )
+from ashstream.errors import AshstreamError, PipelineError, ReportError
+from ashstream.report import Report, load_report, parse_param, parse_size
 
 __all__ = ["Chunk", "StreamHandle", "StreamPool", "Summary"]
 
@@ -125,7 +124,7 @@ class StreamPool:
         memory_limit: bytes or a size such as ``"2GiB"`` for the whole process tree;
             default the cgroup's limit, else the machine's RAM. A report's
             ``pipeline.memory_limit`` applies while it runs, when lower. See
-            :mod:`ashstream.health` for the breaker.
+            :mod:`ashstream.engines.local.health` for the breaker.
         health_interval_s: how often the health loop measures.
         stall_timeout_s: a stream with no progress this long fails instead of hanging.
         profile_dir: record every child process's allocations with memray into this

@@ -4,7 +4,7 @@ Each process has one duplex pipe to the parent (one pipe per child, as mpire doe
 2.1), so a SIGKILLed child can never wedge a lock shared with another. In the parent,
 only the dispatcher thread reads a child's pipe and only that child's outbox thread
 writes to it. Data does not travel here: batches and results live in the stream's
-shared-memory arena (``ashstream.shm``); a message names the slot. The exceptions are a
+shared-memory arena (``ashstream.engines.local.shm``); a message names the slot. The exceptions are a
 single row too big for any slot and a result too big for its slot, which travel inline
 as bytes.
 
@@ -16,18 +16,13 @@ as bytes.
     parent --STOP---------> any child
     any child --LogLine---> parent          (its log records)
 
-Because of the outbox threads (``Outbox`` in ``ashstream.supervisor``) no other thread
+Because of the outbox threads (``Outbox`` in ``ashstream.engines.local.supervisor``) no other thread
 ever blocks on a full pipe, so an inline message may be as large as memory allows.
-``Chunk`` is what the caller gets in the end.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ashstream.aggregate import ClosedGroup
+from dataclasses import dataclass
 
 STOP = "stop"  # ask a child process to exit after its current work
 READY = "ready"  # a child finished importing and waits for work
@@ -113,7 +108,7 @@ class Task:
     timezone: str
     chunk_size: int
     inline: bytes | None = None
-    analysis: object = None  # ashstream.aggregate.Analysis: groups, variables, charts
+    analysis: object = None  # ashstream.analysis.aggregate.Analysis: groups, variables, charts
 
 
 @dataclass(frozen=True)
@@ -126,7 +121,7 @@ class TaskDone:
     chunk_ends: tuple[int, ...]  # byte offset in the text where each chunk ends
     lossy: tuple[tuple[str, str, int], ...] = ()  # (column, reason, count) from EncodeStats
     inline: bytes | None = None  # the text, when it did not fit the result slot
-    partial: object = None  # ashstream.aggregate.BatchPartial, when the stream analyses
+    partial: object = None  # ashstream.analysis.aggregate.BatchPartial, when the stream analyses
 
 
 @dataclass(frozen=True)
@@ -145,23 +140,3 @@ class LogLine:
     message: str
     role: str
     pid: int
-
-
-@dataclass
-class Chunk:
-    """A run of consecutive rows, encoded: each row's Typst dictionary and ``,\\n``.
-
-    ``groups`` holds the groups whose end this chunk revealed: each ended on the row
-    before one of this chunk's rows (a group's end is known only when the next key is).
-    The groups still open at the end come in :attr:`Summary.groups`.
-    """
-
-    seq: int
-    first_row: int
-    num_rows: int
-    text: bytes
-    groups: list[ClosedGroup] = field(default_factory=list)
-
-    def rows(self) -> list[str]:
-        """One Typst dictionary literal per row (literals never hold a raw newline)."""
-        return self.text.decode("utf-8").split(",\n")[:-1]

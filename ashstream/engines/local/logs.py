@@ -6,7 +6,7 @@ import logging
 import os
 from collections.abc import Callable
 
-from ashstream.pipeline.comms import LogLine
+from ashstream.engines.local.comms import LogLine
 
 
 class ForwardingHandler(logging.Handler):

@@ -1,0 +1,1 @@
+"""Groups, variables and charts: per-batch partials and their ordered merge."""

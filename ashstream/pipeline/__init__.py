@@ -1,1 +1,0 @@
-"""The processes of a stream: the producer, the transformers, and the messages between them."""
