@@ -5,8 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ashstream.analysis.aggregate import ClosedGroup, Collector, Summary
+from ashstream.analysis.aggregate import Analysis, ClosedGroup, Collector, Summary
+from ashstream.encode import EncodeStats
+from ashstream.errors import PipelineError
+
+if TYPE_CHECKING:
+    from ashstream.batch_job import EncodedBatch
 
 
 @dataclass
@@ -56,3 +62,51 @@ def summary_of(collector: Collector | None, final_groups: list[ClosedGroup]) -> 
     if collector is None:
         return Summary([], {}, {})
     return Summary(final_groups, collector.report_totals(), collector.chart_results())
+
+
+class OrderedMerge:
+    """The driver's side of a stream, shared by the in-process and Ray engines: takes
+    each batch's encoded result in source order, merges its analysis partials and
+    cuts it into chunks; the local engine's supervisor does the same under its lock."""
+
+    def __init__(self, analysis: Analysis | None, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+        self.collector = Collector(analysis) if analysis is not None else None
+        self.lossy = EncodeStats()
+        self.rows = 0  # rows taken so far; the next batch's first row
+        self.final_groups: list[ClosedGroup] = []
+        self._next_chunk = 0
+        self._finished = False
+
+    def take(self, done: EncodedBatch) -> list[Chunk]:
+        """The chunks of the next batch (which starts at row :attr:`rows`)."""
+        closed = []
+        if self.collector is not None and done.partial is not None:
+            closed = self.collector.add(done.partial, self.rows)
+        for column, reason, n in done.lossy:
+            self.lossy.add(column, reason, n)
+        text = done.text
+        chunks = cut_into_chunks(
+            self.rows,
+            self._next_chunk,
+            done.rows,
+            done.chunk_ends,
+            self.chunk_size,
+            lambda start, end: text[start:end].to_pybytes(),
+            closed,
+        )
+        self.rows += done.rows
+        self._next_chunk += len(done.chunk_ends)
+        return chunks
+
+    def finish(self) -> None:
+        """Every batch was taken: close the groups still open."""
+        if self.collector is not None:
+            self.final_groups = self.collector.finish()
+        self._finished = True
+
+    @property
+    def summary(self) -> Summary:
+        if not self._finished:
+            raise PipelineError("the stream's summary exists once every chunk has been taken")
+        return summary_of(self.collector, self.final_groups)

@@ -43,7 +43,13 @@ from ashstream.encode import (
     typst_type,
 )
 from ashstream.engines.inline import INLINE_MAX_ROWS, InlineStream, inline_max_rows, runs_inline
-from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError, Cancelled, ExitCode
+from ashstream.errors import (
+    INTERNAL_ERROR_ADVICE,
+    AshstreamError,
+    Cancelled,
+    ExitCode,
+    PipelineError,
+)
 from ashstream.report import load_report
 from ashstream.sinks import TypstModuleSink, compile_pdf
 from ashstream.sources import sample_source
@@ -148,6 +154,18 @@ def _sigterm_cancels():
     f"starting workers; 0: always start them (default: {INLINE_MAX_ROWS:,} on 2 cores, "
     "fewer on more; 0 when --workers is given).",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    help="local: processes of this machine (default); ray: tasks on a Ray cluster "
+    "(pip install 'ashstream[ray]').",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDR",
+    help="The Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: RAY_ADDRESS, else "
+    "a local Ray started for the run). Implies --engine ray.",
+)
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 @click.option(
@@ -181,6 +199,8 @@ def run(
     output,
     pdf,
     inline_rows,
+    engine,
+    ray_address,
     no_progress,
     quiet,
     as_json,
@@ -190,6 +210,19 @@ def run(
 ) -> None:
     """Stream REPORT's source into a Typst data module (and a PDF)."""
     click.get_current_context().meta[JSON_ERRORS] = as_json
+    if ray_address and engine == "local":
+        raise click.BadParameter("--ray-address needs --engine ray", param_hint="--ray-address")
+    if engine == "ray" or ray_address:
+        if memray_dir:
+            raise click.BadParameter(
+                "--memray records local processes; it does not follow Ray tasks",
+                param_hint="--memray",
+            )
+        if workers:
+            raise click.BadParameter(
+                "on Ray the cluster's CPUs are the workers", param_hint="--workers"
+            )
+        engine = "ray"
     configure_logging(log_level, log_format)
     if memray_dir:
         profiling.prepare(memray_dir)
@@ -205,6 +238,8 @@ def run(
             quiet=quiet or as_json,
             memray_dir=memray_dir,
             inline_rows=inline_rows,
+            engine=engine,
+            ray_address=ray_address,
         )
     if memray_dir:
         summary["profiles"] = _profiles(memray_dir, quiet or as_json)
@@ -261,10 +296,13 @@ def _run(
     quiet,
     memray_dir=None,
     inline_rows=None,
+    engine=None,
+    ray_address=None,
 ) -> dict:
     report = load_report(report_path, params)
-    if inline_rows is None:  # --workers asks for workers
-        inline_rows = 0 if workers else inline_max_rows(len(os.sched_getaffinity(0)))
+    if inline_rows is None:  # --workers and --engine ask for workers
+        asked = workers or engine
+        inline_rows = 0 if asked else inline_max_rows(len(os.sched_getaffinity(0)))
     workers = workers or report.pipeline.workers
     module_path = Path(output or report.output.typst or f"{report.name}.typ")
     pdf_path = pdf or report.output.pdf
@@ -275,7 +313,8 @@ def _run(
     sink.open()
     started = time.perf_counter()
     try:
-        with _engine(report, chunk_size, workers, memray_dir, inline_rows) as (handle, pool):
+        engine_args = (engine, ray_address, workers, memray_dir, inline_rows)
+        with _engine(report, chunk_size, *engine_args) as (handle, pool):
             chunks = groups = 0
             with _progress(show_progress) as progress:
                 task = progress.add_task(report.name, total=None, status="starting")
@@ -295,7 +334,7 @@ def _run(
                 "report": report.name,
                 "rows": sink.rows,
                 "chunks": chunks,
-                "engine": "inline" if pool is None else "pool",
+                "engine": "inline" if pool is None else pool.engine,
                 "workers": 0 if pool is None else pool.workers,
                 "peak_memory_bytes": (pool or handle).peak_memory_bytes,
                 "restarts": 0 if pool is None else pool.restarts,
@@ -327,10 +366,20 @@ def _run(
 
 
 @contextmanager
-def _engine(report, chunk_size, workers, memray_dir, inline_rows):
+def _engine(report, chunk_size, engine, ray_address, workers, memray_dir, inline_rows):
     """The report's stream and the pool running it, or None for a source small enough
     to run in this process (``--inline-rows``): starting a pool costs a third of a second
     or more, and small reports do not win it back."""
+    if engine == "ray":
+        try:
+            from ashstream.engines.ray import RayPool
+        except ImportError as exc:
+            raise PipelineError(
+                f"the Ray engine needs Ray ({exc}); install it with: pip install 'ashstream[ray]'"
+            ) from None
+        with RayPool(ray_address) as pool:
+            yield pool.start(report, chunk_size), pool
+        return
     if runs_inline(report, inline_rows):
         yield InlineStream(report, chunk_size), None
         return
@@ -360,6 +409,8 @@ def _print_summary(summary: dict) -> None:
 def _engine_words(summary: dict) -> str:
     if summary["engine"] == "inline":
         return "in this process"
+    if summary["engine"] == "ray":
+        return f"on Ray, {summary['workers']} CPUs"
     return f"{summary['workers']} workers"
 
 
@@ -576,6 +627,8 @@ def _status_line(pool: StreamPool | None, rows: int, started: float) -> str:
     rate = rows / elapsed if elapsed > 0 else 0.0
     if pool is None:
         return f"{rate:,.0f} rows/s · in this process"
+    if pool.engine == "ray":
+        return f"{rate:,.0f} rows/s · Ray, {pool.workers} CPUs"
     return (
         f"{rate:,.0f} rows/s · {pool.memory_bytes / 2**20:,.0f} MiB · "
         f"{pool.busy_transformers()}/{pool.workers} transformers busy"

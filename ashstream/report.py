@@ -7,6 +7,7 @@ relative to the YAML file.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import glob
 import os
@@ -706,3 +707,18 @@ def _kind(value: object) -> str:
     if isinstance(value, list):
         return "a list" if value else "an empty list"
     return f"{type(value).__name__} {value!r}"
+
+
+def with_params(report: Report | str | os.PathLike, params: Mapping[str, Any] | None) -> Report:
+    """``report`` (or the report at that path) with ``params`` set, checked."""
+    if not isinstance(report, Report):
+        return load_report(report, params)
+    if not params:
+        return report
+    declared = {p.name: p for p in report.params}
+    values = dict(report.param_values)
+    for name, value in params.items():
+        if name not in declared:
+            raise ReportError(f"{report.path}: params: unknown parameter {name!r}")
+        values[name] = parse_param(declared[name], value, f"{report.path}: params.{name}")
+    return dataclasses.replace(report, param_values=values)

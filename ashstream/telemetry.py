@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["EVENTS", "Handler", "attach", "detach", "emit"]
+__all__ = ["EVENTS", "Handler", "attach", "detach", "emit", "stream_events"]
 
 # Event names: <component>.<what happened>. Measurements carry units in their names.
 EVENTS = (
@@ -91,3 +93,32 @@ def emit(
             handler(event, measurements, metadata)
         except Exception:
             logger.exception("telemetry handler %r failed on %s; ignored", handler, event)
+
+
+@contextmanager
+def stream_events(metadata: Mapping[str, Any], rows: Callable[[], int]) -> Iterator[dict]:
+    """``pipeline.started`` now, ``pipeline.failed`` if an ashstream error leaves the
+    block, ``pipeline.stopped`` at its end, with the status the block set in the dict
+    it gets (``completed``), else ``cancelled`` (the caller stopped) or ``failed``. For
+    engines that run a stream in the caller's thread; the local pool's supervisor emits
+    the same events from its own bookkeeping."""
+    from ashstream.errors import AshstreamError
+
+    started = time.monotonic()
+    emit("pipeline.started", {}, metadata)
+    outcome = {"status": "failed"}
+    try:
+        yield outcome
+    except GeneratorExit:
+        outcome["status"] = "cancelled"
+        raise
+    except AshstreamError as exc:
+        error = {"error": str(exc), "error_type": type(exc).__name__}
+        emit("pipeline.failed", {"rows": rows()}, {**metadata, **error})
+        raise
+    finally:
+        emit(
+            "pipeline.stopped",
+            {"rows": rows(), "duration_s": time.monotonic() - started},
+            {**metadata, "status": outcome["status"]},
+        )

@@ -900,13 +900,13 @@ def test_a_small_parquet_report_runs_in_this_process_and_writes_the_pools_bytes(
         },
     )
     runs = {}
-    for engine, extra in (("inline", []), ("pool", ["--inline-rows", "0"])):
+    for engine, extra in (("inline", []), ("local", ["--inline-rows", "0"])):
         out = tmp_path / f"{engine}.typ"
         result = run_cli("run", str(report), "-o", str(out), "--json", "--param", "low=7", *extra)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["engine"] == engine
         runs[engine] = out.read_bytes().replace(out.name.encode(), b"")
-    assert runs["inline"] == runs["pool"]
+    assert runs["inline"] == runs["local"]
     assert b"upto" in runs["inline"] and b"per_day" in runs["inline"]
 
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Iterator
 
 from ashstream import telemetry
-from ashstream.analysis.aggregate import Analysis, ClosedGroup, Collector, Summary
+from ashstream.analysis.aggregate import Analysis, Summary
 from ashstream.batch_job import MIN_BATCH_ROWS, batch_failure, encode_batch, read_batches
-from ashstream.chunks import Chunk, cut_into_chunks, summary_of
+from ashstream.chunks import Chunk, OrderedMerge
 from ashstream.encode import EncodeOptions, EncodeStats
 from ashstream.errors import AshstreamError, PipelineError, ReportError
 from ashstream.report import Report
@@ -58,29 +57,23 @@ class InlineStream:
         min_batch_rows: int = MIN_BATCH_ROWS,
     ) -> None:
         self.report = report
-        self.chunk_size = chunk_size or report.pipeline.chunk_size
-        if self.chunk_size < 1 or min_batch_rows < 1:
-            raise ReportError(
-                f"chunk_size and min_batch_rows must be at least 1, got {self.chunk_size} "
-                f"and {min_batch_rows}"
-            )
+        self.chunk_size = checked_chunk_size(report, chunk_size, min_batch_rows)
         self.min_batch_rows = min_batch_rows
         self.columns: tuple[str, ...] | None = None
         self.total_rows: int | None = None
         self.skipped: list[tuple[int, int]] = []  # nothing is ever left out here
-        self.lossy = EncodeStats()
         self.peak_memory_bytes = 0  # this process's resident memory, less shared pages
         self._analysis = Analysis.of(report)
-        self._collector = Collector(self._analysis) if self._analysis is not None else None
-        self._final_groups: list[ClosedGroup] = []
+        self._merge = OrderedMerge(self._analysis, self.chunk_size)
         self._started = False
-        self._finished = False
+
+    @property
+    def lossy(self) -> EncodeStats:
+        return self._merge.lossy
 
     @property
     def summary(self) -> Summary:
-        if not self._finished:
-            raise PipelineError("the stream's summary exists once every chunk has been taken")
-        return summary_of(self._collector, self._final_groups)
+        return self._merge.summary
 
     def __iter__(self) -> Iterator[Chunk]:
         if self._started:
@@ -89,64 +82,43 @@ class InlineStream:
         return self._chunks()
 
     def _chunks(self) -> Iterator[Chunk]:
-        started = time.monotonic()
         metadata = {"stream_id": "inline", "report": self.report.name, "engine": "inline"}
-        telemetry.emit("pipeline.started", {}, metadata)
-        rows, status = 0, "failed"
-        sweep_stale_spill_dirs()  # what killed runs left; a pool start does the same
-        source = read_batches(self.report, self.chunk_size, self.min_batch_rows)
-        try:
-            self.columns, self.total_rows = source.columns, source.total_rows
-            options = EncodeOptions(timezone=self.report.pipeline.timezone)
-            first_chunk = 0
-            for seq, batch in enumerate(source.batches):
-                try:
-                    done = encode_batch(batch, rows, self.chunk_size, options, self._analysis)
-                except Exception as exc:
-                    if not isinstance(exc, AshstreamError):
-                        logger.debug("batch %d failed", seq, exc_info=True)
-                    raise batch_failure(exc, rows, batch.num_rows, seq) from None
-                closed = []
-                if self._collector is not None and done.partial is not None:
-                    closed = self._collector.add(done.partial, rows)
-                for column, reason, n in done.lossy:
-                    self.lossy.add(column, reason, n)
-                text = done.text
-                yield from cut_into_chunks(
-                    rows,
-                    first_chunk,
-                    done.rows,
-                    done.chunk_ends,
-                    self.chunk_size,
-                    lambda start, end, text=text: text[start:end].to_pybytes(),
-                    closed,
-                )
-                rows += done.rows
-                first_chunk += len(done.chunk_ends)
-                self.peak_memory_bytes = max(self.peak_memory_bytes, _unshared_rss())
-            if self._collector is not None:
-                self._final_groups = self._collector.finish()
-            self._finished, status = True, "completed"
-        except GeneratorExit:
-            status = "cancelled"
-            raise
-        except AshstreamError as exc:
-            telemetry.emit(
-                "pipeline.failed",
-                {"rows": rows},
-                {**metadata, "error": str(exc), "error_type": type(exc).__name__},
-            )
-            raise
-        finally:
-            source.batches.close()  # the DuckDB connection and its spill folder
-            telemetry.emit(
-                "pipeline.stopped",
-                {"rows": rows, "duration_s": time.monotonic() - started},
-                {**metadata, "status": status},
-            )
+        merge = self._merge
+        with telemetry.stream_events(metadata, lambda: merge.rows) as outcome:
+            sweep_stale_spill_dirs()  # what killed runs left; a pool start does the same
+            source = read_batches(self.report, self.chunk_size, self.min_batch_rows)
+            try:
+                self.columns, self.total_rows = source.columns, source.total_rows
+                options = EncodeOptions(timezone=self.report.pipeline.timezone)
+                for seq, batch in enumerate(source.batches):
+                    try:
+                        done = encode_batch(
+                            batch, merge.rows, self.chunk_size, options, self._analysis
+                        )
+                    except Exception as exc:
+                        if not isinstance(exc, AshstreamError):
+                            logger.debug("batch %d failed", seq, exc_info=True)
+                        raise batch_failure(exc, merge.rows, batch.num_rows, seq) from None
+                    yield from merge.take(done)
+                    self.peak_memory_bytes = max(self.peak_memory_bytes, unshared_rss())
+                merge.finish()
+                outcome["status"] = "completed"
+            finally:
+                source.batches.close()  # the DuckDB connection and its spill folder
 
 
-def _unshared_rss() -> int:
+def checked_chunk_size(report: Report, chunk_size: int | None, min_batch_rows: int) -> int:
+    """The stream's chunk size (the report's by default), checked with min_batch_rows."""
+    chunk_size = chunk_size or report.pipeline.chunk_size
+    if chunk_size < 1 or min_batch_rows < 1:
+        raise ReportError(
+            f"chunk_size and min_batch_rows must be at least 1, got {chunk_size} "
+            f"and {min_batch_rows}"
+        )
+    return chunk_size
+
+
+def unshared_rss() -> int:
     """Resident memory less shared pages, as the pool's health loop counts a process."""
     with open("/proc/self/statm") as statm:
         _, resident, shared, *_ = (int(n) for n in statm.read().split())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -19,7 +18,7 @@ from ashstream.engines.local.supervisor import (
     default_workers,
 )
 from ashstream.errors import AshstreamError, PipelineError, ReportError
-from ashstream.report import Report, load_report, parse_param, parse_size
+from ashstream.report import Report, parse_size, with_params
 
 __all__ = ["Chunk", "StreamHandle", "StreamPool", "Summary"]
 
@@ -133,6 +132,8 @@ class StreamPool:
             into chunks); lower costs throughput, as each batch has a fixed cost.
     """
 
+    engine = "local"
+
     def __init__(
         self,
         workers: int | None = None,
@@ -211,7 +212,7 @@ class StreamPool:
         """Start streaming ``report`` (a :class:`Report` or the path of its YAML file)."""
         if not self._open:
             self.open()
-        report = _with_params(report, params)
+        report = with_params(report, params)
         chunk_size = chunk_size or report.pipeline.chunk_size
         if chunk_size < 1:
             raise ReportError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -265,17 +266,3 @@ class StreamPool:
 
     def transformer_pids(self) -> list[int]:
         return self._supervisor.transformer_pids()
-
-
-def _with_params(report: Report | str | os.PathLike, params: Mapping[str, Any] | None) -> Report:
-    if not isinstance(report, Report):
-        return load_report(report, params)
-    if not params:
-        return report
-    declared = {p.name: p for p in report.params}
-    values = dict(report.param_values)
-    for name, value in params.items():
-        if name not in declared:
-            raise ReportError(f"{report.path}: params: unknown parameter {name!r}")
-        values[name] = parse_param(declared[name], value, f"{report.path}: params.{name}")
-    return dataclasses.replace(report, param_values=values)
