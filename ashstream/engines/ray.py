@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 from collections import deque
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,6 +250,23 @@ def _cancel(in_flight: deque[_Task]) -> None:
     in_flight.clear()
 
 
+@contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """ray.init replaces the handlers of SIGINT and SIGTERM (its C++ core aborts the
+    process with a stack dump on SIGTERM); the caller's handlers, the CLI's clean
+    cancel among them, are put back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -284,6 +304,7 @@ class RayPool:
         self.max_bytes_in_flight = max_bytes_in_flight
         self.peak_memory_bytes = 0  # the driver's resident memory, less shared pages
         self.restarts = 0  # Ray retries tasks itself and does not say how often
+        self.workers = 0  # CPUs of the cluster when the pool opened: one task each
         self._joined = False  # ray.init was ours: close shuts it down
         self._open = False
 
@@ -300,18 +321,24 @@ class RayPool:
         if not ray.is_initialized():
             if self.address is not None:
                 check_reachable(self.address)
-            try:
-                ray.init(
-                    address=self.address,
-                    include_dashboard=False if self.address is None else None,
-                    log_to_driver=False,
-                    logging_level=logging.ERROR,
-                    configure_logging=True,
-                )
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                where = self.address or "a local Ray"
-                raise PipelineError(f"cannot start or join {where}: {_first_line(exc)}") from None
+            with _signal_handlers_kept():
+                try:
+                    ray.init(
+                        # "local": a new Ray even when another runs on this machine
+                        # (without an address, ray.init would join the newest one).
+                        address=self.address or "local",
+                        include_dashboard=False if self.address is None else None,
+                        log_to_driver=False,
+                        logging_level=logging.ERROR,
+                    )
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    where = self.address or "a local Ray"
+                    raise PipelineError(
+                        f"cannot start or join {where}: {_first_line(exc)}"
+                    ) from None
             self._joined = True
+        # Asked once: each ask is a round trip to the cluster's control service.
+        self.workers = int(ray.cluster_resources().get("CPU", 1))
         self._open = True
 
     def close(self) -> None:
@@ -321,11 +348,6 @@ class RayPool:
             if self._joined:
                 self._joined = False
                 ray.shutdown()
-
-    @property
-    def workers(self) -> int:
-        """CPUs of the cluster, each of which runs one task at a time."""
-        return int(ray.cluster_resources().get("CPU", 1)) if self._open else 0
 
     def max_tasks_in_flight(self) -> int:
         return TASKS_PER_CPU * max(1, self.workers)

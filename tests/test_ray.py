@@ -1,0 +1,365 @@
+"""The Ray engine on a real local cluster of two nodes (1 CPU each): the same module,
+byte for byte, as the local engine; faults of workers and nodes; cancel; the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import psutil
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from ashstream import PipelineError, load_report
+from ashstream.engines.ray import RayPool
+from ashstream.sinks import TypstModuleSink
+from tests.conftest import write_report
+
+pytestmark = [pytest.mark.process, pytest.mark.slow]
+
+# Rows of the test source, split over three Parquet files.
+FILE_ROWS = (1500, 2500, 2000)
+
+SOURCE_SQL = """
+SELECT
+    i AS id,
+    ['north', 'south', 'east'][1 + (i % 3)::INT] AS region,
+    (i // 400) AS week,
+    CASE WHEN i % 11 = 0 THEN NULL
+         ELSE 'quote " back \\ hash # dollar $ ' || chr(10) || 'ünï ' || i END AS note,
+    (i * 1.25)::DECIMAL(12, 2) AS amount,
+    CASE WHEN i % 13 = 0 THEN 'NaN'::DOUBLE ELSE i / 7.0 END AS ratio,
+    TIMESTAMPTZ '2024-03-30 23:00:00+00' + to_minutes(i * 7) AS at,
+    CASE WHEN i % 5 = 0 THEN NULL ELSE [i, i + 1] END AS pair,
+    {{'k': i % 4, 's': 'x' || i}} AS info
+FROM range({first}, {last}) t(i)
+"""
+
+FULL_REPORT = {
+    "name": "ray_check",
+    "source": {"parquet": "data", "where": "id % 17 <> 3 AND amount >= $low"},
+    "params": {"low": {"type": "float", "default": 2.0}},
+    "pipeline": {"timezone": "Europe/Berlin"},
+    "fields": [
+        {"name": "id"},
+        {"name": "area", "column": "region"},
+        {"name": "week"},
+        {"name": "note"},
+        {"name": "amount"},
+        {"name": "ratio"},
+        {"name": "at"},
+        {"name": "pair"},
+        {"name": "info"},
+        {"name": "double_amount", "expr": "amount * 2"},
+    ],
+    "groups": [{"name": "area", "field": "area"}, {"name": "week", "field": "week"}],
+    "variables": [
+        {"name": "total", "function": "sum", "field": "amount", "reset": "report"},
+        {"name": "area_total", "function": "sum", "field": "amount", "reset": "area"},
+        {"name": "week_rows", "function": "count", "reset": "week"},
+        {"name": "running", "function": "sum", "field": "ratio", "running": True},
+    ],
+    "charts": [{"name": "by_day", "x": "at", "y": "amount", "agg": "sum", "bucket": "day"}],
+}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two nodes of one CPU each; this process joins as the driver, so RayPool uses it.
+    Node deaths are noticed within about two seconds."""
+    config = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}
+    started = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": config},
+    )
+    started.add_node(num_cpus=1)
+    started.wait_for_nodes()
+    ray.init(address=started.address, log_to_driver=False)
+    yield started
+    ray.shutdown()
+    started.shutdown()
+
+
+@pytest.fixture(scope="module")
+def source_dir(tmp_path_factory) -> Path:
+    """Three Parquet files of one schema (nested, decimal, zoned timestamp, strings)."""
+    root = tmp_path_factory.mktemp("ray")
+    (root / "data").mkdir()
+    first = 0
+    for i, rows in enumerate(FILE_ROWS):
+        sql = SOURCE_SQL.format(first=first, last=first + rows)
+        duckdb.sql(f"COPY ({sql}) TO '{root / 'data' / f'part-{i}.parquet'}' (FORMAT parquet)")
+        first += rows
+    return root
+
+
+def module_of(stream, report, path: Path, chunks=None) -> bytes:
+    """What ``ashstream run`` writes for ``stream`` (its chunks, taken through
+    ``chunks`` when given): the Typst module's bytes."""
+    sink = TypstModuleSink(path, report)
+    sink.open()
+    for chunk in stream if chunks is None else chunks:
+        sink.write(chunk)
+    sink.finish(stream.columns or (), stream.summary)
+    sink.commit()
+    return path.read_bytes()
+
+
+def local_module(pools, report, chunk_size: int, path: Path) -> bytes:
+    return module_of(pools(2).start(report, chunk_size), report, path)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 1000, 65536])
+def test_same_module_as_the_local_engine(cluster, pools, source_dir, tmp_path, chunk_size):
+    report = load_report(write_report(source_dir, FULL_REPORT, "full.yaml"), {"low": "3.5"})
+    want = local_module(pools, report, chunk_size, tmp_path / "local.typ")
+    with RayPool(min_batch_rows=700) as pool:  # several batches per file
+        got = module_of(pool.start(report, chunk_size), report, tmp_path / "ray.typ")
+    assert got == want
+    assert b"area_total" in got and b"by_day" in got and b"running" in got
+
+
+def test_duckdb_query_source(cluster, pools, tmp_path):
+    report = load_report(
+        write_report(
+            tmp_path,
+            {
+                "name": "query",
+                "source": {
+                    "duckdb": {
+                        "query": "SELECT i, 'v' || i AS s, i * 0.5 AS h FROM range(5000) t(i) "
+                        "WHERE i % $m = 0"
+                    },
+                    "order_by": ["h DESC"],
+                },
+                "params": {"m": {"type": "int", "default": 3}},
+            },
+        )
+    )
+    want = local_module(pools, report, 500, tmp_path / "local.typ")
+    with RayPool(min_batch_rows=400) as pool:
+        got = module_of(pool.start(report, 500), report, tmp_path / "ray.typ")
+    assert got == want
+
+
+def _encoding_workers(processes=None) -> list[psutil.Process]:
+    """Ray worker processes (of all, or of ``processes``) running our encode task now:
+    Ray titles them ray::_encode."""
+    found = []
+    for process in psutil.process_iter() if processes is None else processes:
+        try:
+            cmdline = process.cmdline()
+        except psutil.Error:
+            continue
+        if cmdline and cmdline[0].startswith("ray::_encode"):
+            found.append(process)
+    return found
+
+
+def _big_report(source_dir: Path) -> object:
+    return load_report(
+        write_report(
+            source_dir,
+            {
+                "name": "big",
+                "source": {"duckdb": {"query": SOURCE_SQL.format(first=0, last=120_000)}},
+                "variables": [{"name": "run", "function": "sum", "field": "id", "running": True}],
+            },
+            "big.yaml",
+        )
+    )
+
+
+def test_worker_killed_mid_run_gives_the_same_module(cluster, pools, source_dir, tmp_path):
+    report = _big_report(source_dir)
+    want = local_module(pools, report, 1000, tmp_path / "local.typ")
+    killed = []
+
+    def kill_one_worker(stream):
+        for i, chunk in enumerate(stream):
+            if not killed and i >= 5:
+                deadline = time.monotonic() + 10
+                while not killed and time.monotonic() < deadline:
+                    for process in _encoding_workers():
+                        process.send_signal(signal.SIGKILL)
+                        killed.append(process.pid)
+                        break
+            yield chunk
+
+    with RayPool(min_batch_rows=2000) as pool:
+        stream = pool.start(report, 1000)
+        got = module_of(stream, report, tmp_path / "ray.typ", kill_one_worker(stream))
+    assert killed, "no Ray worker was seen encoding"
+    assert got == want
+
+
+def test_node_removed_mid_run_gives_the_same_module(cluster, pools, source_dir, tmp_path):
+    report = _big_report(source_dir)
+    want = local_module(pools, report, 1000, tmp_path / "local.typ")
+    node = next(iter(cluster.worker_nodes))
+
+    def remove_the_node(stream):
+        for i, chunk in enumerate(stream):
+            if i == 5:
+                cluster.remove_node(node, allow_graceful=False)
+            yield chunk
+
+    try:
+        with RayPool(min_batch_rows=2000) as pool:
+            stream = pool.start(report, 1000)
+            got = module_of(stream, report, tmp_path / "ray.typ", remove_the_node(stream))
+    finally:
+        if node in cluster.worker_nodes:
+            cluster.remove_node(node)
+        cluster.add_node(num_cpus=1)  # for the tests after this one
+        cluster.wait_for_nodes()
+    assert got == want
+
+
+def test_cancel_frees_every_object_of_the_stream(cluster, source_dir):
+    core = ray._private.worker.global_worker.core_worker
+    assert not core.get_all_reference_counts()
+    with RayPool(min_batch_rows=2000) as pool:
+        stream = pool.start(_big_report(source_dir), 1000)
+        chunks = iter(stream)
+        for _ in range(3):
+            next(chunks)
+        assert core.get_all_reference_counts(), "no batch was in flight"
+        stream.cancel()
+        deadline = time.monotonic() + 10
+        while core.get_all_reference_counts() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not core.get_all_reference_counts()
+        with pytest.raises(StopIteration):
+            next(chunks)
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ashstream", *args]
+
+
+def test_cli_on_the_cluster_matches_the_local_run(cluster, source_dir, tmp_path):
+    report = write_report(source_dir, FULL_REPORT, "full.yaml")
+    outputs = {}
+    for engine, extra in (("local", ["--inline-rows", "0"]), ("ray", ["--engine", "ray"])):
+        out = tmp_path / f"{engine}.typ"
+        result = subprocess.run(
+            command("run", str(report), "-o", str(out), "--json", *extra),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "RAY_ADDRESS": cluster.address},
+        )
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["engine"] == engine
+        outputs[engine] = out.read_bytes().replace(out.name.encode(), b"")
+    assert summary["workers"] == 2  # the cluster's CPUs
+    assert outputs["ray"] == outputs["local"]
+
+
+def test_unreachable_cluster_is_one_clear_error(source_dir, tmp_path):
+    out = tmp_path / "out.typ"
+    report = write_report(source_dir, FULL_REPORT, "full.yaml")
+    started = time.monotonic()
+    result = subprocess.run(
+        command("run", str(report), "-o", str(out), "--ray-address", "127.0.0.1:9"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "Error: cannot reach the Ray cluster at 127.0.0.1:9" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 30
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_differing_schemas_fail_before_any_output(cluster, source_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    duckdb.sql(f"COPY (SELECT 1 AS id, 'a' AS s) TO '{data / 'a.parquet'}' (FORMAT parquet)")
+    duckdb.sql(f"COPY (SELECT 2 AS id, 2.5 AS s) TO '{data / 'b.parquet'}' (FORMAT parquet)")
+    report = load_report(write_report(tmp_path, {"name": "drift", "source": {"parquet": "data"}}))
+    with RayPool() as pool, pytest.raises(Exception, match="column 's' is"):
+        list(pool.stream(report))
+
+
+def test_ray_pool_checks_the_address_before_joining():
+    with pytest.raises(PipelineError, match="not host:port"):
+        from ashstream.engines.ray import check_reachable
+
+        check_reachable("nowhere")
+
+
+def _ray_processes_of(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_the_run_and_its_local_ray(source_dir, tmp_path, sig, code):
+    """No address: the run starts a Ray of its own, and takes it down when stopped."""
+    report = write_report(
+        source_dir,
+        {
+            "name": "long",
+            "source": {"duckdb": {"query": SOURCE_SQL.format(first=0, last=3_000_000)}},
+        },
+        "long.yaml",
+    )
+    out = tmp_path / "out.typ"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.Popen(
+        command("run", str(report), "-o", str(out), "--engine", "ray", "--no-progress"),
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _encoding_workers(_ray_processes_of(run.pid)):
+            assert time.monotonic() < deadline, "the run's Ray encoded nothing within 60 s"
+            time.sleep(0.1)
+        children = _ray_processes_of(run.pid)
+        signalled = time.monotonic()
+        run.send_signal(sig)
+        _, stderr = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == code, stderr
+    assert time.monotonic() - signalled < 2.5
+    assert "Cancelled" in stderr and "Traceback" not in stderr
+    assert not out.exists()
+    deadline = time.monotonic() + 10
+    while not all(_gone(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(p) for p in children), [p.pid for p in children if not _gone(p)]
+
+
+def test_the_local_engine_never_imports_ray():
+    code = (
+        "import sys, ashstream, ashstream.cli, ashstream.engines.local.pool; "
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
