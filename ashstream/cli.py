@@ -586,7 +586,7 @@ def status(as_json, show_all) -> None:
         for s in pool["streams"]:
             memory = s.get("memory_bytes")
             cells = (
-                str(pool["pid"]),
+                str(pool["pid"]) + ("" if pool["engine"] == "local" else f" ({pool['engine']})"),
                 s["id"],
                 s["report"],
                 s["status"],

@@ -173,7 +173,16 @@ def main() -> None:
     parser.add_argument(
         "--concurrent", action="store_true", help="20 streams at once against one alone"
     )
+    parser.add_argument(
+        "--engine",
+        choices=["ray"],
+        help="ray: the local engine against the Ray engine (--rows 2000000,10000000)",
+    )
     args = parser.parse_args()
+    if args.engine == "ray":
+        rows = [2_000_000, 10_000_000] if args.rows == DEFAULT_ROWS else None
+        measure_ray(rows or [int(n) for n in args.rows.split(",")], args.repeats)
+        return
     if args.concurrent:
         measure_concurrent(args.repeats)
         return
@@ -627,6 +636,64 @@ def measure_concurrent(repeats: int, streams: int = 20, rows: int = 200_000) -> 
             "many": {"wall_s": wall_many, "peak_pss_bytes": peak_many, "runs": many},
         },
     )
+
+
+def measure_ray(sizes: list[int], repeats: int) -> None:
+    """The local engine (a warm StreamPool, 2 workers) against the Ray engine (a local
+    Ray of this machine's CPUs, started once) on the sales file, rounds alternating the
+    two; each writes the same file (checked). Wall time and rows/s; peak PSS of the
+    whole process tree (Ray's processes are children of this one: raylet, GCS, workers,
+    object store pages) and the Ray driver's own peak memory, less shared pages."""
+    from ashstream.engines.ray import RayPool
+
+    workdir = Path(tempfile.mkdtemp(prefix="ashstream-bench-"))
+    results: dict = {"chunk_size": CHUNK_SIZE, "sizes": {}}
+    try:
+        with StreamPool(2) as local, RayPool() as on_ray:
+            for rows in sizes:
+                _, report = sales_files(workdir, rows)
+                digests, times, peaks = {}, {"local": [], "ray": []}, {"local": [], "ray": []}
+                for round_ in range(repeats + 1):
+                    for name, pool in (("local", local), ("ray", on_ray)):
+                        out = workdir / f"{name}.typ"
+                        with PeakPss() as sampler:
+                            start = time.perf_counter()
+                            with open(out, "wb") as f:
+                                for chunk in pool.stream(report, chunk_size=CHUNK_SIZE):
+                                    f.write(chunk.text)
+                            wall = time.perf_counter() - start
+                        digests[name] = sha256(out)
+                        if round_:  # the first round warms both up
+                            times[name].append(wall)
+                            peaks[name].append(sampler.peak_bytes)
+                if digests["local"] != digests["ray"]:
+                    raise SystemExit(f"{rows} rows: the engines wrote different text")
+                results["sizes"][str(rows)] = {
+                    name: {
+                        "wall_s": statistics.median(times[name]),
+                        "runs_s": times[name],
+                        "rows_per_s": rows / statistics.median(times[name]),
+                        "peak_pss_bytes": max(peaks[name]),
+                    }
+                    for name in times
+                }
+                results["sizes"][str(rows)]["ray"]["driver_peak_bytes"] = on_ray.peak_memory_bytes
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"{'rows':>12} {'engine':>7} {'wall s':>8} {'rows/s':>12} {'tree PSS':>10} {'ratio':>6}")
+    for rows, case in results["sizes"].items():
+        for name in ("local", "ray"):
+            r = case[name]
+            ratio = r["rows_per_s"] / case["local"]["rows_per_s"]
+            print(
+                f"{int(rows):>12,} {name:>7} {r['wall_s']:>8.2f} {r['rows_per_s']:>12,.0f} "
+                f"{r['peak_pss_bytes'] / 2**20:>8,.0f} M {ratio:>5.2f}x"
+            )
+        print(
+            f"{'':>12} Ray driver peak (unshared): {case['ray']['driver_peak_bytes'] / 2**20:,.0f} MiB"
+        )
+    path = write_results("bench_ray", results)
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -649,7 +649,8 @@ def test_status_refuses_a_wrong_key_and_drops_stale_entries(tmp_path, monkeypatc
     import multiprocessing
 
     from ashstream import StreamPool
-    from ashstream.engines.local.registry import RegistryManager, running_pools, runtime_dir
+    from ashstream.engines.local.registry import RegistryManager, running_pools
+    from ashstream.status_files import runtime_dir
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     dead = subprocess.run(

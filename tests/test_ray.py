@@ -363,3 +363,18 @@ def test_the_local_engine_never_imports_ray():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_status_lists_a_running_ray_stream(cluster, source_dir):
+    from ashstream.engines.local.registry import running_pools
+
+    with RayPool(min_batch_rows=2000) as pool:
+        stream = pool.start(_big_report(source_dir), 1000)
+        chunks = iter(stream)
+        next(chunks)
+        [mine] = [p for p in running_pools() if p["pid"] == os.getpid()]
+        assert mine["engine"] == "ray"
+        [entry] = mine["streams"]
+        assert entry["id"] == stream.id and entry["status"] == "running"
+        stream.cancel()
+    assert [p for p in running_pools() if p["pid"] == os.getpid()] == []

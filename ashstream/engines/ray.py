@@ -31,15 +31,18 @@ Past the retries the stream fails with :class:`~ashstream.errors.WorkerCrashed`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -61,11 +64,13 @@ from ashstream.engines.inline import checked_chunk_size, unshared_rss
 from ashstream.errors import (
     INTERNAL_ERROR_ADVICE,
     AshstreamError,
+    Cancelled,
     PipelineError,
     WorkerCrashed,
 )
 from ashstream.report import Report, with_params
 from ashstream.sources import sweep_stale_spill_dirs
+from ashstream.status_files import REWRITE_INTERVAL_S, new_status_file, rewrite_status_file
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +129,9 @@ def check_reachable(address: str) -> None:
         raise PipelineError(f"cannot reach the Ray cluster at {address}: {exc}; {advice}") from None
 
 
+_stream_numbers = itertools.count(1)
+
+
 @dataclass
 class _Task:
     seq: int
@@ -149,6 +157,8 @@ class RayStream:
         self.columns: tuple[str, ...] | None = None
         self.total_rows: int | None = None
         self.skipped: list[tuple[int, int]] = []  # a failed batch fails the stream
+        self.id = f"ray-{os.getpid()}-{next(_stream_numbers)}"
+        self.started_at = time.time()
         self._pool = pool
         self._analysis = Analysis.of(report)
         self._merge = OrderedMerge(self._analysis, self.chunk_size)
@@ -174,9 +184,21 @@ class RayStream:
             self._iterator.close()
 
     def _chunks(self) -> Iterator[Chunk]:
+        status = "cancelled"  # unless it ends otherwise
+        try:
+            yield from self._run()
+            status = "completed"
+        except AshstreamError:
+            status = "failed"
+            raise
+        finally:
+            self._pool.record(self, status)
+
+    def _run(self) -> Iterator[Chunk]:
         pool, merge = self._pool, self._merge
-        metadata = {"stream_id": f"ray-{id(self):x}", "report": self.report.name, "engine": "ray"}
+        metadata = {"stream_id": self.id, "report": self.report.name, "engine": "ray"}
         in_flight: deque[_Task] = deque()
+        pool.record(self, "running")
         with telemetry.stream_events(metadata, lambda: merge.rows) as outcome:
             sweep_stale_spill_dirs()
             source = read_batches(self.report, self.chunk_size, pool.min_batch_rows)
@@ -197,10 +219,10 @@ class RayStream:
                         and sum(t.nbytes for t in in_flight) > pool.max_bytes_in_flight
                     ):
                         yield from merge.take(self._result(in_flight.popleft()))
-                        pool.note_memory()
+                        pool.record(self, "running", every_s=REWRITE_INTERVAL_S)
                 while in_flight:
                     yield from merge.take(self._result(in_flight.popleft()))
-                    pool.note_memory()
+                    pool.record(self, "running", every_s=REWRITE_INTERVAL_S)
                 merge.finish()
                 outcome["status"] = "completed"
             finally:
@@ -212,12 +234,15 @@ class RayStream:
         runs meanwhile; errors become the one the user reads."""
         where = batch_rows(task.first_row, task.rows, task.seq)
         try:
-            while True:
-                try:
-                    result = ray.get(task.ref, timeout=POLL_S)
-                    break
-                except ray.exceptions.GetTimeoutError:
-                    continue
+            while not ray.wait([task.ref], timeout=POLL_S, fetch_local=True)[0]:
+                pass
+            result = ray.get(task.ref)
+        except SystemError as exc:
+            # A signal handler that raised (Ctrl-C, the CLI's SIGTERM) inside Ray's
+            # C code surfaces as a SystemError caused by its exception: raise that one.
+            if isinstance(exc.__cause__, KeyboardInterrupt | Cancelled):
+                raise exc.__cause__ from None
+            raise
         except (
             ray.exceptions.WorkerCrashedError,
             ray.exceptions.NodeDiedError,
@@ -307,6 +332,10 @@ class RayPool:
         self.workers = 0  # CPUs of the cluster when the pool opened: one task each
         self._joined = False  # ray.init was ours: close shuts it down
         self._open = False
+        self._opened_at = 0.0
+        self._status_file: Path | None = None  # for ashstream status
+        self._streams: dict[str, dict[str, Any]] = {}
+        self._recorded_at = 0.0
 
     def __enter__(self) -> RayPool:
         self.open()
@@ -340,11 +369,19 @@ class RayPool:
         # Asked once: each ask is a round trip to the cluster's control service.
         self.workers = int(ray.cluster_resources().get("CPU", 1))
         self._open = True
+        self._opened_at = time.time()
+        try:
+            self._status_file = new_status_file(self._status_info())
+        except OSError as exc:
+            logger.debug("no status file: %s", exc)
 
     def close(self) -> None:
         """Shut down the Ray this pool started (or left, if it only joined one)."""
         if self._open:
             self._open = False
+            if self._status_file is not None:
+                self._status_file.unlink(missing_ok=True)
+                self._status_file = None
             if self._joined:
                 self._joined = False
                 ray.shutdown()
@@ -352,8 +389,39 @@ class RayPool:
     def max_tasks_in_flight(self) -> int:
         return TASKS_PER_CPU * max(1, self.workers)
 
-    def note_memory(self) -> None:
+    def record(self, stream: RayStream, status: str, every_s: float = 0.0) -> None:
+        """Note the driver's memory and the stream's progress; rewrite the status file
+        for ``ashstream status`` (at most every ``every_s`` seconds)."""
         self.peak_memory_bytes = max(self.peak_memory_bytes, unshared_rss())
+        now = time.monotonic()
+        if now - self._recorded_at < every_s or self._status_file is None:
+            return
+        self._recorded_at = now
+        rows = stream._merge.rows
+        elapsed = time.time() - stream.started_at
+        self._streams[stream.id] = {
+            "id": stream.id,
+            "report": stream.report.name,
+            "status": status,
+            "rows": rows,
+            "total_rows": stream.total_rows,
+            "rows_per_s": rows / elapsed if elapsed > 0 else 0.0,
+            "memory_bytes": self.peak_memory_bytes,
+            "started_at": stream.started_at,
+        }
+        try:
+            rewrite_status_file(self._status_file, self._status_info())
+        except OSError as exc:  # status is best-effort; the stream runs on
+            logger.debug("cannot rewrite %s: %s", self._status_file, exc)
+
+    def _status_info(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "started_at": self._opened_at,
+            "engine": "ray",
+            "address": self.address or "local",
+            "streams": list(self._streams.values()),
+        }
 
     def start(
         self,

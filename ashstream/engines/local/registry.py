@@ -21,8 +21,6 @@ import logging
 import os
 import secrets
 import signal
-import tempfile
-import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
@@ -32,6 +30,7 @@ from typing import Any
 
 from ashstream.engines.local.child import Faults, become_child
 from ashstream.procs import pid_alive
+from ashstream.status_files import new_status_file, runtime_dir
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +59,6 @@ def _registry_process(lifeline: Connection, pool_id: str, faults: Faults) -> Non
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def runtime_dir() -> Path:
-    """This user's private directory for the registries' addresses (mode 0700)."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    path = Path(base) / f"ashstream-{os.getuid()}"
-    path.mkdir(mode=0o700, exist_ok=True)
-    if path.stat().st_uid != os.getuid() or path.stat().st_mode & 0o077:
-        raise PermissionError(f"{path} must belong to this user and be private (0700)")
-    return path
-
-
 class Registry:
     """The pool's streams: read from this process's copy, published through the Manager."""
 
@@ -91,23 +80,9 @@ class Registry:
 
     def _advertise(self, authkey: bytes) -> Path:
         """Write where the Manager listens, for ``ashstream status``; its path."""
-        path = runtime_dir() / f"{os.getpid()}-{secrets.token_hex(4)}.json"
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(descriptor, "w") as f:
-                json.dump(
-                    {
-                        "pid": os.getpid(),
-                        "address": self._manager.address,
-                        "authkey": authkey.hex(),
-                        "started_at": time.time(),
-                    },
-                    f,
-                )
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        return path
+        return new_status_file(
+            {"engine": "local", "address": self._manager.address, "authkey": authkey.hex()}
+        )
 
     def put(self, stream_id: str, entry: dict[str, Any]) -> None:
         entry = dict(entry)
@@ -160,12 +135,23 @@ def running_pools() -> list[dict[str, Any]]:
         try:
             info = json.loads(path.read_text())
             stale = not pid_alive(info["pid"])
+        except FileNotFoundError:
+            continue  # closed meanwhile
         except (OSError, ValueError, KeyError):
             stale = True  # unreadable
         if stale:
             path.unlink(missing_ok=True)
             continue
-        pool = {"pid": info["pid"], "started_at": info["started_at"], "registry": "ok"}
+        pool = {
+            "pid": info["pid"],
+            "started_at": info["started_at"],
+            "engine": info.get("engine", "local"),
+            "registry": "ok",
+        }
+        if "streams" in info:  # an engine that writes its streams into the file
+            pool["streams"] = info["streams"]
+            pools.append(pool)
+            continue
         try:
             manager = RegistryManager(
                 address=info["address"], authkey=bytes.fromhex(info["authkey"])
