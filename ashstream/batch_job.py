@@ -50,6 +50,7 @@ class BatchSource:
     columns: tuple[str, ...]  # the row dictionaries' keys, running values included
     total_rows: int | None  # when the source says so cheaply
     batches: Iterator[pa.RecordBatch]  # in source order, running values added
+    close: Callable[[], None]  # the connection and spill folder, read to the end or not
 
 
 def read_batches(
@@ -73,7 +74,7 @@ def read_batches(
         for batch in _first_chunk_alone(batches, chunk_size)
         for part in split_to_fit(batch, max_batch_bytes)
     )
-    return BatchSource(row_columns(report, source.schema), source.total_rows, parts)
+    return BatchSource(row_columns(report, source.schema), source.total_rows, parts, source.close)
 
 
 def ipc_size(batch: pa.RecordBatch) -> int:
@@ -143,12 +144,12 @@ def encode_batch(
     return EncodedBatch(text, rows, chunk_ends, lossy, partial)
 
 
-def batch_rows(first_row: int, rows: int, seq: int) -> str:
+def batch_rows(first_row: int, rows: int, seq: int | str) -> str:
     """A batch's rows, counted from the source's first row, as the user sees them."""
     return f"rows {first_row}..{first_row + rows - 1} (batch {seq})"
 
 
-def batch_failure(exc: Exception, first_row: int, rows: int, seq: int) -> AshstreamError:
+def batch_failure(exc: Exception, first_row: int, rows: int, seq: int | str) -> AshstreamError:
     """What the user is told when the batch job fails on a batch: an ashstream error with
     the batch's rows named, or an internal error (its trace belongs in the debug log)."""
     where = batch_rows(first_row, rows, seq)

@@ -343,6 +343,8 @@ def _run(
                 "groups": groups + len(results.groups),
                 "totals": results.totals,
             }
+            if summary["engine"] == "ray":
+                summary["read_on"] = handle.read_on  # the cluster, or the driver
         sink.finish(columns, results)
         summary["seconds"] = time.perf_counter() - started
         if pdf_path:
@@ -410,7 +412,7 @@ def _engine_words(summary: dict) -> str:
     if summary["engine"] == "inline":
         return "in this process"
     if summary["engine"] == "ray":
-        return f"on Ray, {summary['workers']} CPUs"
+        return f"on Ray, {summary['workers']} CPUs, read on the {summary['read_on']}"
     return f"{summary['workers']} workers"
 
 

@@ -86,6 +86,8 @@ class Source:
     order_by: tuple[str, ...] = ()
     count_rows: bool = False  # run COUNT(*) first so progress shows a total
     sorted: bool = False  # rows already come in group (and order_by) order: no ORDER BY
+    # Set by an engine, never by YAML: read only rows [first, last) of the one file.
+    row_range: tuple[int, int] | None = None
 
     @property
     def kind(self) -> str:

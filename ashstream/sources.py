@@ -7,6 +7,7 @@ process that has used it (children start from a fork server that imports no Duck
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -44,8 +45,48 @@ def base_relation_sql(report: Report) -> str:
     src = report.source
     if src.parquet:
         files = ", ".join(quote_literal(p) for p in src.parquet)
-        return f"SELECT * FROM read_parquet([{files}])"
+        if src.row_range is None:
+            return f"SELECT * FROM read_parquet([{files}])"
+        # A part of one file: DuckDB skips the row groups outside the range.
+        first, last = src.row_range
+        return (
+            f"SELECT * EXCLUDE (file_row_number) FROM read_parquet([{files}], "
+            f"file_row_number = true) WHERE file_row_number >= {first} "
+            f"AND file_row_number < {last}"
+        )
     return src.query.strip().rstrip(";")
+
+
+def has_order_by(report: Report) -> bool:
+    """Whether the source's SQL sorts (groups or order_by, unless ``sorted``)."""
+    return bool(report.groups or report.source.order_by) and not report.source.sorted
+
+
+def parquet_parts(report: Report, min_rows: int) -> list[Report]:
+    """The report's Parquet source cut into parts of whole row groups, each of at least
+    ``min_rows`` rows (but the last of a file), in source order: the same report, each
+    reading one file's row range. DuckDB reads files in the order given and a file's
+    rows in order, so the parts' rows, one after another, are the source's rows."""
+    import pyarrow.parquet as pq
+
+    parts = []
+    for path in report.source.parquet:
+        try:
+            metadata = pq.ParquetFile(path).metadata
+        except (OSError, pa.ArrowException) as exc:
+            raise SourceError(
+                f"{report.path}: source.parquet: {path} is not a readable Parquet file: {exc}"
+            ) from None
+        first = rows = 0
+        for i in range(metadata.num_row_groups):
+            rows += metadata.row_group(i).num_rows
+            if rows - first >= min_rows or i == metadata.num_row_groups - 1:
+                source = dataclasses.replace(
+                    report.source, parquet=(path,), row_range=(first, rows)
+                )
+                parts.append(dataclasses.replace(report, source=source))
+                first = rows
+    return parts
 
 
 def source_sql(report: Report) -> str:
@@ -69,7 +110,7 @@ def source_sql(report: Report) -> str:
     # (unless the source says they already do: the collector then checks the keys).
     order = [quote_identifier(g.column) + (" DESC" if g.descending else "") for g in report.groups]
     order += src.order_by
-    if order and not src.sorted:
+    if order and has_order_by(report):
         sql += " ORDER BY " + ", ".join(order)
     return sql
 
@@ -85,6 +126,7 @@ class OpenSource:
     schema: pa.Schema
     total_rows: int | None
     batches: Iterator[pa.RecordBatch]
+    close: Callable[[], None]  # the connection and spill folder; also when never read
 
 
 def open_source(
@@ -156,7 +198,12 @@ def _open(
         raise _query_error(report, exc, sql) from None
     check_analysis(report, schema)
     total = _total_rows(con, report, sql, params)
-    return OpenSource(schema, total, _read(con, relation, rows_per_batch, report, spill))
+
+    def close() -> None:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+
+    return OpenSource(schema, total, _read(relation, rows_per_batch, report, close), close)
 
 
 def _check_parquet_files(report: Report) -> None:
@@ -256,7 +303,7 @@ def parquet_row_count(report: Report, stop_above: int | None = None) -> int | No
 
 
 def _read(
-    con: Any, relation: Any, rows_per_batch: int, report: Report, spill: str
+    relation: Any, rows_per_batch: int, report: Report, close: Callable[[], None]
 ) -> Iterator[pa.RecordBatch]:
     import duckdb
 
@@ -273,8 +320,7 @@ def _read(
             f"{report.path}: source: reading failed after {rows} rows: {str(exc).strip()}"
         ) from None
     finally:
-        con.close()
-        shutil.rmtree(spill, ignore_errors=True)
+        close()
 
 
 @dataclass
@@ -298,11 +344,10 @@ def sample_source(report: Report, rows: int = 1000) -> SourceSample:
     Runs in the calling process: use it only where no worker processes will be forked
     afterwards (the ``validate`` and ``inspect`` commands)."""
     source = open_source(report, rows)
-    batches = source.batches
     try:
-        first = next(batches, None)
+        first = next(source.batches, None)
     finally:
-        batches.close()
+        source.close()
     if first is None:
         first = pa.RecordBatch.from_pylist([], schema=source.schema)
     first = sample_rows(report, first)

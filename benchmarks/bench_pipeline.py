@@ -31,6 +31,7 @@ benchmarks/results/bench_pipeline.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import multiprocessing as mp
 import os
@@ -638,62 +639,86 @@ def measure_concurrent(repeats: int, streams: int = 20, rows: int = 200_000) -> 
     )
 
 
+# The Ray engine's two read paths: Parquet read by tasks on the cluster, and the same
+# rows sorted by DuckDB (order_by), which the driver reads (the local engine sorts too).
+RAY_CASES = {"read on the cluster": "", "order_by: driver reads": "  order_by: [id]\n"}
+
+
 def measure_ray(sizes: list[int], repeats: int) -> None:
     """The local engine (a warm StreamPool, 2 workers) against the Ray engine (a local
-    Ray of this machine's CPUs, started once) on the sales file, rounds alternating the
-    two; each writes the same file (checked). Wall time and rows/s; peak PSS of the
-    whole process tree (Ray's processes are children of this one: raylet, GCS, workers,
-    object store pages) and the Ray driver's own peak memory, less shared pages."""
+    Ray of this machine's CPUs, started once) on the sales file, for each of
+    ``RAY_CASES``; rounds alternate the two engines, and both must write the same text
+    (checked). Wall time and rows/s are medians of rounds run without the memory
+    sampler (reading every process's smaps costs CPU, and Ray has more processes);
+    one more round each gives the peak PSS of the whole process tree (Ray's raylet,
+    GCS, workers and object store pages are children of this process) and the Ray
+    driver's own peak memory, less shared pages."""
     from ashstream.engines.ray import RayPool
 
     workdir = Path(tempfile.mkdtemp(prefix="ashstream-bench-"))
-    results: dict = {"chunk_size": CHUNK_SIZE, "sizes": {}}
+    results: dict = {"chunk_size": CHUNK_SIZE, "cases": {}}
     try:
         with StreamPool(2) as local, RayPool() as on_ray:
             for rows in sizes:
-                _, report = sales_files(workdir, rows)
-                digests, times, peaks = {}, {"local": [], "ray": []}, {"local": [], "ray": []}
-                for round_ in range(repeats + 1):
-                    for name, pool in (("local", local), ("ray", on_ray)):
-                        out = workdir / f"{name}.typ"
-                        with PeakPss() as sampler:
-                            start = time.perf_counter()
-                            with open(out, "wb") as f:
-                                for chunk in pool.stream(report, chunk_size=CHUNK_SIZE):
-                                    f.write(chunk.text)
-                            wall = time.perf_counter() - start
-                        digests[name] = sha256(out)
-                        if round_:  # the first round warms both up
-                            times[name].append(wall)
-                            peaks[name].append(sampler.peak_bytes)
-                if digests["local"] != digests["ray"]:
-                    raise SystemExit(f"{rows} rows: the engines wrote different text")
-                results["sizes"][str(rows)] = {
-                    name: {
-                        "wall_s": statistics.median(times[name]),
-                        "runs_s": times[name],
-                        "rows_per_s": rows / statistics.median(times[name]),
-                        "peak_pss_bytes": max(peaks[name]),
-                    }
-                    for name in times
-                }
-                results["sizes"][str(rows)]["ray"]["driver_peak_bytes"] = on_ray.peak_memory_bytes
+                parquet, _ = sales_files(workdir, rows)
+                for case, extra in RAY_CASES.items():
+                    report = workdir / "case.yaml"
+                    report.write_text(f"name: sales\nsource:\n  parquet: {parquet.name}\n{extra}")
+                    results["cases"][f"{rows} rows, {case}"] = _engines_side_by_side(
+                        {"local": local, "ray": on_ray}, report, rows, repeats, workdir
+                    )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"{'rows':>12} {'engine':>7} {'wall s':>8} {'rows/s':>12} {'tree PSS':>10} {'ratio':>6}")
-    for rows, case in results["sizes"].items():
-        for name in ("local", "ray"):
-            r = case[name]
+    print(f"{'case':>40} {'engine':>7} {'wall s':>7} {'rows/s':>10} {'tree PSS':>9} {'ratio':>6}")
+    for name, case in results["cases"].items():
+        for engine in ("local", "ray"):
+            r = case[engine]
             ratio = r["rows_per_s"] / case["local"]["rows_per_s"]
             print(
-                f"{int(rows):>12,} {name:>7} {r['wall_s']:>8.2f} {r['rows_per_s']:>12,.0f} "
-                f"{r['peak_pss_bytes'] / 2**20:>8,.0f} M {ratio:>5.2f}x"
+                f"{name:>40} {engine:>7} {r['wall_s']:>7.2f} {r['rows_per_s']:>10,.0f} "
+                f"{r['peak_pss_bytes'] / 2**20:>7,.0f} M {ratio:>5.2f}x"
             )
-        print(
-            f"{'':>12} Ray driver peak (unshared): {case['ray']['driver_peak_bytes'] / 2**20:,.0f} MiB"
-        )
+        driver = case["ray"]["driver_peak_bytes"] / 2**20
+        print(f"{'':>40} Ray driver's peak memory (unshared): {driver:,.0f} MiB")
     path = write_results("bench_ray", results)
     print(f"\nwrote {path}")
+
+
+def _engines_side_by_side(
+    pools: dict, report: Path, rows: int, repeats: int, workdir: Path
+) -> dict:
+    digests: dict = {}
+    times: dict = {name: [] for name in pools}
+    peaks: dict = {name: 0 for name in pools}
+    pools["ray"].peak_memory_bytes = 0  # the driver's peak for this case alone
+    for round_ in range(repeats + 2):
+        for name, pool in pools.items():
+            out = workdir / f"{name}.typ"
+            sampled = round_ == repeats + 1
+            with PeakPss() if sampled else contextlib.nullcontext() as sampler:
+                start = time.perf_counter()
+                with open(out, "wb") as f:
+                    for chunk in pool.stream(report, chunk_size=CHUNK_SIZE):
+                        f.write(chunk.text)
+                wall = time.perf_counter() - start
+            digests[name] = sha256(out)
+            if sampled:
+                peaks[name] = sampler.peak_bytes
+            elif round_:  # the first round warms both up
+                times[name].append(wall)
+    if len(set(digests.values())) != 1:
+        raise SystemExit(f"{report}: the engines wrote different text")
+    result = {
+        name: {
+            "wall_s": statistics.median(times[name]),
+            "runs_s": times[name],
+            "rows_per_s": rows / statistics.median(times[name]),
+            "peak_pss_bytes": peaks[name],
+        }
+        for name in pools
+    }
+    result["ray"]["driver_peak_bytes"] = pools["ray"].peak_memory_bytes
+    return result
 
 
 if __name__ == "__main__":

@@ -257,6 +257,7 @@ def test_the_registry_process_dying_changes_nothing_but_status(mixed, caplog):
                 {
                     "pid": os.getpid(),
                     "started_at": pytest.approx(time.time(), abs=120),
+                    "engine": "local",
                     "registry": "unreachable",
                     "streams": [],
                 }

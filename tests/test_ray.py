@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import duckdb
 import psutil
+import pyarrow.parquet as pq
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from ashstream import PipelineError, load_report
+from ashstream import PipelineError, SourceError, load_report
 from ashstream.engines.ray import RayPool
 from ashstream.sinks import TypstModuleSink
 from tests.conftest import write_report
@@ -70,6 +72,21 @@ FULL_REPORT = {
 }
 
 
+# Read on the cluster: Parquet, rows in group order (sorted: true), no running value.
+CLUSTER_REPORT = {
+    **FULL_REPORT,
+    "name": "ray_parts",
+    "source": {**FULL_REPORT["source"], "parquet": "parts", "sorted": True},
+    "groups": [{"name": "week", "field": "week"}, {"name": "block", "expr": "id // 100"}],
+    "variables": [
+        {"name": "total", "function": "sum", "field": "amount", "reset": "report"},
+        {"name": "week_total", "function": "sum", "field": "amount", "reset": "week"},
+        {"name": "block_rows", "function": "count", "reset": "block"},
+        {"name": "mean_ratio", "function": "avg", "field": "ratio", "reset": "week"},
+    ],
+}
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """Two nodes of one CPU each; this process joins as the driver, so RayPool uses it.
@@ -89,13 +106,17 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def source_dir(tmp_path_factory) -> Path:
-    """Three Parquet files of one schema (nested, decimal, zoned timestamp, strings)."""
+    """Three Parquet files of one schema (nested, decimal, zoned timestamp, strings),
+    in data/ with one row group each and in parts/ with row groups of 500 rows."""
     root = tmp_path_factory.mktemp("ray")
     (root / "data").mkdir()
+    (root / "parts").mkdir()
     first = 0
     for i, rows in enumerate(FILE_ROWS):
         sql = SOURCE_SQL.format(first=first, last=first + rows)
         duckdb.sql(f"COPY ({sql}) TO '{root / 'data' / f'part-{i}.parquet'}' (FORMAT parquet)")
+        # DuckDB writes row groups of 2048 rows at least; pyarrow writes smaller ones.
+        pq.write_table(duckdb.sql(sql).to_arrow_table(), root / "parts" / f"part-{i}.parquet", 500)
         first += rows
     return root
 
@@ -121,9 +142,38 @@ def test_same_module_as_the_local_engine(cluster, pools, source_dir, tmp_path, c
     report = load_report(write_report(source_dir, FULL_REPORT, "full.yaml"), {"low": "3.5"})
     want = local_module(pools, report, chunk_size, tmp_path / "local.typ")
     with RayPool(min_batch_rows=700) as pool:  # several batches per file
-        got = module_of(pool.start(report, chunk_size), report, tmp_path / "ray.typ")
+        stream = pool.start(report, chunk_size)
+        assert stream.read_on == "driver"  # sorted by DuckDB, with a running value
+        got = module_of(stream, report, tmp_path / "ray.typ")
     assert got == want
     assert b"area_total" in got and b"by_day" in got and b"running" in got
+
+
+@pytest.mark.parametrize("chunk_size", [1, 1000, 65536])
+def test_parquet_read_on_the_cluster_gives_the_same_module(
+    cluster, pools, source_dir, tmp_path, chunk_size
+):
+    report = load_report(write_report(source_dir, CLUSTER_REPORT, "parts.yaml"), {"low": "3.5"})
+    want = local_module(pools, report, chunk_size, tmp_path / "local.typ")
+    with RayPool(min_batch_rows=200) as pool:  # parts of 1000 rows: two row groups
+        stream = pool.start(report, chunk_size)
+        assert stream.read_on == "cluster"
+        got = module_of(stream, report, tmp_path / "ray.typ")
+    assert got == want
+    assert b"week_total" in got and b"by_day" in got
+
+
+def test_a_file_gone_on_a_node_is_one_clear_error(cluster, source_dir, tmp_path):
+    shutil.copytree(source_dir / "parts", tmp_path / "parts")
+    report = load_report(write_report(tmp_path, CLUSTER_REPORT, "parts.yaml"))
+    with RayPool(min_batch_rows=200) as pool:
+        chunks = iter(pool.start(report, 1000))
+        next(chunks)  # parts of the first files are read now, the last file's not yet
+        (tmp_path / "parts" / "part-2.parquet").unlink()
+        with pytest.raises(
+            SourceError, match=r"part-2.parquet is not a readable Parquet.*Ray node"
+        ):
+            list(chunks)
 
 
 def test_duckdb_query_source(cluster, pools, tmp_path):
@@ -372,9 +422,8 @@ def test_status_lists_a_running_ray_stream(cluster, source_dir):
         stream = pool.start(_big_report(source_dir), 1000)
         chunks = iter(stream)
         next(chunks)
-        [mine] = [p for p in running_pools() if p["pid"] == os.getpid()]
-        assert mine["engine"] == "ray"
+        [mine] = [p for p in running_pools() if p["pid"] == os.getpid() and p["engine"] == "ray"]
         [entry] = mine["streams"]
         assert entry["id"] == stream.id and entry["status"] == "running"
         stream.cancel()
-    assert [p for p in running_pools() if p["pid"] == os.getpid()] == []
+    assert [p for p in running_pools() if p["pid"] == os.getpid() and p["engine"] == "ray"] == []

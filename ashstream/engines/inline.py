@@ -104,7 +104,7 @@ class InlineStream:
                 merge.finish()
                 outcome["status"] = "completed"
             finally:
-                source.batches.close()  # the DuckDB connection and its spill folder
+                source.close()  # the DuckDB connection and its spill folder
 
 
 def checked_chunk_size(report: Report, chunk_size: int | None, min_batch_rows: int) -> int:

@@ -1,32 +1,38 @@
-"""The Ray engine: a report's batches encoded by tasks on a Ray cluster.
+"""The Ray engine: a report's batches read and encoded by tasks on a Ray cluster.
 
 What runs where:
 
-- **Driver** (this process): the source is read by the code the local producer runs
-  (:func:`ashstream.batch_job.read_batches`: DuckDB, running values, batches cut by
-  bytes); each batch goes into the object store with a task to encode it. Results are
-  taken back in the order the tasks were submitted, merged by the same
-  :class:`~ashstream.chunks.OrderedMerge` and written by the same sinks.
 - **Cluster**: :func:`ashstream.batch_job.encode_batch`, the very function the local
-  transformers run, once per batch, on any node.
+  transformers run, once per batch, on any node. For a Parquet source whose rows need
+  no ordered stage (see below), reading too: the files are cut into parts of whole row
+  groups, and a task reads each part with the driver's own code
+  (:func:`ashstream.batch_job.read_batches`: DuckDB, so ``where``, ``fields`` and
+  ``expr`` mean what they mean locally) and another encodes it where it lies.
+- **Driver** (this process): opens the source first in every case, so that a wrong
+  field, a missing file or a schema that differs between files fails before any task.
+  Reads the rows itself when they need an ordered stage. Takes the results back in
+  source order, merges them with the same :class:`~ashstream.chunks.OrderedMerge` and
+  writes them with the same sinks.
 
-Why the driver reads: running values (``running: true``) need every row in order, and
+The ordered stage: running values (``running: true``) need every row in order, and
 float running sums accumulate in float64 in row order, so per-batch prefixes resolved
-afterwards would change last digits: an ordered stage is the only byte-identical
-design, and the reader is that stage. ``order_by`` and group sorts are DuckDB's own
-(nulls last, NaN above numbers, ``desc``), spilling to disk when large; a second,
-distributed sort would have to copy those rules exactly. Reading costs the driver a
-small part of the work (Arrow batches straight from DuckDB); encoding is the large
-part, and it is what the cluster does.
+afterwards would change last digits; ``order_by`` and group sorts (without ``sorted:
+true``) are DuckDB's own (nulls last, NaN above numbers, ``desc``), spilling to disk
+when large, and a distributed sort would have to copy those rules exactly. For such
+reports the driver reads (as the local producer does) and every batch goes to the
+object store with its encode task: byte-identical, at the cost of the driver's read
+rate (see README.rst, "Scale model").
 
-Backpressure: at most ``TASKS_PER_CPU`` tasks per cluster CPU and
-``max_bytes_in_flight`` Arrow bytes are in flight; the driver waits for the oldest
-before reading on, so its memory stays flat however large the source.
+Backpressure: at most ``TASKS_PER_CPU`` tasks (batches or parts) per cluster CPU are
+in flight, and, of batches the driver put, ``max_bytes_in_flight`` Arrow bytes; the
+driver waits for the oldest before reading on, so its memory stays flat however large
+the source.
 
 Faults: Ray retries a task whose worker process or node died (``MAX_TASK_RETRIES``).
-Its input was put by the driver, whose node holds the primary copy, so a retry encodes
-the same batch into the same bytes; a result lost with its node is rebuilt from lineage.
-Past the retries the stream fails with :class:`~ashstream.errors.WorkerCrashed`.
+Its input is the driver's (whose node holds the primary copy) or a read task's output,
+which Ray rebuilds from lineage if its node is gone; a retry encodes the same rows into
+the same bytes. Past the retries the stream fails with
+:class:`~ashstream.errors.WorkerCrashed`.
 """
 
 from __future__ import annotations
@@ -51,11 +57,13 @@ import ray.exceptions
 from ashstream import telemetry
 from ashstream.analysis.aggregate import Analysis, Summary
 from ashstream.batch_job import (
+    DEFAULT_SLOT_BYTES,
     MIN_BATCH_ROWS,
     EncodedBatch,
     batch_failure,
     batch_rows,
     encode_batch,
+    input_bytes,
     read_batches,
 )
 from ashstream.chunks import Chunk, OrderedMerge
@@ -69,7 +77,7 @@ from ashstream.errors import (
     WorkerCrashed,
 )
 from ashstream.report import Report, with_params
-from ashstream.sources import sweep_stale_spill_dirs
+from ashstream.sources import has_order_by, parquet_parts, sweep_stale_spill_dirs
 from ashstream.status_files import REWRITE_INTERVAL_S, new_status_file, rewrite_status_file
 
 logger = logging.getLogger(__name__)
@@ -84,12 +92,20 @@ MAX_BYTES_IN_FLIGHT = 256 * 2**20
 # How long reaching a cluster's address may take before the run fails: ray.init itself
 # retries an unreachable address for minutes.
 CONNECT_TIMEOUT_S = 5.0
+# A Parquet part read by one task holds whole row groups, at least this many batches'
+# worth of rows (min_batch_rows each).
+PART_BATCHES = 4
 # How often a wait for a result returns to Python, so that Ctrl-C and SIGTERM are seen.
 POLL_S = 0.2
 
 
 def _encode(
-    batch: Any, first_row: int, chunk_size: int, options: EncodeOptions, analysis: Any, seq: int
+    batch: Any,
+    first_row: int,
+    chunk_size: int,
+    options: EncodeOptions,
+    analysis: Any,
+    seq: int | str,
 ) -> EncodedBatch | AshstreamError:
     """The task: the batch job, with a failure returned as the error the user reads
     (an exception raised here would make Ray wrap it in its own)."""
@@ -101,7 +117,61 @@ def _encode(
         return batch_failure(exc, first_row, batch.num_rows, seq)
 
 
-_encode_task = ray.remote(num_cpus=1, max_retries=MAX_TASK_RETRIES, retry_exceptions=False)(_encode)
+def _read_part(
+    part: Report, chunk_size: int, min_batch_rows: int, max_batch_bytes: int
+) -> tuple[int, list[Any] | AshstreamError]:
+    """The task that reads a part on the cluster, by the driver's own code: its row
+    count and batches, or -1 and the error (naming the node: its files may differ)."""
+    try:
+        source = read_batches(part, chunk_size, min_batch_rows, max_batch_bytes)
+        try:
+            batches = list(source.batches)
+        finally:
+            source.close()
+        return sum(b.num_rows for b in batches), batches
+    except Exception as exc:
+        node = ray.util.get_node_ip_address()
+        if isinstance(exc, AshstreamError):
+            return -1, type(exc)(f"{exc} (read on the Ray node {node})")
+        logger.debug("reading %s failed", part.source.parquet, exc_info=True)
+        return -1, PipelineError(
+            f"reading {part.source.parquet[0]} on the Ray node {node} failed: "
+            f"{type(exc).__name__}: {exc}. {INTERNAL_ERROR_ADVICE}"
+        )
+
+
+def _encode_part(
+    batches: list[Any],
+    first_row: int,
+    chunk_size: int,
+    options: EncodeOptions,
+    analysis: Any,
+    part: int,
+) -> list[EncodedBatch] | AshstreamError:
+    """The task that encodes a part's batches, where they were read."""
+    done = []
+    for i, batch in enumerate(batches):
+        result = _encode(batch, first_row, chunk_size, options, analysis, f"{part}.{i}")
+        if isinstance(result, AshstreamError):
+            return result
+        done.append(result)
+        first_row += batch.num_rows
+    return done
+
+
+# Retried when a worker or node dies, never when the function raised (it returns errors).
+_TASK_OPTIONS = {"num_cpus": 1, "max_retries": MAX_TASK_RETRIES, "retry_exceptions": False}
+_encode_task = ray.remote(**_TASK_OPTIONS)(_encode)
+_encode_part_task = ray.remote(**_TASK_OPTIONS)(_encode_part)
+_read_part_task = ray.remote(**_TASK_OPTIONS, num_returns=2)(_read_part)
+
+
+def reads_on_cluster(report: Report) -> bool:
+    """Whether the report's source is read by tasks on the cluster: Parquet files whose
+    rows need no ordered stage. A sort (groups or order_by, unless ``sorted: true``)
+    and running values are that stage, and run on the driver (module docstring)."""
+    running = any(v.running for v in report.variables)
+    return bool(report.source.parquet) and not has_order_by(report) and not running
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -134,11 +204,12 @@ _stream_numbers = itertools.count(1)
 
 @dataclass
 class _Task:
-    seq: int
+    seq: int  # the batch's, or the part's
     first_row: int
-    rows: int
-    nbytes: int
-    ref: Any  # ray.ObjectRef of the EncodedBatch (or the error)
+    rows: int  # 0: not known yet (a part being read)
+    nbytes: int  # Arrow bytes the driver put in the store for it
+    ref: Any  # ray.ObjectRef of its result: EncodedBatch(es), a row count, or the error
+    batches: Any = None  # of a part's read: the ObjectRef of its batches
 
 
 class RayStream:
@@ -163,6 +234,8 @@ class RayStream:
         self._analysis = Analysis.of(report)
         self._merge = OrderedMerge(self._analysis, self.chunk_size)
         self._iterator: Iterator[Chunk] | None = None
+        # "cluster": tasks read the Parquet parts; "driver": this process reads
+        self.read_on = "cluster" if reads_on_cluster(report) else "driver"
 
     @property
     def lossy(self) -> EncodeStats:
@@ -197,42 +270,98 @@ class RayStream:
     def _run(self) -> Iterator[Chunk]:
         pool, merge = self._pool, self._merge
         metadata = {"stream_id": self.id, "report": self.report.name, "engine": "ray"}
-        in_flight: deque[_Task] = deque()
         pool.record(self, "running")
         with telemetry.stream_events(metadata, lambda: merge.rows) as outcome:
             sweep_stale_spill_dirs()
-            source = read_batches(self.report, self.chunk_size, pool.min_batch_rows)
+            # Opened here in any case: the report's fields, types and files are checked
+            # (schema drift included) before any task starts, and columns are known.
+            source = read_batches(
+                self.report, self.chunk_size, pool.min_batch_rows, pool.max_batch_bytes
+            )
             try:
                 self.columns, self.total_rows = source.columns, source.total_rows
                 options = EncodeOptions(timezone=self.report.pipeline.timezone)
-                max_tasks = pool.max_tasks_in_flight()
-                submitted = 0
-                for seq, batch in enumerate(source.batches):
-                    ref = _encode_task.remote(
-                        batch, submitted, self.chunk_size, options, self._analysis, seq
-                    )
-                    in_flight.append(_Task(seq, submitted, batch.num_rows, batch.nbytes, ref))
-                    submitted += batch.num_rows
-                    del batch  # the object store holds it now
-                    while len(in_flight) >= max_tasks or (
-                        len(in_flight) > 1
-                        and sum(t.nbytes for t in in_flight) > pool.max_bytes_in_flight
-                    ):
-                        yield from merge.take(self._result(in_flight.popleft()))
-                        pool.record(self, "running", every_s=REWRITE_INTERVAL_S)
-                while in_flight:
-                    yield from merge.take(self._result(in_flight.popleft()))
+                if self.read_on == "cluster":
+                    source.close()
+                    results = self._read_on_cluster(options)
+                else:
+                    results = self._read_on_driver(source.batches, options)
+                for done in results:
+                    yield from merge.take(done)
                     pool.record(self, "running", every_s=REWRITE_INTERVAL_S)
                 merge.finish()
                 outcome["status"] = "completed"
             finally:
-                _cancel(in_flight)
-                source.batches.close()  # the DuckDB connection and its spill folder
+                source.close()  # the DuckDB connection and its spill folder
 
-    def _result(self, task: _Task) -> EncodedBatch:
+    def _read_on_driver(
+        self, batches: Iterator[Any], options: EncodeOptions
+    ) -> Iterator[EncodedBatch]:
+        """Each batch the driver reads, encoded by a task; results in order."""
+        pool = self._pool
+        max_tasks = pool.max_tasks_in_flight()
+        in_flight: deque[_Task] = deque()
+        try:
+            submitted = 0
+            for seq, batch in enumerate(batches):
+                ref = _encode_task.remote(
+                    batch, submitted, self.chunk_size, options, self._analysis, seq
+                )
+                in_flight.append(_Task(seq, submitted, batch.num_rows, batch.nbytes, ref))
+                submitted += batch.num_rows
+                del batch  # the object store holds it now
+                while len(in_flight) >= max_tasks or (
+                    len(in_flight) > 1
+                    and sum(t.nbytes for t in in_flight) > pool.max_bytes_in_flight
+                ):
+                    yield self._result(in_flight.popleft(), EncodedBatch)
+            while in_flight:
+                yield self._result(in_flight.popleft(), EncodedBatch)
+        finally:
+            _cancel(in_flight)
+
+    def _read_on_cluster(self, options: EncodeOptions) -> Iterator[EncodedBatch]:
+        """Each part of the Parquet files read by a task on the cluster, then encoded by
+        another where its batches are (Ray schedules by locality). A part's first row
+        is known once the parts before it are read (a ``where`` drops rows), and the
+        analysis needs it, so reading runs ahead and encoding follows in order."""
+        pool = self._pool
+        max_tasks = pool.max_tasks_in_flight()
+        parts = parquet_parts(self.report, PART_BATCHES * pool.min_batch_rows)
+        reads: deque[_Task] = deque()  # ref: the part's row count; batches: its batches
+        encodes: deque[_Task] = deque()
+        next_part = first_row = 0
+        try:
+            while next_part < len(parts) or reads or encodes:
+                while next_part < len(parts) and len(reads) + len(encodes) < max_tasks:
+                    count, batches = _read_part_task.remote(
+                        parts[next_part], self.chunk_size, pool.min_batch_rows, pool.max_batch_bytes
+                    )
+                    reads.append(_Task(next_part, 0, 0, 0, count, batches))
+                    next_part += 1
+                while reads and len(encodes) < max_tasks:
+                    read = reads.popleft()
+                    rows = self._result(read, int)
+                    if rows < 0:  # the read failed: its batches are the error
+                        self._result(_Task(read.seq, 0, 0, 0, read.batches), EncodedBatch)
+                    ref = _encode_part_task.remote(
+                        read.batches, first_row, self.chunk_size, options, self._analysis, read.seq
+                    )
+                    encodes.append(_Task(read.seq, first_row, rows, 0, ref))
+                    first_row += rows
+                if encodes:
+                    yield from self._result(encodes.popleft(), list)
+        finally:
+            _cancel(reads)
+            _cancel(encodes)
+
+    def _result(self, task: _Task, expected: type) -> Any:
         """The task's result, waiting for it in short steps so that a signal's handler
         runs meanwhile; errors become the one the user reads."""
-        where = batch_rows(task.first_row, task.rows, task.seq)
+        if task.rows:
+            where = batch_rows(task.first_row, task.rows, task.seq)
+        else:
+            where = f"part {task.seq} of the source"
         try:
             while not ray.wait([task.ref], timeout=POLL_S, fetch_local=True)[0]:
                 pass
@@ -249,7 +378,7 @@ class RayStream:
             ray.exceptions.OutOfMemoryError,
         ) as exc:
             raise WorkerCrashed(
-                f"{where}: the Ray worker encoding it died {MAX_TASK_RETRIES + 1} times "
+                f"{where}: the Ray worker working on it died {MAX_TASK_RETRIES + 1} times "
                 f"({_first_line(exc)}); see the Ray logs of the cluster"
             ) from None
         except ray.exceptions.RayError as exc:
@@ -258,7 +387,7 @@ class RayStream:
             ) from None
         if isinstance(result, AshstreamError):
             raise result
-        if not isinstance(result, EncodedBatch):
+        if not isinstance(result, expected):
             raise PipelineError(
                 f"{where}: a task returned {type(result).__name__}. {INTERNAL_ERROR_ADVICE}"
             )
@@ -327,6 +456,7 @@ class RayPool:
         self.address = cluster_address(address)
         self.min_batch_rows = min_batch_rows
         self.max_bytes_in_flight = max_bytes_in_flight
+        self.max_batch_bytes = input_bytes(DEFAULT_SLOT_BYTES)  # as the local engine's
         self.peak_memory_bytes = 0  # the driver's resident memory, less shared pages
         self.restarts = 0  # Ray retries tasks itself and does not say how often
         self.workers = 0  # CPUs of the cluster when the pool opened: one task each

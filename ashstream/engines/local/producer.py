@@ -112,36 +112,39 @@ class _Job:
             self._connected,
             self.spare,
         )
-        self.send(SourceOpened(job.stream_id, source.columns, source.total_rows))
-        seq = first_row = first_chunk = 0
-        for part in source.batches:
-            while not free_slots:
-                free_slots.append(self._wait_for_credit())
-            slot = free_slots.popleft()
-            nbytes = arena.write_batch(slot, part)
-            if nbytes is None:  # one row bigger than a slot: send it through the pipe
-                free_slots.appendleft(slot)
-                inline = _ipc_bytes(part)
-                ready = BatchReady(
-                    job.stream_id,
-                    seq,
-                    first_row,
-                    first_chunk,
-                    part.num_rows,
-                    None,
-                    len(inline),
-                    inline,
-                )
-            else:
-                ready = BatchReady(
-                    job.stream_id, seq, first_row, first_chunk, part.num_rows, slot, nbytes
-                )
-            self.send(ready)
-            seq += 1
-            first_row += part.num_rows
-            self.rows_sent = first_row
-            first_chunk += -(-part.num_rows // job.chunk_size)
-        self.send(SourceDone(job.stream_id, seq, first_row))
+        try:
+            self.send(SourceOpened(job.stream_id, source.columns, source.total_rows))
+            seq = first_row = first_chunk = 0
+            for part in source.batches:
+                while not free_slots:
+                    free_slots.append(self._wait_for_credit())
+                slot = free_slots.popleft()
+                nbytes = arena.write_batch(slot, part)
+                if nbytes is None:  # one row bigger than a slot: send it through the pipe
+                    free_slots.appendleft(slot)
+                    inline = _ipc_bytes(part)
+                    ready = BatchReady(
+                        job.stream_id,
+                        seq,
+                        first_row,
+                        first_chunk,
+                        part.num_rows,
+                        None,
+                        len(inline),
+                        inline,
+                    )
+                else:
+                    ready = BatchReady(
+                        job.stream_id, seq, first_row, first_chunk, part.num_rows, slot, nbytes
+                    )
+                self.send(ready)
+                seq += 1
+                first_row += part.num_rows
+                self.rows_sent = first_row
+                first_chunk += -(-part.num_rows // job.chunk_size)
+            self.send(SourceDone(job.stream_id, seq, first_row))
+        finally:
+            source.close()  # also when the stream stopped before its first batch
         logger.debug("stream %s: %d rows in %d batches read", job.stream_id, first_row, seq)
 
     def _connected(self, connection: Any) -> None:
