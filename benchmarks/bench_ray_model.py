@@ -11,13 +11,19 @@ On the sales file (``--rows`` rows), with a local Ray of this machine's CPUs:
 * merge: ``Collector.add`` of the analysis partials of the benchmarks' analysis report
   (2 group levels, 4 variables, a chart), per batch (batches/s).
 
-The driver reads every row and takes every result, so with N nodes of C cores:
+With N nodes of C cores, for a Parquet report read on the cluster whose rows the
+driver writes ("detail"):
 
-    rows/s = min(N * C * encode, read, take, NIC / text bytes per row)
+    rows/s = min(N * C * encode, take, NIC / text bytes per row)
 
-and for a report whose rows do not travel back (only partials):
+if only the analysis partials travelled back ("partials only", not a mode ashstream
+has yet: rows are always written):
 
-    rows/s = min(N * C * encode, read, merge * rows per batch)
+    rows/s = min(N * C * encode, merge * rows per batch)
+
+and for a report with an ordered stage (a sort or a running value: the driver reads):
+
+    rows/s = min(N * C * encode, take, NIC / text bytes per row, read)
 
 The NIC term (``--nic-gbit``) is an assumption: one machine cannot measure a network.
 Prints the inputs and the predictions for 4, 16 and 64 nodes; writes
@@ -124,31 +130,31 @@ def measure(rows: int, workdir: Path) -> dict:
 
 
 def predict(inputs: dict, cores_per_node: int, nic_gbit: float) -> list[dict]:
+    """Rows/s and the bound, per node count, for three kinds of report."""
     nic_rows = nic_gbit * 1e9 / 8 / inputs["text_bytes_per_row"]
     merge_rows = inputs["merge_batches_per_s"] * inputs["rows_per_batch"]
     out = []
     for nodes in NODES:
         compute = nodes * cores_per_node * inputs["encode_rows_per_s_per_core"]
-        detail = {
-            "cluster encode": compute,
-            "driver read": inputs["driver_read_rows_per_s"],
-            "driver take": inputs["driver_take_rows_per_s"],
-            "driver NIC": nic_rows,
+        take = inputs["driver_take_rows_per_s"]
+        kinds = {
+            # Parquet read on the cluster, every row's text written by the driver
+            "detail": {"cluster encode": compute, "driver take": take, "driver NIC": nic_rows},
+            # the same, if only the partials came back (rows not written)
+            "partials": {"cluster encode": compute, "driver merge": merge_rows},
+            # a sort or a running value: the driver reads every row too
+            "ordered": {
+                "cluster encode": compute,
+                "driver take": take,
+                "driver NIC": nic_rows,
+                "driver read": inputs["driver_read_rows_per_s"],
+            },
         }
-        partials = {
-            "cluster encode": compute,
-            "driver read": inputs["driver_read_rows_per_s"],
-            "driver merge": merge_rows,
-        }
-        out.append(
-            {
-                "nodes": nodes,
-                "detail_rows_per_s": min(detail.values()),
-                "detail_bound": min(detail, key=detail.get),
-                "partials_rows_per_s": min(partials.values()),
-                "partials_bound": min(partials, key=partials.get),
-            }
-        )
+        row = {"nodes": nodes}
+        for kind, bounds in kinds.items():
+            row[f"{kind}_rows_per_s"] = min(bounds.values())
+            row[f"{kind}_bound"] = min(bounds, key=bounds.get)
+        out.append(row)
     return out
 
 
@@ -167,14 +173,13 @@ def main() -> None:
     for name, value in inputs.items():
         print(f"{name:>30}: {value:,.1f}")
     print(f"\n{args.cores_per_node} cores a node, a {args.nic_gbit:g} Gbit/s NIC at the driver")
-    print(
-        f"{'nodes':>6} {'with detail rows/s':>20} {'bound':>15} {'partials rows/s':>17} {'bound':>15}"
-    )
+    print(f"{'nodes':>6} {'detail rows/s':>30} {'partials only':>30} {'ordered stage':>30}")
     for p in predictions:
-        print(
-            f"{p['nodes']:>6} {p['detail_rows_per_s']:>20,.0f} {p['detail_bound']:>15} "
-            f"{p['partials_rows_per_s']:>17,.0f} {p['partials_bound']:>15}"
-        )
+        cells = [
+            f"{p[f'{kind}_rows_per_s']:,.0f} ({p[f'{kind}_bound']})"
+            for kind in ("detail", "partials", "ordered")
+        ]
+        print(f"{p['nodes']:>6} " + " ".join(f"{c:>30}" for c in cells))
     path = write_results(
         "bench_ray_model",
         {
