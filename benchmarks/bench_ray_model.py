@@ -1,8 +1,10 @@
 """The inputs of the Ray engine's scale model, measured here, and what they predict.
 
     python benchmarks/bench_ray_model.py [--rows 2000000] [--cores-per-node 8] [--nic-gbit 10]
+                                         [--repeats 5]
 
-On the sales file (``--rows`` rows), with a local Ray of this machine's CPUs:
+On the sales file (``--rows`` rows), with a local Ray of this machine's CPUs, each the
+median of ``--repeats`` runs:
 
 * encode, per core: ``encode_batch`` on every batch in this process (rows/s);
 * driver read: ``read_batches`` and putting each batch into the object store (rows/s);
@@ -33,7 +35,9 @@ benchmarks/results/bench_ray_model.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -60,42 +64,57 @@ def _rate(count: float, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
 
 
-def measure(rows: int, workdir: Path) -> dict:
+def _median_s(work, repeats: int) -> float:
+    """The median wall time of ``repeats`` calls of ``work`` (this machine is noisy)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(rows: int, workdir: Path, repeats: int) -> dict:
     parquet, report_path = sales_files(workdir, rows)
     report = load_report(report_path)
     options = EncodeOptions(timezone=report.pipeline.timezone)
     batches = list(read_batches(report, CHUNK_SIZE).batches)
     arrow_bytes = sum(b.nbytes for b in batches)
+    firsts = list(itertools.accumulate((b.num_rows for b in batches), initial=0))
+    text_bytes = sum(
+        encode_batch(b, first, CHUNK_SIZE, options, None).text.size
+        for b, first in zip(batches, firsts, strict=False)
+    )
 
-    start = time.perf_counter()
-    first = 0
-    text_bytes = 0
-    for batch in batches:
-        done = encode_batch(batch, first, CHUNK_SIZE, options, None)
-        first += batch.num_rows
-        text_bytes += done.text.size
-    encode_s = time.perf_counter() - start
+    def encode() -> None:
+        for batch, first in zip(batches, firsts, strict=False):
+            encode_batch(batch, first, CHUNK_SIZE, options, None)
+
+    encode_s = _median_s(encode, repeats)
 
     with RayPool():
-        start = time.perf_counter()
-        source = read_batches(report, CHUNK_SIZE)
-        refs = [ray.put(batch) for batch in source.batches]
-        read_s = time.perf_counter() - start
-        del refs
 
-        results, first = [], 0
-        for batch in batches:
-            results.append(_encode_task.remote(batch, first, CHUNK_SIZE, options, None, 0))
-            first += batch.num_rows
+        def read() -> None:
+            source = read_batches(report, CHUNK_SIZE)
+            refs = [ray.put(batch) for batch in source.batches]
+            del refs
+
+        read_s = _median_s(read, repeats)
+        results = [
+            _encode_task.remote(batch, first, CHUNK_SIZE, options, None, 0)
+            for batch, first in zip(batches, firsts, strict=False)
+        ]
         ray.wait(results, num_returns=len(results))
-        merge = OrderedMerge(None, CHUNK_SIZE)
-        start = time.perf_counter()
-        with open(workdir / "out.typ", "wb") as out:
-            for ref in results:
-                for chunk in merge.take(ray.get(ref)):
-                    out.write(chunk.text)
-        take_s = time.perf_counter() - start
-        del results
+
+        def take() -> None:
+            merge = OrderedMerge(None, CHUNK_SIZE)
+            with open(workdir / "out.typ", "wb") as out:
+                for ref in results:
+                    for chunk in merge.take(ray.get(ref)):
+                        out.write(chunk.text)
+
+        take_s = _median_s(take, repeats)
+        results.clear()  # the objects go with their references
 
     analysed = workdir / "analysed.yaml"
     analysed.write_text(
@@ -109,14 +128,17 @@ def measure(rows: int, workdir: Path) -> dict:
     for batch in read_batches(analysis_report, CHUNK_SIZE).batches:
         partials.append((encode_batch(batch, first, CHUNK_SIZE, options, analysis), first))
         first += batch.num_rows
-    collector = Collector(analysis)
-    start = time.perf_counter()
-    for done, first_row in partials:
-        collector.add(done.partial, first_row)
-    merge_s = time.perf_counter() - start
+
+    def merge() -> None:
+        collector = Collector(analysis)
+        for done, first_row in partials:
+            collector.add(done.partial, first_row)
+
+    merge_s = _median_s(merge, repeats)
 
     return {
         "rows": rows,
+        "repeats": repeats,
         "batches": len(batches),
         "rows_per_batch": rows / len(batches),
         "arrow_bytes_per_row": arrow_bytes / rows,
@@ -163,10 +185,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--cores-per-node", type=int, default=8)
     parser.add_argument("--nic-gbit", type=float, default=10.0)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="ashstream-bench-"))
     try:
-        inputs = measure(args.rows, workdir)
+        inputs = measure(args.rows, workdir, args.repeats)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     predictions = predict(inputs, args.cores_per_node, args.nic_gbit)
