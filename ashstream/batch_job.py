@@ -5,8 +5,9 @@ add the running values (they need every row in order, so the one reader carries 
 send the first chunk alone and cut batches to a size in bytes. ``encode_batch`` is what a
 transformer does with a batch: the analysis partials, then the Typst text and where each
 chunk of it ends; ``batch_failure`` is what the user is told when that fails. The pool
-runs them in its producer and transformer processes; a small report runs them in the
-calling process (``ashstream.engines.inline``). Same code, same chunks, same bytes.
+runs them in its producer and transformer processes, the Ray engine in tasks (and its
+driver), and a small report in the calling process (``ashstream.engines.inline``).
+Same code, same bytes.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def input_bytes(slot_bytes: int) -> int:
 @dataclass
 class BatchSource:
     columns: tuple[str, ...]  # the row dictionaries' keys, running values included
+    schema: pa.Schema  # the source's, before running values are added
     total_rows: int | None  # when the source says so cheaply
     batches: Iterator[pa.RecordBatch]  # in source order, running values added
     close: Callable[[], None]  # the connection and spill folder, read to the end or not
@@ -74,7 +76,8 @@ def read_batches(
         for batch in _first_chunk_alone(batches, chunk_size)
         for part in split_to_fit(batch, max_batch_bytes)
     )
-    return BatchSource(row_columns(report, source.schema), source.total_rows, parts, source.close)
+    columns = row_columns(report, source.schema)
+    return BatchSource(columns, source.schema, source.total_rows, parts, source.close)
 
 
 def ipc_size(batch: pa.RecordBatch) -> int:
@@ -156,5 +159,5 @@ def batch_failure(exc: Exception, first_row: int, rows: int, seq: int | str) -> 
     if isinstance(exc, AshstreamError):
         return type(exc)(f"{where}: {exc.with_row_offset(first_row)}")
     return PipelineError(
-        f"transformer failed on {where}: {type(exc).__name__}: {exc}. {INTERNAL_ERROR_ADVICE}"
+        f"encoding failed on {where}: {type(exc).__name__}: {exc}. {INTERNAL_ERROR_ADVICE}"
     )

@@ -3,13 +3,14 @@ encoded text, and the ``Summary`` once the last one is taken."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ashstream.analysis.aggregate import Analysis, ClosedGroup, Collector, Summary
 from ashstream.encode import EncodeStats
-from ashstream.errors import PipelineError
+from ashstream.errors import PipelineError, ReportError
+from ashstream.report import Report
 
 if TYPE_CHECKING:
     from ashstream.batch_job import EncodedBatch
@@ -110,3 +111,51 @@ class OrderedMerge:
         if not self._finished:
             raise PipelineError("the stream's summary exists once every chunk has been taken")
         return summary_of(self.collector, self.final_groups)
+
+
+class MergedStream:
+    """A stream whose results are merged in the caller's thread as it takes the chunks
+    (in this process, or on Ray): iterate it once, then read ``columns``,
+    ``total_rows`` and ``summary``. Subclasses yield the chunks from ``_chunks``."""
+
+    def __init__(self, report: Report, chunk_size: int | None, min_batch_rows: int) -> None:
+        chunk_size = chunk_size or report.pipeline.chunk_size
+        if chunk_size < 1 or min_batch_rows < 1:
+            raise ReportError(
+                f"chunk_size and min_batch_rows must be at least 1, got {chunk_size} "
+                f"and {min_batch_rows}"
+            )
+        self.report = report
+        self.chunk_size = chunk_size
+        self.min_batch_rows = min_batch_rows
+        self.columns: tuple[str, ...] | None = None
+        self.total_rows: int | None = None
+        self.skipped: list[tuple[int, int]] = []  # a failed batch fails the stream
+        self._analysis = Analysis.of(report)
+        self._merge = OrderedMerge(self._analysis, chunk_size)
+        self._iterator: Iterator[Chunk] | None = None
+
+    @property
+    def lossy(self) -> EncodeStats:
+        """The values not represented exactly so far."""
+        return self._merge.lossy
+
+    @property
+    def summary(self) -> Summary:
+        return self._merge.summary
+
+    def __iter__(self) -> Iterator[Chunk]:
+        if self._iterator is not None:
+            raise PipelineError(
+                f"a {type(self).__name__} is read once; start the report again to reread it"
+            )
+        self._iterator = self._chunks()
+        return self._iterator
+
+    def cancel(self) -> None:
+        """Stop the stream and release what it holds."""
+        if self._iterator is not None:
+            self._iterator.close()
+
+    def _chunks(self) -> Iterator[Chunk]:
+        raise NotImplementedError

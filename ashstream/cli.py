@@ -222,6 +222,10 @@ def run(
             raise click.BadParameter(
                 "on Ray the cluster's CPUs are the workers", param_hint="--workers"
             )
+        if inline_rows is not None:
+            raise click.BadParameter(
+                "a run on Ray never runs in this process", param_hint="--inline-rows"
+            )
         engine = "ray"
     configure_logging(log_level, log_format)
     if memray_dir:
@@ -301,7 +305,7 @@ def _run(
 ) -> dict:
     report = load_report(report_path, params)
     if inline_rows is None:  # --workers and --engine ask for workers
-        asked = workers or engine
+        asked = workers or engine == "ray"
         inline_rows = 0 if asked else inline_max_rows(len(os.sched_getaffinity(0)))
     workers = workers or report.pipeline.workers
     module_path = Path(output or report.output.typst or f"{report.name}.typ")

@@ -78,7 +78,8 @@ class PipelineError(AshstreamError):
 
 
 class WorkerCrashed(PipelineError):
-    """A transformer or producer process died; records what is known of it."""
+    """A process doing the work died past its retries: a transformer or producer of
+    the local engine, or a Ray worker; the message says which and what is known."""
 
 
 class Cancelled(AshstreamError):

@@ -329,7 +329,7 @@ def test_a_transformer_failure_is_one_line_and_its_trace_goes_to_the_debug_log(t
     assert code == 1
     assert_one_line(
         stderr,
-        "Error: transformer failed on rows ",
+        "Error: encoding failed on rows ",
         "RuntimeError: a failure injected by a test",
         "--log-level debug",
     )

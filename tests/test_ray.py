@@ -427,3 +427,38 @@ def test_status_lists_a_running_ray_stream(cluster, source_dir):
         assert entry["id"] == stream.id and entry["status"] == "running"
         stream.cancel()
     assert [p for p in running_pools() if p["pid"] == os.getpid() and p["engine"] == "ray"] == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "reader"),
+    [
+        ({}, "cluster"),
+        ({"groups": [{"name": "week", "field": "week"}]}, "driver"),  # DuckDB sorts
+        ({"source": {"parquet": "parts", "order_by": ["id"]}}, "driver"),
+        ({"variables": [{"name": "r", "function": "count", "running": True}]}, "driver"),
+        ({"source": {"parquet": "parts", "where": "id > (SELECT avg(id) FROM t)"}}, "driver"),
+        ({"fields": [{"name": "n", "expr": "row_number() OVER ()"}]}, "driver"),
+        ({"source": {"duckdb": {"query": "SELECT 1 AS id"}}}, "driver"),
+    ],
+)
+def test_which_reports_are_read_on_the_cluster(source_dir, changes, reader):
+    from ashstream.engines.ray import reads_on_cluster
+
+    definition = {"name": "which", "source": {"parquet": "parts"}, **changes}
+    report = load_report(write_report(source_dir, definition, "which.yaml"))
+    assert ("cluster" if reads_on_cluster(report) else "driver") == reader
+
+
+@pytest.mark.parametrize(
+    "extra", [["--workers", "2"], ["--inline-rows", "10"], ["--engine", "local"]]
+)
+def test_options_that_do_not_apply_on_ray_are_usage_errors(source_dir, extra):
+    report = write_report(source_dir, FULL_REPORT, "full.yaml")
+    result = subprocess.run(
+        command("run", str(report), "--ray-address", "127.0.0.1:9", *extra),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr

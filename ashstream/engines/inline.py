@@ -15,11 +15,10 @@ import os
 from collections.abc import Iterator
 
 from ashstream import telemetry
-from ashstream.analysis.aggregate import Analysis, Summary
 from ashstream.batch_job import MIN_BATCH_ROWS, batch_failure, encode_batch, read_batches
-from ashstream.chunks import Chunk, OrderedMerge
-from ashstream.encode import EncodeOptions, EncodeStats
-from ashstream.errors import AshstreamError, PipelineError, ReportError
+from ashstream.chunks import Chunk, MergedStream
+from ashstream.encode import EncodeOptions
+from ashstream.errors import AshstreamError
 from ashstream.report import Report
 from ashstream.sources import parquet_row_count, sweep_stale_spill_dirs
 
@@ -46,7 +45,7 @@ def runs_inline(report: Report, max_rows: int) -> bool:
     return rows is not None and rows <= max_rows
 
 
-class InlineStream:
+class InlineStream(MergedStream):
     """The chunks of a report in source order, computed in this thread as they are
     taken: iterate it once, then read ``columns``, ``total_rows`` and ``summary``."""
 
@@ -56,30 +55,8 @@ class InlineStream:
         chunk_size: int | None = None,
         min_batch_rows: int = MIN_BATCH_ROWS,
     ) -> None:
-        self.report = report
-        self.chunk_size = checked_chunk_size(report, chunk_size, min_batch_rows)
-        self.min_batch_rows = min_batch_rows
-        self.columns: tuple[str, ...] | None = None
-        self.total_rows: int | None = None
-        self.skipped: list[tuple[int, int]] = []  # nothing is ever left out here
+        super().__init__(report, chunk_size, min_batch_rows)
         self.peak_memory_bytes = 0  # this process's resident memory, less shared pages
-        self._analysis = Analysis.of(report)
-        self._merge = OrderedMerge(self._analysis, self.chunk_size)
-        self._started = False
-
-    @property
-    def lossy(self) -> EncodeStats:
-        return self._merge.lossy
-
-    @property
-    def summary(self) -> Summary:
-        return self._merge.summary
-
-    def __iter__(self) -> Iterator[Chunk]:
-        if self._started:
-            raise PipelineError("an InlineStream is read once; make a new one to read again")
-        self._started = True
-        return self._chunks()
 
     def _chunks(self) -> Iterator[Chunk]:
         metadata = {"stream_id": "inline", "report": self.report.name, "engine": "inline"}
@@ -105,17 +82,6 @@ class InlineStream:
                 outcome["status"] = "completed"
             finally:
                 source.close()  # the DuckDB connection and its spill folder
-
-
-def checked_chunk_size(report: Report, chunk_size: int | None, min_batch_rows: int) -> int:
-    """The stream's chunk size (the report's by default), checked with min_batch_rows."""
-    chunk_size = chunk_size or report.pipeline.chunk_size
-    if chunk_size < 1 or min_batch_rows < 1:
-        raise ReportError(
-            f"chunk_size and min_batch_rows must be at least 1, got {chunk_size} "
-            f"and {min_batch_rows}"
-        )
-    return chunk_size
 
 
 def unshared_rss() -> int:

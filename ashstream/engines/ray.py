@@ -40,6 +40,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -55,7 +56,6 @@ import ray
 import ray.exceptions
 
 from ashstream import telemetry
-from ashstream.analysis.aggregate import Analysis, Summary
 from ashstream.batch_job import (
     DEFAULT_SLOT_BYTES,
     MIN_BATCH_ROWS,
@@ -66,14 +66,16 @@ from ashstream.batch_job import (
     input_bytes,
     read_batches,
 )
-from ashstream.chunks import Chunk, OrderedMerge
-from ashstream.encode import EncodeOptions, EncodeStats
-from ashstream.engines.inline import checked_chunk_size, unshared_rss
+from ashstream.chunks import Chunk, MergedStream
+from ashstream.encode import EncodeOptions
+from ashstream.engines import Pool
+from ashstream.engines.inline import unshared_rss
 from ashstream.errors import (
     INTERNAL_ERROR_ADVICE,
     AshstreamError,
     Cancelled,
     PipelineError,
+    SourceError,
     WorkerCrashed,
 )
 from ashstream.report import Report, with_params
@@ -113,31 +115,35 @@ def _encode(
         return encode_batch(batch, first_row, chunk_size, options, analysis)
     except Exception as exc:
         if not isinstance(exc, AshstreamError):
-            logger.debug("batch %d failed", seq, exc_info=True)
+            logger.debug("batch %s failed", seq, exc_info=True)
         return batch_failure(exc, first_row, batch.num_rows, seq)
 
 
 def _read_part(
-    part: Report, chunk_size: int, min_batch_rows: int, max_batch_bytes: int
-) -> tuple[int, list[Any] | AshstreamError]:
+    part: Report, schema: Any, chunk_size: int, min_batch_rows: int, max_batch_bytes: int
+) -> tuple[int | AshstreamError, list[Any] | None]:
     """The task that reads a part on the cluster, by the driver's own code: its row
-    count and batches, or -1 and the error (naming the node: its files may differ)."""
+    count and batches, or the error (naming the part and the node: the node's files may
+    differ from the driver's)."""
+    where = f"{_part_words(part)}, read on the Ray node {ray.util.get_node_ip_address()}"
     try:
         source = read_batches(part, chunk_size, min_batch_rows, max_batch_bytes)
         try:
             batches = list(source.batches)
         finally:
             source.close()
-        return sum(b.num_rows for b in batches), batches
+    except AshstreamError as exc:
+        return type(exc)(f"{exc} ({where})"), None
     except Exception as exc:
-        node = ray.util.get_node_ip_address()
-        if isinstance(exc, AshstreamError):
-            return -1, type(exc)(f"{exc} (read on the Ray node {node})")
-        logger.debug("reading %s failed", part.source.parquet, exc_info=True)
-        return -1, PipelineError(
-            f"reading {part.source.parquet[0]} on the Ray node {node} failed: "
-            f"{type(exc).__name__}: {exc}. {INTERNAL_ERROR_ADVICE}"
-        )
+        logger.debug("reading %s failed", where, exc_info=True)
+        return PipelineError(f"{where}: {type(exc).__name__}: {exc}. {INTERNAL_ERROR_ADVICE}"), None
+    if batches and batches[0].schema != schema:
+        return SourceError(
+            f"{where}: the part's columns are {batches[0].schema}, but the whole source's "
+            f"are {schema} (a hive-partitioned path whose values differ in type?); read "
+            "it with a DuckDB query source instead"
+        ), None
+    return sum(b.num_rows for b in batches), batches
 
 
 def _encode_part(
@@ -146,12 +152,12 @@ def _encode_part(
     chunk_size: int,
     options: EncodeOptions,
     analysis: Any,
-    part: int,
+    part: str,
 ) -> list[EncodedBatch] | AshstreamError:
     """The task that encodes a part's batches, where they were read."""
     done = []
     for i, batch in enumerate(batches):
-        result = _encode(batch, first_row, chunk_size, options, analysis, f"{part}.{i}")
+        result = _encode(batch, first_row, chunk_size, options, analysis, f"{i} of {part}")
         if isinstance(result, AshstreamError):
             return result
         done.append(result)
@@ -169,9 +175,18 @@ _read_part_task = ray.remote(**_TASK_OPTIONS, num_returns=2)(_read_part)
 def reads_on_cluster(report: Report) -> bool:
     """Whether the report's source is read by tasks on the cluster: Parquet files whose
     rows need no ordered stage. A sort (groups or order_by, unless ``sorted: true``)
-    and running values are that stage, and run on the driver (module docstring)."""
+    and running values are that stage, and run on the driver (module docstring); so
+    does SQL that sees more than one row (a window, OVER, or a subquery, SELECT), which
+    would see only its part."""
     running = any(v.running for v in report.variables)
-    return bool(report.source.parquet) and not has_order_by(report) and not running
+    sql = [report.source.where or ""] + [x.expr or "" for x in (*report.fields, *report.groups)]
+    whole_source = re.search(r"\b(over|select)\b", " ".join(sql), re.IGNORECASE)
+    return (
+        bool(report.source.parquet)
+        and not has_order_by(report)
+        and not running
+        and not whole_source
+    )
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -204,64 +219,41 @@ _stream_numbers = itertools.count(1)
 
 @dataclass
 class _Task:
-    seq: int  # the batch's, or the part's
-    first_row: int
-    rows: int  # 0: not known yet (a part being read)
-    nbytes: int  # Arrow bytes the driver put in the store for it
+    where: str  # what it works on, as the user's messages name it
     ref: Any  # ray.ObjectRef of its result: EncodedBatch(es), a row count, or the error
+    nbytes: int = 0  # Arrow bytes the driver put in the store for it
     batches: Any = None  # of a part's read: the ObjectRef of its batches
 
 
-class RayStream:
+class RayStream(MergedStream):
     """One report's chunks in source order, encoded on the cluster: iterate it once,
-    then read ``columns``, ``total_rows`` and ``summary``. Closing the iterator early
-    cancels the stream's tasks and frees its objects."""
+    then read ``columns``, ``total_rows`` and ``summary``. Closing the iterator early,
+    or :meth:`cancel`, cancels the stream's tasks and frees its objects."""
 
-    def __init__(
-        self,
-        pool: RayPool,
-        report: Report,
-        chunk_size: int | None = None,
-    ) -> None:
-        self.report = report
-        self.chunk_size = checked_chunk_size(report, chunk_size, pool.min_batch_rows)
-        self.columns: tuple[str, ...] | None = None
-        self.total_rows: int | None = None
-        self.skipped: list[tuple[int, int]] = []  # a failed batch fails the stream
+    def __init__(self, pool: RayPool, report: Report, chunk_size: int | None = None) -> None:
+        super().__init__(report, chunk_size, pool.min_batch_rows)
         self.id = f"ray-{os.getpid()}-{next(_stream_numbers)}"
         self.started_at = time.time()
         self._pool = pool
-        self._analysis = Analysis.of(report)
-        self._merge = OrderedMerge(self._analysis, self.chunk_size)
-        self._iterator: Iterator[Chunk] | None = None
+        self.schema: Any = None  # the source's Arrow schema, once open
         # "cluster": tasks read the Parquet parts; "driver": this process reads
         self.read_on = "cluster" if reads_on_cluster(report) else "driver"
-
-    @property
-    def lossy(self) -> EncodeStats:
-        return self._merge.lossy
-
-    @property
-    def summary(self) -> Summary:
-        return self._merge.summary
-
-    def __iter__(self) -> Iterator[Chunk]:
-        if self._iterator is not None:
-            raise PipelineError("a RayStream is read once; start the report again to reread it")
-        self._iterator = self._chunks()
-        return self._iterator
-
-    def cancel(self) -> None:
-        """Stop the stream: its tasks are cancelled and its objects freed."""
-        if self._iterator is not None:
-            self._iterator.close()
 
     def _chunks(self) -> Iterator[Chunk]:
         status = "cancelled"  # unless it ends otherwise
         try:
             yield from self._run()
             status = "completed"
-        except AshstreamError:
+        except SystemError as exc:
+            # A signal handler that raised (Ctrl-C, the CLI's SIGTERM) inside Ray's C
+            # code surfaces as a SystemError caused by its exception: raise that one.
+            if isinstance(exc.__cause__, KeyboardInterrupt | Cancelled):
+                raise exc.__cause__ from None
+            status = "failed"
+            raise
+        except (KeyboardInterrupt, GeneratorExit):
+            raise
+        except BaseException:
             status = "failed"
             raise
         finally:
@@ -280,6 +272,7 @@ class RayStream:
             )
             try:
                 self.columns, self.total_rows = source.columns, source.total_rows
+                self.schema = source.schema
                 options = EncodeOptions(timezone=self.report.pipeline.timezone)
                 if self.read_on == "cluster":
                     source.close()
@@ -307,16 +300,17 @@ class RayStream:
                 ref = _encode_task.remote(
                     batch, submitted, self.chunk_size, options, self._analysis, seq
                 )
-                in_flight.append(_Task(seq, submitted, batch.num_rows, batch.nbytes, ref))
+                where = batch_rows(submitted, batch.num_rows, seq)
+                in_flight.append(_Task(where, ref, batch.nbytes))
                 submitted += batch.num_rows
                 del batch  # the object store holds it now
                 while len(in_flight) >= max_tasks or (
                     len(in_flight) > 1
                     and sum(t.nbytes for t in in_flight) > pool.max_bytes_in_flight
                 ):
-                    yield self._result(in_flight.popleft(), EncodedBatch)
+                    yield self._take(in_flight, EncodedBatch)
             while in_flight:
-                yield self._result(in_flight.popleft(), EncodedBatch)
+                yield self._take(in_flight, EncodedBatch)
         finally:
             _cancel(in_flight)
 
@@ -324,7 +318,8 @@ class RayStream:
         """Each part of the Parquet files read by a task on the cluster, then encoded by
         another where its batches are (Ray schedules by locality). A part's first row
         is known once the parts before it are read (a ``where`` drops rows), and the
-        analysis needs it, so reading runs ahead and encoding follows in order."""
+        analysis needs it: reads run ahead on their own, and each becomes an encode
+        task, in order, once it is done."""
         pool = self._pool
         max_tasks = pool.max_tasks_in_flight()
         parts = parquet_parts(self.report, PART_BATCHES * pool.min_batch_rows)
@@ -333,45 +328,57 @@ class RayStream:
         next_part = first_row = 0
         try:
             while next_part < len(parts) or reads or encodes:
-                while next_part < len(parts) and len(reads) + len(encodes) < max_tasks:
+                while next_part < len(parts) and len(reads) < max_tasks:
+                    part = parts[next_part]
                     count, batches = _read_part_task.remote(
-                        parts[next_part], self.chunk_size, pool.min_batch_rows, pool.max_batch_bytes
+                        part,
+                        self.schema,
+                        self.chunk_size,
+                        pool.min_batch_rows,
+                        pool.max_batch_bytes,
                     )
-                    reads.append(_Task(next_part, 0, 0, 0, count, batches))
+                    reads.append(_Task(_part_words(part), count, batches=batches))
                     next_part += 1
-                while reads and len(encodes) < max_tasks:
+                # A read becomes an encode when done; the driver waits for one only when
+                # no encode is left to wait for.
+                while reads and len(encodes) < max_tasks and (not encodes or _done(reads[0])):
+                    rows = self._result(reads[0], int)
                     read = reads.popleft()
-                    rows = self._result(read, int)
-                    if rows < 0:  # the read failed: its batches are the error
-                        self._result(_Task(read.seq, 0, 0, 0, read.batches), EncodedBatch)
-                    ref = _encode_part_task.remote(
-                        read.batches, first_row, self.chunk_size, options, self._analysis, read.seq
-                    )
-                    encodes.append(_Task(read.seq, first_row, rows, 0, ref))
-                    first_row += rows
+                    if rows:
+                        ref = _encode_part_task.remote(
+                            read.batches,
+                            first_row,
+                            self.chunk_size,
+                            options,
+                            self._analysis,
+                            read.where,
+                        )
+                        where = f"rows {first_row}..{first_row + rows - 1} ({read.where})"
+                        encodes.append(_Task(where, ref))
+                        first_row += rows
                 if encodes:
-                    yield from self._result(encodes.popleft(), list)
+                    done = self._result(encodes[0], list)
+                    encodes.popleft()
+                    yield from done
         finally:
             _cancel(reads)
             _cancel(encodes)
 
+    def _take(self, in_flight: deque[_Task], expected: type) -> Any:
+        """The oldest task's result; the task stays in ``in_flight`` (to be cancelled)
+        until its result is here."""
+        result = self._result(in_flight[0], expected)
+        in_flight.popleft()
+        return result
+
     def _result(self, task: _Task, expected: type) -> Any:
         """The task's result, waiting for it in short steps so that a signal's handler
         runs meanwhile; errors become the one the user reads."""
-        if task.rows:
-            where = batch_rows(task.first_row, task.rows, task.seq)
-        else:
-            where = f"part {task.seq} of the source"
+        where = task.where
         try:
             while not ray.wait([task.ref], timeout=POLL_S, fetch_local=True)[0]:
                 pass
             result = ray.get(task.ref)
-        except SystemError as exc:
-            # A signal handler that raised (Ctrl-C, the CLI's SIGTERM) inside Ray's
-            # C code surfaces as a SystemError caused by its exception: raise that one.
-            if isinstance(exc.__cause__, KeyboardInterrupt | Cancelled):
-                raise exc.__cause__ from None
-            raise
         except (
             ray.exceptions.WorkerCrashedError,
             ray.exceptions.NodeDiedError,
@@ -380,6 +387,11 @@ class RayStream:
             raise WorkerCrashed(
                 f"{where}: the Ray worker working on it died {MAX_TASK_RETRIES + 1} times "
                 f"({_first_line(exc)}); see the Ray logs of the cluster"
+            ) from None
+        except ray.exceptions.RayTaskError as exc:  # the task could not even start
+            raise PipelineError(
+                f"{where}: a Ray task failed: {type(exc.cause).__name__}: {exc.cause}; is "
+                "ashstream (with the same version) installed on every node?"
             ) from None
         except ray.exceptions.RayError as exc:
             raise PipelineError(
@@ -400,7 +412,7 @@ def _cancel(in_flight: deque[_Task]) -> None:
         try:
             ray.cancel(task.ref)
         except Exception:  # already finished, or the cluster is gone: nothing to stop
-            logger.debug("cancelling batch %d", task.seq, exc_info=True)
+            logger.debug("cancelling the task of %s", task.where, exc_info=True)
     in_flight.clear()
 
 
@@ -421,12 +433,21 @@ def _signal_handlers_kept() -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
+def _done(task: _Task) -> bool:
+    return bool(ray.wait([task.ref], timeout=0, fetch_local=False)[0])
+
+
+def _part_words(part: Report) -> str:
+    first, last = part.source.row_range or (0, 0)
+    return f"{part.source.parquet[0]} rows {first}..{last - 1}"
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-class RayPool:
+class RayPool(Pool):
     """Runs reports on a Ray cluster: the same ``start``/``stream`` as
     :class:`ashstream.StreamPool`, the same chunks and bytes::
 
@@ -458,21 +479,14 @@ class RayPool:
         self.max_bytes_in_flight = max_bytes_in_flight
         self.max_batch_bytes = input_bytes(DEFAULT_SLOT_BYTES)  # as the local engine's
         self.peak_memory_bytes = 0  # the driver's resident memory, less shared pages
-        self.restarts = 0  # Ray retries tasks itself and does not say how often
+        self.restarts = None  # Ray retries tasks itself and does not say how often
         self.workers = 0  # CPUs of the cluster when the pool opened: one task each
-        self._joined = False  # ray.init was ours: close shuts it down
+        self._owns_ray = False  # ray.init was ours: close shuts it down
         self._open = False
         self._opened_at = 0.0
         self._status_file: Path | None = None  # for ashstream status
         self._streams: dict[str, dict[str, Any]] = {}
         self._recorded_at = 0.0
-
-    def __enter__(self) -> RayPool:
-        self.open()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def open(self) -> None:
         if self._open:
@@ -495,10 +509,19 @@ class RayPool:
                     raise PipelineError(
                         f"cannot start or join {where}: {_first_line(exc)}"
                     ) from None
-            self._joined = True
-        # Asked once: each ask is a round trip to the cluster's control service.
-        self.workers = int(ray.cluster_resources().get("CPU", 1))
-        self._open = True
+            self._owns_ray = True
+        self._open = True  # from here on, close() undoes what open() did
+        try:
+            # Asked once: each ask is a round trip to the cluster's control service.
+            self.workers = int(ray.cluster_resources().get("CPU", 0))
+            if self.workers < 1:
+                raise PipelineError(
+                    f"the Ray cluster at {self.address or 'this machine'} has no CPU for "
+                    "tasks (started with --num-cpus=0?); add a node with CPUs"
+                )
+        except BaseException:
+            self.close()
+            raise
         self._opened_at = time.time()
         try:
             self._status_file = new_status_file(self._status_info())
@@ -506,14 +529,18 @@ class RayPool:
             logger.debug("no status file: %s", exc)
 
     def close(self) -> None:
-        """Shut down the Ray this pool started (or left, if it only joined one)."""
-        if self._open:
-            self._open = False
+        """Shut down the Ray this pool started (or leave, if it only joined one)."""
+        if not self._open:
+            return
+        self._open = False
+        try:
             if self._status_file is not None:
-                self._status_file.unlink(missing_ok=True)
+                for path in (self._status_file, self._status_file.with_suffix(".tmp")):
+                    path.unlink(missing_ok=True)
                 self._status_file = None
-            if self._joined:
-                self._joined = False
+        finally:
+            if self._owns_ray:
+                self._owns_ray = False
                 ray.shutdown()
 
     def max_tasks_in_flight(self) -> int:
@@ -562,15 +589,6 @@ class RayPool:
         """Start streaming ``report`` (a :class:`Report` or the path of its YAML file)."""
         self.open()
         return RayStream(self, with_params(report, params), chunk_size)
-
-    def stream(
-        self,
-        report: Report | str | os.PathLike,
-        chunk_size: int | None = None,
-        params: Mapping[str, Any] | None = None,
-    ) -> Iterator[Chunk]:
-        """The chunks of ``report`` in source order; see :meth:`start`."""
-        return iter(self.start(report, chunk_size, params))
 
 
 __all__ = ["RayPool", "RayStream"]

@@ -9,6 +9,7 @@ from typing import Any
 from ashstream.analysis.aggregate import Summary
 from ashstream.batch_job import DEFAULT_SLOT_BYTES, MIN_BATCH_ROWS
 from ashstream.chunks import Chunk, summary_of
+from ashstream.engines import Pool
 from ashstream.engines.local.health import HEALTH_INTERVAL_S, STALL_TIMEOUT_S, HealthLoop
 from ashstream.engines.local.supervisor import (
     MAX_RESTARTS,
@@ -92,7 +93,7 @@ class StreamHandle:
         self._pool._supervisor.close_stream(self._state, "cancelled")
 
 
-class StreamPool:
+class StreamPool(Pool):
     """Producer and transformer processes, started once and shared by every stream.
 
     Use it as a context manager, under ``if __name__ == "__main__":`` in a script (the
@@ -177,13 +178,6 @@ class StreamPool:
         self._open = False
         self._closed = False  # processes and threads are started once per pool
 
-    def __enter__(self) -> StreamPool:
-        self.open()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
     def open(self) -> None:
         if self._closed:
             raise PipelineError("this StreamPool was closed; start a new one")
@@ -217,15 +211,6 @@ class StreamPool:
         if chunk_size < 1:
             raise ReportError(f"chunk_size must be at least 1, got {chunk_size}")
         return StreamHandle(self, self._supervisor.open_stream(report, chunk_size))
-
-    def stream(
-        self,
-        report: Report | str | os.PathLike,
-        chunk_size: int | None = None,
-        params: Mapping[str, Any] | None = None,
-    ) -> Iterator[Chunk]:
-        """The chunks of ``report`` in source order; see :meth:`start`."""
-        return iter(self.start(report, chunk_size, params))
 
     def status(self, stream_id: str) -> dict[str, Any] | None:
         """The registry entry of a stream: status, rows, chunks, pids, error, times."""
