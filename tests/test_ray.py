@@ -396,7 +396,9 @@ def test_signal_stops_the_run_and_its_local_ray(source_dir, tmp_path, sig, code)
             run.kill()
             run.communicate()
     assert run.returncode == code, stderr
-    assert time.monotonic() - signalled < 2.5
+    # Typically 1.6 s; ray.shutdown gives each of its processes up to a second to
+    # exit after SIGTERM, one after another, and took up to 5.9 s here.
+    assert time.monotonic() - signalled < 10
     assert "Cancelled" in stderr and "Traceback" not in stderr
     assert not out.exists()
     deadline = time.monotonic() + 10
