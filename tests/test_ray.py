@@ -396,9 +396,9 @@ def test_signal_stops_the_run_and_its_local_ray(source_dir, tmp_path, sig, code)
             run.kill()
             run.communicate()
     assert run.returncode == code, stderr
-    # Typically 1.6 s; ray.shutdown gives each of its processes up to a second to
-    # exit after SIGTERM, one after another, and took up to 5.9 s here.
-    assert time.monotonic() - signalled < 10
+    # 1.3 to 1.7 s here (12 runs), nearly all of it ray.shutdown; the bound is loose
+    # for slower machines, and catches a hang.
+    assert time.monotonic() - signalled < 5
     assert "Cancelled" in stderr and "Traceback" not in stderr
     assert not out.exists()
     deadline = time.monotonic() + 10
@@ -464,3 +464,20 @@ def test_options_that_do_not_apply_on_ray_are_usage_errors(source_dir, extra):
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_closing_the_pool_cancels_a_stream_left_unfinished(cluster, source_dir):
+    """An exception in the caller's loop leaves the stream suspended; closing the pool
+    cancels it while Ray is still there (not when the generator is collected later,
+    when ray.cancel would start a new Ray of its own)."""
+    core = ray._private.worker.global_worker.core_worker
+    failed = pytest.raises(RuntimeError, match="the caller's loop failed")
+    with failed, RayPool(min_batch_rows=2000) as pool:
+        chunks = iter(pool.start(_big_report(source_dir), 1000))
+        next(chunks)
+        raise RuntimeError("the caller's loop failed")
+    deadline = time.monotonic() + 10
+    while core.get_all_reference_counts() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not core.get_all_reference_counts()
+    assert next(chunks, None) is None  # closed

@@ -45,6 +45,7 @@ import signal
 import socket
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -228,13 +229,15 @@ class _Task:
 class RayStream(MergedStream):
     """One report's chunks in source order, encoded on the cluster: iterate it once,
     then read ``columns``, ``total_rows`` and ``summary``. Closing the iterator early,
-    or :meth:`cancel`, cancels the stream's tasks and frees its objects."""
+    or :meth:`cancel`, stops it: its tasks in flight are dropped, and their objects
+    freed."""
 
     def __init__(self, pool: RayPool, report: Report, chunk_size: int | None = None) -> None:
         super().__init__(report, chunk_size, pool.min_batch_rows)
         self.id = f"ray-{os.getpid()}-{next(_stream_numbers)}"
         self.started_at = time.time()
         self._pool = pool
+        pool.streams.add(self)
         self.schema: Any = None  # the source's Arrow schema, once open
         # "cluster": tasks read the Parquet parts; "driver": this process reads
         self.read_on = "cluster" if reads_on_cluster(report) else "driver"
@@ -312,7 +315,7 @@ class RayStream(MergedStream):
             while in_flight:
                 yield self._take(in_flight, EncodedBatch)
         finally:
-            _cancel(in_flight)
+            _drop(in_flight)
 
     def _read_on_cluster(self, options: EncodeOptions) -> Iterator[EncodedBatch]:
         """Each part of the Parquet files read by a task on the cluster, then encoded by
@@ -361,11 +364,11 @@ class RayStream(MergedStream):
                     encodes.popleft()
                     yield from done
         finally:
-            _cancel(reads)
-            _cancel(encodes)
+            _drop(reads)
+            _drop(encodes)
 
     def _take(self, in_flight: deque[_Task], expected: type) -> Any:
-        """The oldest task's result; the task stays in ``in_flight`` (to be cancelled)
+        """The oldest task's result; the task stays in ``in_flight`` (to be dropped)
         until its result is here."""
         result = self._result(in_flight[0], expected)
         in_flight.popleft()
@@ -406,13 +409,11 @@ class RayStream(MergedStream):
         return result
 
 
-def _cancel(in_flight: deque[_Task]) -> None:
-    """Cancel the tasks still in flight; their objects go with the last reference."""
-    for task in in_flight:
-        try:
-            ray.cancel(task.ref)
-        except Exception:  # already finished, or the cluster is gone: nothing to stop
-            logger.debug("cancelling the task of %s", task.where, exc_info=True)
+def _drop(in_flight: deque[_Task]) -> None:
+    """Drop the tasks still in flight: with their last reference their results are
+    freed as soon as they finish (at most TASKS_PER_CPU per CPU, a batch or a part
+    each). They are not ray.cancel-led: in Ray 2.60 a cancel racing the task's end
+    aborted the driver (a failed CHECK in its task manager) in 1 of 10 Ctrl-Cs here."""
     in_flight.clear()
 
 
@@ -482,6 +483,7 @@ class RayPool(Pool):
         self.restarts = None  # Ray retries tasks itself and does not say how often
         self.workers = 0  # CPUs of the cluster when the pool opened: one task each
         self._owns_ray = False  # ray.init was ours: close shuts it down
+        self.streams: weakref.WeakSet[RayStream] = weakref.WeakSet()  # started here
         self._open = False
         self._opened_at = 0.0
         self._status_file: Path | None = None  # for ashstream status
@@ -534,6 +536,10 @@ class RayPool(Pool):
             return
         self._open = False
         try:
+            # A stream the caller left unfinished (an exception in its loop) stops
+            # now, while Ray is still there.
+            for stream in list(self.streams):
+                stream.cancel()
             if self._status_file is not None:
                 for path in (self._status_file, self._status_file.with_suffix(".tmp")):
                     path.unlink(missing_ok=True)
