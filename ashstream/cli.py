@@ -304,9 +304,8 @@ def _run(
     ray_address=None,
 ) -> dict:
     report = load_report(report_path, params)
-    if inline_rows is None:  # --workers and --engine ask for workers
-        asked = workers or engine == "ray"
-        inline_rows = 0 if asked else inline_max_rows(len(os.sched_getaffinity(0)))
+    if inline_rows is None:  # --workers asks for workers
+        inline_rows = 0 if workers else inline_max_rows(len(os.sched_getaffinity(0)))
     workers = workers or report.pipeline.workers
     module_path = Path(output or report.output.typst or f"{report.name}.typ")
     pdf_path = pdf or report.output.pdf

@@ -282,11 +282,14 @@ class RayStream(MergedStream):
                     results = self._read_on_cluster(options)
                 else:
                     results = self._read_on_driver(source.batches, options)
-                for done in results:
-                    yield from merge.take(done)
-                    pool.record(self, "running", every_s=REWRITE_INTERVAL_S)
-                merge.finish()
-                outcome["status"] = "completed"
+                try:
+                    for done in results:
+                        yield from merge.take(done)
+                        pool.record(self, "running", every_s=REWRITE_INTERVAL_S)
+                    merge.finish()
+                    outcome["status"] = "completed"
+                finally:
+                    results.close()  # its tasks in flight are dropped
             finally:
                 source.close()  # the DuckDB connection and its spill folder
 
