@@ -23,10 +23,10 @@ reports the driver reads (as the local producer does) and every batch goes to th
 object store with its encode task: byte-identical, at the cost of the driver's read
 rate (see README.rst, "Scale model").
 
-Backpressure: at most ``TASKS_PER_CPU`` tasks (batches or parts) per cluster CPU are
-in flight, and, of batches the driver put, ``max_bytes_in_flight`` Arrow bytes; the
-driver waits for the oldest before reading on, so its memory stays flat however large
-the source.
+Backpressure: at most ``TASKS_PER_CPU`` tasks per cluster CPU are in flight (encodes;
+on the cluster path as many part reads besides), and, of batches the driver put,
+``max_bytes_in_flight`` Arrow bytes; the driver waits for the oldest before reading
+on, so its memory stays flat however large the source.
 
 Faults: Ray retries a task whose worker process or node died (``MAX_TASK_RETRIES``).
 Its input is the driver's (whose node holds the primary copy) or a read task's output,
