@@ -15,24 +15,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-from rich.text import Text
 
 from ashstream import __version__, profiling
 from ashstream.encode import (
@@ -53,6 +43,7 @@ from ashstream.errors import (
 from ashstream.report import load_report
 from ashstream.sinks import TypstModuleSink, compile_pdf
 from ashstream.sources import sample_source
+from ashstream.startup import skip_pandas_probe
 
 if TYPE_CHECKING:
     from ashstream.engines.local.pool import StreamPool
@@ -104,6 +95,7 @@ def _fail(exc: BaseException, ctx: click.Context) -> None:
 @click.version_option(__version__, prog_name="ashstream")
 def main() -> None:
     """Stream DuckDB queries and Parquet files into Typst values for reports."""
+    skip_pandas_probe()
 
 
 def _parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -265,6 +257,9 @@ def _profiles(directory: str, quiet: bool) -> list[dict]:
     for entry in parent[:1] + workers[-1:]:
         entry["flamegraph"] = profiling.flamegraph(entry["file"])
     if not quiet:
+        from rich.table import Table
+        from rich.text import Text
+
         table = Table("process", "pid", "peak memory", "allocations", "capture")
         for e in entries:
             table.add_row(
@@ -319,18 +314,13 @@ def _run(
         engine_args = (engine, ray_address, workers, memray_dir, inline_rows)
         with _engine(report, chunk_size, *engine_args) as (handle, pool):
             chunks = groups = 0
-            with _progress(show_progress) as progress:
-                task = progress.add_task(report.name, total=None, status="starting")
+            with _progress(show_progress, report.name) as show_progress_of:
                 for chunk in handle:
                     sink.write(chunk)
                     chunks += 1
                     groups += len(chunk.groups)
-                    progress.update(
-                        task,
-                        completed=sink.rows,
-                        total=handle.total_rows,
-                        status=_status_line(pool, sink.rows, started),
-                    )
+                    status = _status_line(pool, sink.rows, started)
+                    show_progress_of(sink.rows, handle.total_rows, status)
             columns = handle.columns or ()
             results = handle.summary
             summary = {
@@ -447,6 +437,8 @@ def configure_logging(level: str, fmt: str) -> None:
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_JsonFormatter())
     else:
+        from rich.logging import RichHandler
+
         handler = RichHandler(console=stderr, show_path=False)
     logger.addHandler(handler)
     logger.propagate = False
@@ -481,6 +473,9 @@ def validate(report_path, params) -> None:
 def inspect(report_path, params) -> None:
     """Show REPORT's source schema, the SQL it runs, each field's Typst form, and an
     estimate of the output's size."""
+    from rich.table import Table
+    from rich.text import Text
+
     report, sample = _sample(report_path, params)
     text, _ = encode_rows_text(
         sample.sample, options=EncodeOptions(timezone=report.pipeline.timezone)
@@ -574,6 +569,9 @@ def status(as_json, show_all) -> None:
     if as_json:
         click.echo(json.dumps(pools))
         return
+    from rich.table import Table
+    from rich.text import Text
+
     out = Console(highlight=False)
     for pool in pools:
         if pool["registry"] == "unreachable":
@@ -641,7 +639,21 @@ def _status_line(pool: StreamPool | None, rows: int, started: float) -> str:
 
 
 @contextmanager
-def _progress(enabled: bool):
+def _progress(enabled: bool, description: str) -> Iterator[Callable[[int, int | None, str], None]]:
+    """Yields ``show(rows, total_rows, status)``, which updates the live progress display;
+    when the display is off, a no-op, and rich.progress (~8 ms to import) is not loaded."""
+    if not enabled:
+        yield lambda rows, total, status: None
+        return
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -651,11 +663,13 @@ def _progress(enabled: bool):
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
         console=stderr,
-        disable=not enabled,
         transient=False,
     )
     with progress:
-        yield progress
+        task = progress.add_task(description, total=None, status="starting")
+        yield lambda rows, total, status: progress.update(
+            task, completed=rows, total=total, status=status
+        )
 
 
 __all__ = ["main"]

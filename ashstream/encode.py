@@ -80,9 +80,15 @@ _ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "
 # a quarter distinct values; the sample costs ~0.1 ms, a wrong guess about one extra hash.
 CARDINALITY_SAMPLE_ROWS = 1024
 _DECIMAL_TYPES = {32: pa.decimal32, 64: pa.decimal64, 128: pa.decimal128, 256: pa.decimal256}
-_BYTE_TEXT = pa.array([str(b) for b in range(256)], pa.string())
 
 DecimalOverflow = Literal["float", "string", "error"]
+
+
+@functools.cache
+def _byte_text() -> pa.StringArray:
+    """ "0".."255", built on first use: building an array at import would make pyarrow
+    import pandas (see ashstream.startup) before the command line could say not to."""
+    return pa.array([str(b) for b in range(256)], pa.string())
 
 
 @dataclass(frozen=True)
@@ -554,7 +560,8 @@ def _quote_strings(arr: pa.Array) -> pa.Array:
             arr = pc.replace_substring(arr, raw, escaped)
     controls = (data < 0x20) | (data == 0x7F)
     if controls.any():
-        present = np.unique(data[controls])
+        # bincount, not np.unique: unique imports numpy.ma (~8 ms of a small report)
+        present = np.flatnonzero(np.bincount(data[controls]))
         for code in present:
             if code not in (9, 10, 13):
                 arr = pc.replace_substring(arr, chr(code), f"\\u{{{code:x}}}")
@@ -736,7 +743,7 @@ class _ArrowEncoder:
             offsets = np.frombuffer(bufs[1], dtype, count=end)[arr.offset :]
             values = data[offsets[0] : offsets[-1]] if len(offsets) else data[:0]
             lengths = np.diff(offsets).astype(np.int64)
-        byte_text = _BYTE_TEXT.take(pa.array(values, pa.uint8()))
+        byte_text = _byte_text().take(pa.array(values, pa.uint8()))
         text = _join_items(
             byte_text, pa.array(lengths), open_="bytes((", close="))", single_close=",))"
         )

@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _duckdb_peer import write_literals
-from _harness import print_table, write_results
+from _harness import compile_ashstream, print_table, write_results
 from _sales import SALES_SQL
 
 from ashstream import StreamPool, load_report
@@ -180,6 +180,7 @@ def main() -> None:
         help="ray: the local engine against the Ray engine (--rows 2000000,10000000)",
     )
     args = parser.parse_args()
+    compile_ashstream()
     if args.engine == "ray":
         rows = [2_000_000, 10_000_000] if args.rows == DEFAULT_ROWS else None
         measure_ray(rows or [int(n) for n in args.rows.split(",")], args.repeats)

@@ -51,6 +51,35 @@ def invoke(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
+RUN_THEN_CHECK_PANDAS = """
+import sys
+from ashstream.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+assert "pandas" not in sys.modules, "the run imported pandas"
+import pyarrow as pa
+assert pa.table({"a": [7]}).to_pandas()["a"][0] == 7  # pyarrow still converts when asked
+"""
+
+
+def test_a_run_never_imports_pandas_yet_pyarrow_still_converts(tmp_path):
+    """pyarrow would import pandas (~0.2 s, half a small report's run) to ask whether an
+    input is a pandas object; the command tells it not to (ashstream.startup)."""
+    pytest.importorskip("pandas")  # the test extras install it, with Ray
+    import pyarrow.parquet as pq
+
+    pq.write_table(mixed_table(50), tmp_path / "mixed.parquet")
+    report = write_report(tmp_path, {"name": "p", "source": {"parquet": "mixed.parquet"}})
+    args = ["run", str(report), "-q", "-o", str(tmp_path / "p.typ")]  # in this process
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_THEN_CHECK_PANDAS, *args], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "p.typ").exists()
+
+
 @pytest.mark.process
 @pytest.mark.timeout(180)
 def test_run_writes_a_module_typst_imports_with_the_same_values_and_a_pdf(tmp_path):

@@ -435,6 +435,46 @@ def test_closing_the_iterator_cancels_the_stream(running_stream):
     assert our_segments() == []
 
 
+def test_inline_stream_encodes_on_threads_in_order_and_stops_them(tmp_path):
+    """Batches encoded on several threads merge in source order, byte for byte as on
+    one; a stream cancelled half-way leaves no encoding thread behind."""
+    report = load_report(
+        write_report(
+            tmp_path,
+            {
+                "name": "t",
+                "source": {
+                    "duckdb": {"query": "SELECT i, repeat('x', i % 50) AS s FROM range(60000) t(i)"}
+                },
+            },
+        )
+    )
+
+    def encoders() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("ashstream-encode")]
+
+    one = [(c.seq, c.first_row, c.text) for c in InlineStream(report, 700, 2000, threads=1)]
+    assert len(one) > 80
+    assert [(c.seq, c.first_row, c.text) for c in InlineStream(report, 700, 2000, 4)] == one
+    assert encoders() == []
+    halfway = InlineStream(report, 700, 2000, threads=4)
+    chunks = iter(halfway)
+    next(chunks), next(chunks)
+    assert len(encoders()) > 1  # batches ahead of the merge are being encoded
+    halfway.cancel()
+    assert encoders() == []
+
+
+def test_pool_children_never_import_pandas(pools, mixed_report):
+    """pyarrow would import pandas (~0.2 s) at a child's first batch; ashstream.startup
+    tells it not to. The test extras install pandas (with Ray), so this can fail."""
+    pytest.importorskip("pandas")
+    list(pools(2).stream(mixed_report, chunk_size=1000))
+    for pid in pools(2).transformer_pids():
+        with open(f"/proc/{pid}/maps") as maps:
+            assert "/pandas/" not in maps.read(), f"transformer {pid} imported pandas"
+
+
 def test_inline_stream_cuts_the_pools_batches_and_reports_its_errors(pools, tmp_path):
     """Wide rows are cut to fit a slot's share in both engines, so the chunks agree;
     an encoding error names the same rows; a stream is read once."""

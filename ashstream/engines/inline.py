@@ -10,12 +10,20 @@ would give.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from ashstream import telemetry
-from ashstream.batch_job import MIN_BATCH_ROWS, batch_failure, encode_batch, read_batches
+from ashstream.batch_job import (
+    MIN_BATCH_ROWS,
+    EncodedBatch,
+    batch_failure,
+    encode_batch,
+    read_batches,
+)
 from ashstream.chunks import Chunk, MergedStream
 from ashstream.encode import EncodeOptions
 from ashstream.errors import AshstreamError
@@ -26,16 +34,17 @@ logger = logging.getLogger(__name__)
 
 # Reports over at most this many rows run in the calling process when the row count is
 # known before reading (Parquet metadata), on 2 cores; the line is scaled down for more
-# cores (see runs_inline). Measured on 2 cores (benchmarks/bench_pipeline.py --small,
-# medians of 3): in this process against a pool, 0.43 s / 0.71 s at 10k rows, 0.81 s /
-# 1.03 s at 300k, 1.94 s / 1.81 s at 1M.
-INLINE_MAX_ROWS = 500_000
+# cores (see inline_max_rows). Measured on 2 cores (benchmarks/bench_pipeline.py --small,
+# medians of 5): in this process against a pool, 0.40 s / 0.71 s at 10k rows, 0.66 s /
+# 0.93 s at 300k, 1.34 s / 1.51 s at 1M, 2.30 s / 2.43 s at 2M.
+INLINE_MAX_ROWS = 1_000_000
 
 
 def inline_max_rows(cores: int) -> int:
-    """The default line for ``cores`` cores: a pool's rate grows with its workers while
-    one process's does not, so the crossover moves down about as the cores go up (an
-    extrapolation from the 2-core measurement, not a measurement)."""
+    """The default line for ``cores`` cores. Both engines use every core, but this one
+    merges, and runs the Python part of encoding, under one GIL: the pool pulls ahead as
+    the cores go up, so the line moves down about as they do (an extrapolation from the
+    2-core measurement, not a measurement)."""
     return INLINE_MAX_ROWS * 2 // max(2, cores)
 
 
@@ -46,16 +55,22 @@ def runs_inline(report: Report, max_rows: int) -> bool:
 
 
 class InlineStream(MergedStream):
-    """The chunks of a report in source order, computed in this thread as they are
-    taken: iterate it once, then read ``columns``, ``total_rows`` and ``summary``."""
+    """The chunks of a report in source order, computed as they are taken: iterate it
+    once, then read ``columns``, ``total_rows`` and ``summary``.
+
+    The caller's thread reads the source and merges; ``threads`` threads (one per core by
+    default) encode the batches, a few ahead of the merge. pyarrow's kernels, most of
+    the encoding, run without the GIL, and DuckDB reads the next batch meanwhile."""
 
     def __init__(
         self,
         report: Report,
         chunk_size: int | None = None,
         min_batch_rows: int = MIN_BATCH_ROWS,
+        threads: int | None = None,
     ) -> None:
         super().__init__(report, chunk_size, min_batch_rows)
+        self.threads = threads or len(os.sched_getaffinity(0))
         self.peak_memory_bytes = 0  # this process's resident memory, less shared pages
 
     def _chunks(self) -> Iterator[Chunk]:
@@ -64,24 +79,41 @@ class InlineStream(MergedStream):
         with telemetry.stream_events(metadata, lambda: merge.rows) as outcome:
             sweep_stale_spill_dirs()  # what killed runs left; a pool start does the same
             source = read_batches(self.report, self.chunk_size, self.min_batch_rows)
+            encoders = ThreadPoolExecutor(self.threads, thread_name_prefix="ashstream-encode")
             try:
                 self.columns, self.total_rows = source.columns, source.total_rows
                 options = EncodeOptions(timezone=self.report.pipeline.timezone)
+                # (seq, first row, rows, its encoding): two per thread, so that each
+                # thread has a batch waiting while the oldest is merged
+                in_flight: collections.deque[tuple[int, int, int, Future[EncodedBatch]]]
+                in_flight = collections.deque()
+                first_row = 0
                 for seq, batch in enumerate(source.batches):
-                    try:
-                        done = encode_batch(
-                            batch, merge.rows, self.chunk_size, options, self._analysis
-                        )
-                    except Exception as exc:
-                        if not isinstance(exc, AshstreamError):
-                            logger.debug("batch %d failed", seq, exc_info=True)
-                        raise batch_failure(exc, merge.rows, batch.num_rows, seq) from None
-                    yield from merge.take(done)
-                    self.peak_memory_bytes = max(self.peak_memory_bytes, unshared_rss())
+                    encoding = encoders.submit(
+                        encode_batch, batch, first_row, self.chunk_size, options, self._analysis
+                    )
+                    in_flight.append((seq, first_row, batch.num_rows, encoding))
+                    first_row += batch.num_rows
+                    if len(in_flight) >= 2 * self.threads:
+                        yield from merge.take(_result(*in_flight.popleft()))
+                        self.peak_memory_bytes = max(self.peak_memory_bytes, unshared_rss())
+                while in_flight:
+                    yield from merge.take(_result(*in_flight.popleft()))
+                self.peak_memory_bytes = max(self.peak_memory_bytes, unshared_rss())
                 merge.finish()
                 outcome["status"] = "completed"
             finally:
+                encoders.shutdown(cancel_futures=True)  # waits for the batches being encoded
                 source.close()  # the DuckDB connection and its spill folder
+
+
+def _result(seq: int, first_row: int, rows: int, encoding: Future[EncodedBatch]) -> EncodedBatch:
+    try:
+        return encoding.result()
+    except Exception as exc:
+        if not isinstance(exc, AshstreamError):
+            logger.debug("batch %d failed", seq, exc_info=True)
+        raise batch_failure(exc, first_row, rows, seq) from None
 
 
 def unshared_rss() -> int:

@@ -27,6 +27,7 @@ from ashstream.engines.local.logs import forward_logs
 from ashstream.engines.local.shm import unlink_segments_of
 from ashstream.profiling import tracked
 from ashstream.sources import remove_spill_dirs_of
+from ashstream.startup import skip_pandas_probe
 
 # Test seams, read from the *parent's* environment when it starts a child and passed in
 # the child's parameters: a forkserver child's environment is the fork server's, fixed
@@ -117,6 +118,7 @@ def run_child(
     watching the parent, logging through the parent, profiled when asked."""
     name = f"{params.role}{params.index}"
     watcher = become_child(params.role, params.index, params.pool_id, params.lifeline)
+    skip_pandas_probe()
     forward_logs(send, name, params.log_level)
     if params.faults.crash_at_start:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -182,7 +182,7 @@ def _serve(conn: Connection, send: Callable[[object], None]) -> None:
     # the following message (a slot credit: the first batch is through). An idle one
     # holds DuckDB's threads, which sleep.
     import duckdb  # noqa: F401
-    import pyarrow.parquet  # noqa: F401
+    import pyarrow._parquet  # noqa: F401
 
     spare = _spare_connection()
     jobs: dict[str, _Job] = {}
