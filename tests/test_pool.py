@@ -435,6 +435,52 @@ def test_closing_the_iterator_cancels_the_stream(running_stream):
     assert our_segments() == []
 
 
+@pytest.fixture(scope="module")
+def one_reader(tmp_path_factory):
+    """A pool that lets one stream read at a time, and a report that reads for a while."""
+    directory = tmp_path_factory.mktemp("queue")
+    sql = "SELECT i, repeat('x', i % 90) AS s FROM range(300000) t(i)"
+    report = load_report(
+        write_report(directory, {"name": "q", "source": {"duckdb": {"query": sql}}})
+    )
+    with StreamPool(2, max_reading_streams=1, min_batch_rows=2000) as pool:
+        yield pool, report
+
+
+def test_a_stream_beyond_max_reading_streams_waits_queued_then_runs(one_reader):
+    pool, report = one_reader
+    alone = b"".join(c.text for c in pool.stream(report, chunk_size=5000))
+    first = pool.start(report, chunk_size=5000)
+    second = pool.start(report, chunk_size=5000)  # the first reads, and is read
+    assert pool.status(second.id)["status"] == "queued"
+    assert b"".join(c.text for c in first) == alone
+    assert b"".join(c.text for c in second) == alone
+    assert pool.status(second.id)["status"] == "completed"
+
+
+def test_one_thread_reading_streams_in_turn_never_waits_on_the_queue_for_ever(one_reader):
+    """The caller needs the queued stream's chunks to go on with the reading one: once
+    the reading stream has waited on its caller, the queued one starts anyway."""
+    pool, report = one_reader
+    alone = [c.text for c in pool.stream(report, chunk_size=5000)]
+    first, second = pool.stream(report, chunk_size=5000), pool.stream(report, chunk_size=5000)
+    taken = [(a.text, b.text) for a, b in zip(first, second, strict=True)]
+    assert [a for a, _ in taken] == alone and [b for _, b in taken] == alone
+
+
+def test_a_queued_stream_cancelled_never_starts_and_the_queue_moves_on(one_reader):
+    pool, report = one_reader
+    first = pool.start(report, chunk_size=5000)
+    second, third = pool.start(report, chunk_size=5000), pool.start(report, chunk_size=5000)
+    assert pool.status(second.id)["status"] == "queued"
+    second.cancel()
+    assert pool.status(second.id)["status"] == "cancelled"
+    assert pool.status(second.id)["pids"]["producer"] is None  # no producer ever had it
+    for handle in (first, third):
+        assert sum(c.num_rows for c in handle) == 300000
+    assert pool.list(status="queued") == []
+
+
 def test_inline_stream_encodes_on_threads_in_order_and_stops_them(tmp_path):
     """Batches encoded on several threads merge in source order, byte for byte as on
     one; a stream cancelled half-way leaves no encoding thread behind."""

@@ -12,6 +12,8 @@ from ashstream.engines.local.scheduling import (
     LostBatch,
     RestartBudget,
     lost_batch_action,
+    may_start_reading,
+    reading_streams_limit,
     round_robin,
     stream_window,
     suspected,
@@ -100,3 +102,11 @@ def test_streams_opened_beside_others_share_the_room_down_to_one_batch():
     assert stream_window(transformers=2, open_streams=1) == 2
     assert stream_window(transformers=2, open_streams=19) == 1  # never less than one
     assert stream_window(transformers=8, open_streams=1) == 5
+
+
+def test_a_queued_stream_starts_below_the_limit_or_when_every_reader_waits_on_its_caller():
+    assert reading_streams_limit(transformers=2) == 4
+    assert may_start_reading(reading=3, limit=4, all_wait_on_callers=False)
+    assert not may_start_reading(reading=4, limit=4, all_wait_on_callers=False)
+    assert may_start_reading(reading=4, limit=4, all_wait_on_callers=True)  # else deadlock
+    assert may_start_reading(reading=0, limit=1, all_wait_on_callers=True)

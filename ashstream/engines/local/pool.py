@@ -131,6 +131,11 @@ class StreamPool(Pool):
             folder (see :mod:`ashstream.profiling`; call ``profiling.prepare`` first).
         min_batch_rows: rows read and encoded together at least (a batch is then cut
             into chunks); lower costs throughput, as each batch has a fixed cost.
+        max_reading_streams: streams whose sources are open at once (default two per
+            worker). Each open source holds tens of MB of DuckDB's state; a stream
+            started beyond the limit waits, ``queued``, until one finishes reading, or
+            until every reading stream waits on its caller (who may be waiting on the
+            queued one), so that queueing never deadlocks a caller.
     """
 
     engine = "local"
@@ -149,9 +154,12 @@ class StreamPool(Pool):
         stall_timeout_s: float = STALL_TIMEOUT_S,
         profile_dir: str | None = None,
         min_batch_rows: int = MIN_BATCH_ROWS,
+        max_reading_streams: int | None = None,
     ) -> None:
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
+        if max_reading_streams is not None and max_reading_streams < 1:
+            raise ValueError(f"max_reading_streams must be at least 1, got {max_reading_streams}")
         if min_batch_rows < 1:
             raise ValueError(f"min_batch_rows must be at least 1, got {min_batch_rows}")
         if start_method not in ("forkserver", "spawn"):
@@ -168,6 +176,7 @@ class StreamPool(Pool):
             poison_policy,
             profile_dir,
             min_batch_rows,
+            max_reading_streams,
         )
         self._health = HealthLoop(
             self._supervisor,

@@ -34,8 +34,8 @@ from ashstream.status_files import new_status_file, runtime_dir
 
 logger = logging.getLogger(__name__)
 
-STATUSES = ("starting", "running", "paused", "completed", "failed", "cancelled")
-ACTIVE = STATUSES[:3]  # a stream in one of these is in progress
+STATUSES = ("queued", "starting", "running", "paused", "completed", "failed", "cancelled")
+ACTIVE = STATUSES[:4]  # a stream in one of these is in progress
 
 _streams: dict[str, dict[str, Any]] = {}  # lives in the Manager's server process
 

@@ -81,3 +81,18 @@ def stream_window(transformers: int, open_streams: int) -> int:
     cannot deadlock), so twenty streams do not touch twenty full arenas. The transformers
     stay busy: the streams together keep enough batches in flight."""
     return max(1, (transformers + EXTRA_WINDOW) // (open_streams + 1))
+
+
+def reading_streams_limit(transformers: int) -> int:
+    """Streams whose sources are open at once, by default. An open Parquet scan holds
+    ~25 MB of DuckDB's state in the producer, whatever the batch size, and two streams
+    per transformer keep the transformers as busy as twenty do."""
+    return 2 * transformers
+
+
+def may_start_reading(reading: int, limit: int, all_wait_on_callers: bool) -> bool:
+    """Whether a queued stream may open its source now: while fewer than ``limit``
+    streams read, or when every reading stream waits on its caller. That caller may be
+    waiting on the queued stream (one thread reading several streams in turn), so a
+    queue that waited then would never move."""
+    return reading < limit or all_wait_on_callers

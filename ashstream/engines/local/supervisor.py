@@ -97,6 +97,8 @@ from ashstream.engines.local.scheduling import (
     LostBatch,
     RestartBudget,
     lost_batch_action,
+    may_start_reading,
+    reading_streams_limit,
     round_robin,
     stream_window,
     suspected,
@@ -123,6 +125,10 @@ PRODUCER_PER_TRANSFORMERS = 4
 # Tasks handed to one transformer before it finishes the first: 2 hides the round trip
 # through the dispatcher without letting one slow transformer hoard batches.
 TASKS_PER_TRANSFORMER = 2
+# A reading stream whose finished results have waited this long for its caller counts as
+# waiting on the caller (see scheduling.may_start_reading); shorter waits are the caller
+# between two chunks.
+CALLER_WAIT_S = 0.1
 START_TIMEOUT_S = 60.0
 JOIN_TIMEOUT_S = 1.0
 TRANSFORMER, PRODUCER = "transformer", "producer"
@@ -247,6 +253,21 @@ class StreamState:
         self.closing = False
         self.released = threading.Event()
 
+    def reads_on_producer(self) -> bool:
+        """Whether a producer has this stream's source open (until it is read to the end
+        or the stream is released)."""
+        return self.producer is not None and self.id in self.producer.streams
+
+    def waits_on_caller(self, since: float) -> bool:
+        """Whether every result slot has held a finished batch for the caller since
+        ``since`` (monotonic): the stream can do nothing until its caller takes one."""
+        return (
+            not self.result_free
+            and not self.in_flight
+            and not self.retry
+            and self.last_progress < since
+        )
+
     def registry_entry(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -281,12 +302,14 @@ class Supervisor:
         poison_policy: str = "fail",
         profile_dir: str | None = None,
         min_batch_rows: int = MIN_BATCH_ROWS,
+        max_reading_streams: int | None = None,
     ) -> None:
         self.ctx = mp.get_context(start_method)
         self.pool_id = new_pool_id()  # names its segments; children clean up by it
         self.min_batch_rows = min_batch_rows
         self.profile_dir = profile_dir  # memray captures of every child go here
         self.n_transformers = workers
+        self.max_reading_streams = max_reading_streams or reading_streams_limit(workers)
         self.slot_bytes = slot_bytes
         self.poison_policy = poison_policy  # "fail" or "skip" a batch that kills 3 transformers
         self.broken: str | None = None  # why the pool gave up, once it has
@@ -300,6 +323,9 @@ class Supervisor:
         self._publishing = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._streams: dict[str, StreamState] = {}
+        # Streams opened while max_reading_streams others read, with their producer jobs,
+        # in the order they came.
+        self._queued: deque[tuple[StreamState, ProducerJob]] = deque()
         self._transformers: list[_Child] = []
         self.n_producers = max(1, -(-workers // PRODUCER_PER_TRANSFORMERS))
         self._producers: list[_Child] = []
@@ -520,11 +546,10 @@ class Supervisor:
             )
             with self._lock:
                 self._check_open()  # again: the pool may have broken or begun to close
-                producer = min(self._producers, key=lambda p: len(p.streams))
-                producer.streams.add(stream.id)
-                stream.producer = producer
                 self._streams[stream.id] = stream
-                producer.outbox.put(job)
+                stream.status = "queued"
+                self._queued.append((stream, job))
+                self._admit()
         except BaseException:
             arena.close()
             raise
@@ -535,6 +560,28 @@ class Supervisor:
                 self.registry.put(stream.id, entry)
         telemetry.emit("pipeline.started", {}, {"stream_id": stream.id, "report": report.name})
         return stream
+
+    def _admit(self) -> None:
+        """Under the lock: hand queued streams to a producer, in order, while the rule
+        of scheduling.may_start_reading allows (one at a time past the limit)."""
+        now = time.monotonic()
+        while self._queued:
+            reading = [s for s in self._streams.values() if s.reads_on_producer()]
+            if not may_start_reading(
+                len(reading),
+                self.max_reading_streams,
+                all(s.waits_on_caller(now - CALLER_WAIT_S) for s in reading),
+            ):
+                return
+            stream, job = self._queued.popleft()
+            if stream.closing or stream.error is not None:
+                continue
+            producer = min(self._producers, key=lambda p: len(p.streams))
+            producer.streams.add(stream.id)
+            stream.producer = producer
+            stream.status = "starting"
+            stream.last_progress = now  # the queue's wait is not the stream's stall
+            producer.outbox.put(job)
 
     def _check_open(self) -> None:
         if self.broken:
@@ -690,6 +737,7 @@ class Supervisor:
                 for s in self._streams.values()
                 if s.error is None
                 and not s.closing
+                and s.producer is not None  # a queued stream waits its turn, not stalls
                 and not s.pending  # chunks for the caller to take: the wait is its
                 and not s.results.next_ready()  # likewise a batch
                 and not s.results.finished()  # likewise the end
@@ -740,6 +788,7 @@ class Supervisor:
                     self._on_exit(child)
             while self._commands:
                 self._commands.popleft()()
+            self._admit()
             self._schedule()
             self._cond.notify_all()
         # handlers may call back into the pool: never emit under the lock
