@@ -1,3 +1,3 @@
-from ashstream.cli import main
+from ashstream.cli import entry_point
 
-main()
+entry_point()

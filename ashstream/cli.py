@@ -672,4 +672,27 @@ def _progress(enabled: bool, description: str) -> Iterator[Callable[[int, int | 
         )
 
 
-__all__ = ["main"]
+def entry_point() -> None:
+    """The ``ashstream`` command: :func:`main`, then an exit that skips the interpreter's
+    teardown. Everything of ours is closed by then (pools, files, DuckDB, Ray); what is
+    left is freeing every module's objects one by one, ~45 ms of a 0.45 s small report.
+    Output is flushed first; a closed pipe has nothing more to take."""
+    code: int = 0
+    try:
+        main()
+    except SystemExit as exit:  # click's standalone mode always ends with one
+        if isinstance(exit.code, int):
+            code = exit.code
+        elif exit.code is not None:
+            print(exit.code, file=sys.stderr)
+            code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+__all__ = ["entry_point", "main"]
