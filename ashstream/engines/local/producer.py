@@ -37,6 +37,10 @@ from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError
 
 logger = logging.getLogger(__name__)
 
+# See _serve: long enough for a stream's first chunk to be out, before the connection
+# for the next stream is made beside it.
+SPARE_AFTER_IDLE_S = 0.1
+
 
 class _Stopped(Exception):
     """The parent asked this stream to stop."""
@@ -178,9 +182,10 @@ def run_producer(params: ChildParams, conn: Connection) -> None:
 def _serve(conn: Connection, send: Callable[[object], None]) -> None:
     # Import while idle, not on a stream's clock (~0.3 s of CPU). Safe here: this
     # process never forks. One in-memory connection is kept ready for the next stream
-    # (connecting costs ~12 ms of a warm stream's first chunk); the next one is made at
-    # the following message (a slot credit: the first batch is through). An idle one
-    # holds DuckDB's threads, which sleep.
+    # (connecting costs ~15 ms, half a warm stream's first chunk). The next one is made
+    # at the following message (a slot credit: the first batch is through), or after
+    # SPARE_AFTER_IDLE_S without one (a short stream is read to its end before any
+    # credit comes). An idle one holds DuckDB's threads, which sleep.
     import duckdb  # noqa: F401
     import pyarrow._parquet  # noqa: F401
 
@@ -189,6 +194,9 @@ def _serve(conn: Connection, send: Callable[[object], None]) -> None:
     send(READY)
     try:
         while True:
+            if spare is None and not conn.poll(SPARE_AFTER_IDLE_S):
+                spare = _spare_connection()
+                continue
             message = conn.recv()
             if message == STOP:
                 return
