@@ -79,6 +79,10 @@ _ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "
 # Strings are encoded once per distinct value when a sample of this many rows has at most
 # a quarter distinct values; the sample costs ~0.1 ms, a wrong guess about one extra hash.
 CARDINALITY_SAMPLE_ROWS = 1024
+# A batch of times of day this long builds the table of every second's text (see
+# _time_of_day); shorter ones, a small report's or a first chunk's, need not pay for it.
+TIME_TABLE_MIN_ROWS = 8192
+_TIME_OF_DAY_TABLES: dict[str, pa.StringArray] = {}  # by opening text; a race builds twice
 _DECIMAL_TYPES = {32: pa.decimal32, 64: pa.decimal64, 128: pa.decimal128, 256: pa.decimal256}
 
 DecimalOverflow = Literal["float", "string", "error"]
@@ -526,6 +530,19 @@ def _day_text(days: pa.Array, close: str) -> pa.Array:
     )
 
 
+def _time_of_day(seconds: pa.Array, open_: str) -> pa.Array:
+    """``_time_of_day_text`` of seconds since midnight (0 to 86,399). A day has only
+    86,400 of them: once a batch is big enough to pay for it (~10 ms), each text is
+    made once per process and gathered from the table, 15 ns a row against 130-160."""
+    table = _TIME_OF_DAY_TABLES.get(open_)
+    if table is None and len(seconds) >= TIME_TABLE_MIN_ROWS:
+        every_second = pa.array(np.arange(SECONDS_PER_DAY, dtype=np.int64))
+        table = _TIME_OF_DAY_TABLES[open_] = _time_of_day_text(every_second, open_)
+    if table is None:
+        return _by_value(seconds, lambda s: _time_of_day_text(s, open_))
+    return table.take(seconds)
+
+
 def _time_of_day_text(seconds: pa.Array, open_: str) -> pa.Array:
     """``open_`` + ``H, minute: M, second: S)`` for seconds since midnight."""
     hours = pc.divide(seconds, 3600)
@@ -784,7 +801,7 @@ class _ArrowEncoder:
             days = self._out_of_range(days, days, MIN_EPOCH_DAY, MAX_EPOCH_DAY, path)
         seconds = pc.divide(pc.subtract(ticks, pc.multiply(days, per_day)), UNITS_PER_SECOND[unit])
         date_text = _by_value(days, lambda d: _day_text(d, ""))
-        time_text = _by_value(seconds, lambda s: _time_of_day_text(s, ", hour: "))
+        time_text = _time_of_day(seconds, ", hour: ")
         return pc.binary_join_element_wise(date_text, time_text, "")
 
     def _times(self, arr: pa.Array, path: str) -> pa.Array:
@@ -792,7 +809,7 @@ class _ArrowEncoder:
         ints = arr.view(pa.int32() if pa.types.is_time32(arr.type) else pa.int64()).cast(pa.int64())
         ints = self._out_of_range(ints, ints, 0, SECONDS_PER_DAY * per_second - 1, path)
         seconds = pc.divide(ints, per_second)
-        return _by_value(seconds, lambda s: _time_of_day_text(s, "datetime(hour: "))
+        return _time_of_day(seconds, "datetime(hour: ")
 
     def _durations(self, arr: pa.Array) -> pa.Array:
         per_second = UNITS_PER_SECOND[arr.type.unit]

@@ -19,6 +19,7 @@ from ashstream import (
     encode_rows,
     encode_value,
 )
+from ashstream.encode import TIME_TABLE_MIN_ROWS
 from tests.reference import assert_same, reference_literal, to_model
 from tests.strategies import arrays, tables
 from tests.typst_roundtrip import evaluate
@@ -422,6 +423,22 @@ def test_repeated_values_are_encoded_once_and_gathered():
         literals = encode_array(arr).to_pylist()
         assert literals == [reference_literal(m, UTC) for m in to_model(arr, UTC)]
     assert check(strings)[:5] == ['"a\\""', "none", '"b\\n"', '"\\u{1}c"', '"\\\\"']
+
+
+def test_times_of_day_of_a_big_batch_come_from_the_table_and_equal_the_reference():
+    """A batch of TIME_TABLE_MIN_ROWS or more gathers each time of day from a table of
+    all 86,400 built once; every second of the day, nulls, before 1970 and after."""
+    n = TIME_TABLE_MIN_ROWS + 90_000
+    step = 86_400 * 1_000_000 * 400 // n + 7  # 400 days of microseconds, odd seconds
+    stamps = pa.array(
+        [None if i % 97 == 0 else (i - n // 2) * step for i in range(n)], pa.timestamp("us")
+    )
+    times = pa.array([*range(86_400), None, *range(0, 86_400, 7)], pa.time32("s"))
+    for arr in (stamps, times, stamps.cast(pa.timestamp("us", "Europe/Berlin"))):
+        literals = encode_array(arr).to_pylist()
+        assert literals == [reference_literal(m, UTC) for m in to_model(arr, UTC)]
+    assert len(set(encode_array(times).to_pylist())) == 86_401  # every second, and none
+    check(stamps.slice(n // 2 - 50, 100))  # Typst reads them
 
 
 def test_timestamps_with_a_zone_are_shown_in_the_display_zone():
