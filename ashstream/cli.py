@@ -680,18 +680,20 @@ def entry_point() -> None:
     code: int = 0
     try:
         main()
-    except SystemExit as exit:  # click's standalone mode always ends with one
-        if isinstance(exit.code, int):
-            code = exit.code
-        elif exit.code is not None:
-            print(exit.code, file=sys.stderr)
+    except SystemExit as ended:  # click's standalone mode always ends with one
+        if isinstance(ended.code, int):
+            code = ended.code
+        elif ended.code is not None:
+            print(ended.code, file=sys.stderr)
             code = 1
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
+        except BrokenPipeError:
+            pass  # the reader left early (| head): not a failure of the run
         except (OSError, ValueError):
-            pass
+            code = code or 1  # the output did not all get out (a full disk, say)
     os._exit(code)
 
 

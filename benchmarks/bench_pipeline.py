@@ -15,6 +15,11 @@ and, on a copy of the file written in group order, plain encoding and the analys
 with ``source.sorted: true`` (no sort).
 It writes benchmarks/results/bench_analysis.json.
 
+Other modes, each with a results file of its own: ``--small`` and ``--whole`` (whole
+``ashstream run`` processes against a DuckDB process, at 10k-1M and at 2M/10M rows),
+``--first-chunk`` (a warm pool's first chunk), ``--concurrent`` (20 streams on one
+pool), ``--template`` (a user template's PDF) and ``--engine ray``.
+
 Cases, each reading the same Parquet file and writing the same text (checked by SHA-256):
 
 * ashstream with 1 and 2 transformer workers (a warm StreamPool);
@@ -166,6 +171,9 @@ def main() -> None:
         "--small", action="store_true", help="whole processes on small reports (--rows 10000,...)"
     )
     parser.add_argument(
+        "--whole", action="store_true", help="the same at 2M and 10M rows (--rows to change)"
+    )
+    parser.add_argument(
         "--template", action="store_true", help="a user template on the example report"
     )
     parser.add_argument(
@@ -194,9 +202,10 @@ def main() -> None:
     if args.template:
         measure_template(args.repeats)
         return
-    if args.small:
-        rows = [10_000, 100_000, 300_000, 1_000_000] if args.rows == DEFAULT_ROWS else None
-        measure_small(rows or [int(n) for n in args.rows.split(",")], args.repeats)
+    if args.small or args.whole:
+        default = [10_000, 100_000, 300_000, 1_000_000] if args.small else [2_000_000, 10_000_000]
+        rows = default if args.rows == DEFAULT_ROWS else [int(n) for n in args.rows.split(",")]
+        measure_small(rows, args.repeats, "bench_small" if args.small else "bench_whole")
         return
     sizes = [200_000] if args.quick else [int(n) for n in args.rows.split(",")]
     repeats = 1 if args.quick else args.repeats
@@ -409,14 +418,14 @@ def report_results(results: dict) -> None:
     print(f"\nwrote {path}")
 
 
-def measure_small(sizes: list[int], repeats: int) -> None:
-    """What every user of a small report feels: whole processes, start-up included.
+def measure_small(sizes: list[int], repeats: int, results_name: str) -> None:
+    """What a user of ``ashstream run`` feels: whole processes, start-up included.
 
     Per size: ``ashstream run`` in the calling process (``--inline-rows`` at the size),
-    with a pool (``--inline-rows 0``), and DuckDB writing
-    the same row literals in a process of its own (2 threads). Cases alternate round by
-    round after one discarded warm-up round; medians. The module's rows must equal
-    DuckDB's text, and the two ashstream modules must be byte-identical.
+    with a pool of 2 workers (``--inline-rows 0``) and of 1 (``--workers 1``), and DuckDB
+    writing the same row literals in a process of its own (2 threads). Cases alternate
+    round by round after one discarded warm-up round; medians. The module's rows must
+    equal DuckDB's text, and the three ashstream modules must be byte-identical.
     """
     here = Path(__file__).resolve().parent
     workdir = Path(tempfile.mkdtemp(prefix="ashstream-bench-"))
@@ -438,6 +447,12 @@ def measure_small(sizes: list[int], repeats: int) -> None:
                     "--inline-rows",
                     "0",
                 ],
+                "ashstream run, a pool of 1 worker": [
+                    *ashstream,
+                    str(workdir / "pool1.typ"),
+                    "--workers",
+                    "1",
+                ],
                 "DuckDB SQL, 2 threads (process)": [
                     sys.executable,
                     str(here / "_duckdb_peer.py"),
@@ -454,7 +469,8 @@ def measure_small(sizes: list[int], repeats: int) -> None:
                     if round_:
                         times[name].append(time.perf_counter() - started)
             inline = (workdir / "inline.typ").read_bytes()
-            assert inline == (workdir / "pool.typ").read_bytes(), "inline and pool modules differ"
+            for other in ("pool.typ", "pool1.typ"):
+                assert inline == (workdir / other).read_bytes(), f"inline and {other} differ"
             start, end = inline.index(b"#let rows = (\n") + 14, inline.index(b")\n#let groups")
             rows_text = inline[start:end]
             assert rows_text == (workdir / "duckdb.txt").read_bytes(), "rows differ from DuckDB's"
@@ -475,7 +491,7 @@ def measure_small(sizes: list[int], repeats: int) -> None:
         for name, c in cases.items()
     ]
     print_table(["rows", "case", "median wall s", "wall x DuckDB's"], table)
-    path = write_results("bench_small", results)
+    path = write_results(results_name, results)
     print(f"\nwrote {path}")
 
 

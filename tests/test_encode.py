@@ -19,6 +19,7 @@ from ashstream import (
     encode_rows,
     encode_value,
 )
+from ashstream import encode as encode_module
 from ashstream.encode import TIME_TABLE_MIN_ROWS
 from tests.reference import assert_same, reference_literal, to_model
 from tests.strategies import arrays, tables
@@ -434,9 +435,16 @@ def test_times_of_day_of_a_big_batch_come_from_the_table_and_equal_the_reference
         [None if i % 97 == 0 else (i - n // 2) * step for i in range(n)], pa.timestamp("us")
     )
     times = pa.array([*range(86_400), None, *range(0, 86_400, 7)], pa.time32("s"))
+    encode_module._TIME_OF_DAY_TABLES.clear()  # another test may have built them
+    small = stamps.slice(0, TIME_TABLE_MIN_ROWS - 1)  # computed: no table yet
+    assert encode_array(small).to_pylist() == [
+        reference_literal(m, UTC) for m in to_model(small, UTC)
+    ]
+    assert encode_module._TIME_OF_DAY_TABLES == {}
     for arr in (stamps, times, stamps.cast(pa.timestamp("us", "Europe/Berlin"))):
         literals = encode_array(arr).to_pylist()
         assert literals == [reference_literal(m, UTC) for m in to_model(arr, UTC)]
+    assert len(encode_module._TIME_OF_DAY_TABLES) == 2  # ", hour: " and "datetime(hour: "
     assert len(set(encode_array(times).to_pylist())) == 86_401  # every second, and none
     check(stamps.slice(n // 2 - 50, 100))  # Typst reads them
 

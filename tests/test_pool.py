@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ashstream import (
+    Cancelled,
     EncodeError,
     InlineStream,
     PipelineError,
@@ -20,6 +21,7 @@ from ashstream import (
     encode_rows,
     load_report,
 )
+from ashstream.engines.local import supervisor
 from ashstream.engines.local.shm import our_segments
 from tests.conftest import mixed_sql, mixed_table, write_report
 
@@ -447,7 +449,14 @@ def one_reader(tmp_path_factory):
         yield pool, report
 
 
-def test_a_stream_beyond_max_reading_streams_waits_queued_then_runs(one_reader):
+@pytest.fixture
+def patient_callers(monkeypatch):
+    """Callers may leave their results waiting for 30 s before the queue moves past
+    max_reading_streams anyway: a slow test machine cannot let a stream in early."""
+    monkeypatch.setattr(supervisor, "CALLER_WAIT_S", 30.0)
+
+
+def test_a_stream_beyond_max_reading_streams_waits_queued_then_runs(one_reader, patient_callers):
     pool, report = one_reader
     alone = b"".join(c.text for c in pool.stream(report, chunk_size=5000))
     first = pool.start(report, chunk_size=5000)
@@ -468,7 +477,7 @@ def test_one_thread_reading_streams_in_turn_never_waits_on_the_queue_for_ever(on
     assert [a for a, _ in taken] == alone and [b for _, b in taken] == alone
 
 
-def test_a_queued_stream_cancelled_never_starts_and_the_queue_moves_on(one_reader):
+def test_a_queued_stream_cancelled_never_starts_and_the_queue_moves_on(one_reader, patient_callers):
     pool, report = one_reader
     first = pool.start(report, chunk_size=5000)
     second, third = pool.start(report, chunk_size=5000), pool.start(report, chunk_size=5000)
@@ -479,6 +488,37 @@ def test_a_queued_stream_cancelled_never_starts_and_the_queue_moves_on(one_reade
     for handle in (first, third):
         assert sum(c.num_rows for c in handle) == 300000
     assert pool.list(status="queued") == []
+
+
+def test_a_reading_stream_that_failed_no_longer_holds_back_the_queue(
+    one_reader, patient_callers, tmp_path
+):
+    """Its caller has not closed it yet, so its source is still open; but nothing of it
+    will run again, and the stream queued behind it must not wait for that caller."""
+    pool, report = one_reader
+    failing = load_report(
+        write_report(
+            tmp_path, {"name": "f", "source": {"duckdb": {"query": "SELECT error('boom') AS x"}}}
+        )
+    )
+    failed = pool.start(failing)
+    queued = pool.start(report, chunk_size=5000)
+    assert sum(c.num_rows for c in queued) == 300000  # before anyone reads the failed one
+    with pytest.raises(SourceError, match="boom"):
+        list(failed)
+
+
+def test_a_pool_closes_with_streams_queued(one_reader, tmp_path, patient_callers):
+    _, report = one_reader
+    with StreamPool(1, max_reading_streams=1) as pool:
+        reading = pool.start(report, chunk_size=5000)
+        queued = [pool.start(report, chunk_size=5000) for _ in range(3)]
+        chunks = iter(reading)  # kept: a dropped iterator cancels its stream
+        next(chunks)
+        assert [pool.status(q.id)["status"] for q in queued] == ["queued"] * 3
+    with pytest.raises(Cancelled):  # with the pool
+        list(queued[0])
+    assert our_segments() == []
 
 
 def test_inline_stream_encodes_on_threads_in_order_and_stops_them(tmp_path):
@@ -506,19 +546,41 @@ def test_inline_stream_encodes_on_threads_in_order_and_stops_them(tmp_path):
     halfway = InlineStream(report, 700, 2000, threads=4)
     chunks = iter(halfway)
     next(chunks), next(chunks)
-    assert len(encoders()) > 1  # batches ahead of the merge are being encoded
+    assert encoders()  # batches ahead of the merge are being encoded
     halfway.cancel()
     assert encoders() == []
+
+
+def test_inline_stream_on_threads_gives_what_was_read_before_a_read_error(tmp_path):
+    """Batches read before the source fails are merged and given first, as when one
+    thread does everything; then the error."""
+    # DuckDB reads ahead of what it hands out: the failing row lies well past the start
+    late = "CASE WHEN i = 1500000 THEN 'late' ELSE '1' END"
+    sql = f"SELECT i, CAST({late} AS INTEGER) AS s FROM range(2000000) t(i)"
+    report = load_report(
+        write_report(tmp_path, {"name": "e", "source": {"duckdb": {"query": sql}}})
+    )
+    given = {}
+    for threads in (1, 4):
+        chunks = iter(InlineStream(report, 50_000, 20_000, threads))
+        given[threads] = []
+        with pytest.raises(SourceError, match="late"):
+            for chunk in chunks:
+                given[threads].append((chunk.first_row, chunk.text))
+    assert 20 < len(given[1]) <= 30
+    assert given[4] == given[1]
 
 
 def test_pool_children_never_import_pandas(pools, mixed_report):
     """pyarrow would import pandas (~0.2 s) at a child's first batch; ashstream.startup
     tells it not to. The test extras install pandas (with Ray), so this can fail."""
     pytest.importorskip("pandas")
-    list(pools(2).stream(mixed_report, chunk_size=1000))
-    for pid in pools(2).transformer_pids():
+    handle = pools(2).start(mixed_report, chunk_size=1000)
+    list(handle)
+    producer = pools(2).status(handle.id)["pids"]["producer"]
+    for pid in [producer, *pools(2).transformer_pids()]:
         with open(f"/proc/{pid}/maps") as maps:
-            assert "/pandas/" not in maps.read(), f"transformer {pid} imported pandas"
+            assert "/pandas/" not in maps.read(), f"child {pid} imported pandas"
 
 
 def test_inline_stream_cuts_the_pools_batches_and_reports_its_errors(pools, tmp_path):

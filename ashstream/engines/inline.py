@@ -88,13 +88,26 @@ class InlineStream(MergedStream):
                 in_flight: collections.deque[tuple[int, int, int, Future[EncodedBatch]]]
                 in_flight = collections.deque()
                 first_row = 0
-                for seq, batch in enumerate(source.batches):
+                batches = enumerate(source.batches)
+                while True:
+                    try:
+                        seq, batch = next(batches, (-1, None))
+                    except Exception as read_error:
+                        # what was read before the error comes first, and its own errors
+                        while in_flight:
+                            yield from merge.take(_result(*in_flight.popleft()))
+                        raise read_error from None
+                    if batch is None:
+                        break
                     encoding = encoders.submit(
                         encode_batch, batch, first_row, self.chunk_size, options, self._analysis
                     )
                     in_flight.append((seq, first_row, batch.num_rows, encoding))
                     first_row += batch.num_rows
-                    if len(in_flight) >= 2 * self.threads:
+                    # merge what is encoded at the head; wait for the oldest only when full
+                    while in_flight and (
+                        len(in_flight) >= 2 * self.threads or in_flight[0][3].done()
+                    ):
                         yield from merge.take(_result(*in_flight.popleft()))
                         self.peak_memory_bytes = max(self.peak_memory_bytes, unshared_rss())
                 while in_flight:

@@ -132,10 +132,12 @@ class StreamPool(Pool):
         min_batch_rows: rows read and encoded together at least (a batch is then cut
             into chunks); lower costs throughput, as each batch has a fixed cost.
         max_reading_streams: streams whose sources are open at once (default two per
-            worker). Each open source holds tens of MB of DuckDB's state; a stream
-            started beyond the limit waits, ``queued``, until one finishes reading, or
-            until every reading stream waits on its caller (who may be waiting on the
-            queued one), so that queueing never deadlocks a caller.
+            worker), as each open source holds tens of MB of DuckDB's state. A stream
+            started beyond it waits, ``queued``, until one of them has read its source
+            or failed, or until every one of them has waited half a second on its
+            caller (who may be waiting on the queued stream), so that the queue never
+            deadlocks a caller. A soft limit, then: callers slower than that let more
+            streams read.
     """
 
     engine = "local"

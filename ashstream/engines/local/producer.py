@@ -193,11 +193,14 @@ def _serve(conn: Connection, send: Callable[[object], None]) -> None:
     jobs: dict[str, _Job] = {}
     send(READY)
     try:
+        wait_for_idle = True  # to make the spare when no message comes
         while True:
-            if spare is None and not conn.poll(SPARE_AFTER_IDLE_S):
+            if spare is None and wait_for_idle and not conn.poll(SPARE_AFTER_IDLE_S):
                 spare = _spare_connection()
+                wait_for_idle = spare is not None  # if it failed, retry at the next message
                 continue
             message = conn.recv()
+            wait_for_idle = True
             if message == STOP:
                 return
             for stream_id in [i for i, j in jobs.items() if not j.thread.is_alive()]:

@@ -127,8 +127,8 @@ PRODUCER_PER_TRANSFORMERS = 4
 TASKS_PER_TRANSFORMER = 2
 # A reading stream whose finished results have waited this long for its caller counts as
 # waiting on the caller (see scheduling.may_start_reading); shorter waits are the caller
-# between two chunks.
-CALLER_WAIT_S = 0.1
+# between two chunks, or a sink taking its time.
+CALLER_WAIT_S = 0.5
 START_TIMEOUT_S = 60.0
 JOIN_TIMEOUT_S = 1.0
 TRANSFORMER, PRODUCER = "transformer", "producer"
@@ -254,9 +254,16 @@ class StreamState:
         self.released = threading.Event()
 
     def reads_on_producer(self) -> bool:
-        """Whether a producer has this stream's source open (until it is read to the end
-        or the stream is released)."""
-        return self.producer is not None and self.id in self.producer.streams
+        """Whether this stream counts against max_reading_streams: a producer has its
+        source open (until it is read to the end or the stream is released), and it
+        can still make progress (a failed stream's source stays open until its caller
+        closes it, but nothing of it will be dispatched again)."""
+        return (
+            self.producer is not None
+            and self.id in self.producer.streams
+            and self.error is None
+            and not self.closing
+        )
 
     def waits_on_caller(self, since: float) -> bool:
         """Whether every result slot has held a finished batch for the caller since
@@ -680,6 +687,7 @@ class Supervisor:
 
     def _release(self, stream: StreamState) -> None:
         """Dispatcher side of close_stream: tell the children the stream is over."""
+        self._queued = deque(queued for queued in self._queued if queued[0] is not stream)
         producer = stream.producer
         if producer is not None and stream.id in producer.streams:
             producer.streams.discard(stream.id)
@@ -771,7 +779,9 @@ class Supervisor:
                 return False
             conns = {child.conn: child for child in self._children()}
             sentinels = {child.process.sentinel: child for child in self._children()}
-        ready = wait([self._wake_r, *conns, *sentinels], timeout=0.5)
+            # a queued stream's turn can come from the clock alone (see _admit)
+            timeout = CALLER_WAIT_S / 4 if self._queued else 0.5
+        ready = wait([self._wake_r, *conns, *sentinels], timeout=timeout)
         # Read without the lock: a large message takes a while, and a child stopped in
         # the middle of sending must not hold up the callers. Only this thread reads.
         received = [(conns[h], h, _recv(h)) for h in ready if h in conns]
