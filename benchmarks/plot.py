@@ -1,9 +1,11 @@
-"""PNG plots of benchmarks/results/bench_pipeline.json (needs the ``bench`` extra).
+"""PNG plots of the benchmarks' JSON results (needs the ``bench`` extra).
 
     python benchmarks/plot.py
 
 Writes benchmarks/results/throughput.png (rows/s by workers or threads, against the
-peers) and benchmarks/results/memory.png (peak memory of the process tree by rows).
+peers) and memory.png (peak memory of the process tree by rows), from
+bench_pipeline.json; and whole.png (a whole ``ashstream run`` against a DuckDB process,
+by rows), from bench_small.json and bench_whole.json when they are there.
 """
 
 from __future__ import annotations
@@ -60,6 +62,31 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / "memory.png", dpi=110)
     print(f"wrote {RESULTS / 'throughput.png'} and {RESULTS / 'memory.png'}", file=sys.stderr)
+    plot_whole_processes()
+
+
+def plot_whole_processes() -> None:
+    """Each case's wall time over DuckDB's, by rows: below 1, ashstream is ahead."""
+    sizes: dict[int, dict] = {}
+    for name in ("bench_small.json", "bench_whole.json"):
+        if (RESULTS / name).exists():
+            for rows, cases in json.loads((RESULTS / name).read_text())["sizes"].items():
+                sizes[int(rows)] = cases
+    if not sizes:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = sorted(sizes)
+    for case in next(iter(sizes.values())):
+        ax.plot(rows, [sizes[r][case]["x_duckdb_wall"] for r in rows], marker="o", label=case)
+    ax.set_xscale("log")
+    ax.set_xlabel("rows (whole processes, start-up included)")
+    ax.set_ylabel("wall time / DuckDB's")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "whole.png", dpi=110)
+    print(f"wrote {RESULTS / 'whole.png'}", file=sys.stderr)
 
 
 if __name__ == "__main__":
