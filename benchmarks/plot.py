@@ -48,21 +48,29 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / "throughput.png", dpi=110)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     row_counts = [int(r) for r in sizes]
-    for case in next(iter(sizes.values()))["cases"]:
-        peaks = [sizes[str(r)]["cases"][case]["peak_pss_bytes"] / 2**20 for r in row_counts]
-        ax.plot(row_counts, peaks, marker="o", label=case)
+    peaks = {
+        case: [sizes[str(r)]["cases"][case]["peak_pss_bytes"] / 2**20 for r in row_counts]
+        for case in next(iter(sizes.values()))["cases"]
+    }
+    plot_by_rows(row_counts, peaks, "rows", "peak memory of the process tree (PSS, MiB)")
+    plt.gcf().savefig(RESULTS / "memory.png", dpi=110)
+    print(f"wrote {RESULTS / 'throughput.png'} and {RESULTS / 'memory.png'}", file=sys.stderr)
+    plot_whole_processes()
+
+
+def plot_by_rows(rows: list[int], lines: dict[str, list[float]], xlabel: str, ylabel: str) -> None:
+    """One line per case against the row count (log scale), on a new figure."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in lines.items():
+        ax.plot(rows, values, marker="o", label=label)
     ax.set_xscale("log")
-    ax.set_xlabel("rows")
-    ax.set_ylabel("peak memory of the process tree (PSS, MiB)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "memory.png", dpi=110)
-    print(f"wrote {RESULTS / 'throughput.png'} and {RESULTS / 'memory.png'}", file=sys.stderr)
-    plot_whole_processes()
 
 
 def plot_whole_processes() -> None:
@@ -74,18 +82,12 @@ def plot_whole_processes() -> None:
                 sizes[int(rows)] = cases
     if not sizes:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
     rows = sorted(sizes)
-    for case in next(iter(sizes.values())):
-        ax.plot(rows, [sizes[r][case]["x_duckdb_wall"] for r in rows], marker="o", label=case)
-    ax.set_xscale("log")
-    ax.set_xlabel("rows (whole processes, start-up included)")
-    ax.set_ylabel("wall time / DuckDB's")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "whole.png", dpi=110)
+    ratios = {
+        case: [sizes[r][case]["x_duckdb_wall"] for r in rows] for case in next(iter(sizes.values()))
+    }
+    plot_by_rows(rows, ratios, "rows (whole processes, start-up included)", "wall time / DuckDB's")
+    plt.gcf().savefig(RESULTS / "whole.png", dpi=110)
     print(f"wrote {RESULTS / 'whole.png'}", file=sys.stderr)
 
 
