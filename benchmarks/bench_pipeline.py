@@ -575,31 +575,68 @@ def measure_first_chunk(repeats: int) -> None:
     requests would see it; median of ``repeats``. On a 10,000-row Parquet file and on a
     1M-row one: DuckDB's COPY writes row groups of 122,880 rows with one page per
     column, so any reader decompresses the whole first row group before its first row.
+    Beside each, the floor under it: DuckDB's own first 1000 rows of the same file on a
+    connection made in advance (what the producer has), and pyarrow's reader's.
     """
     workdir = Path(tempfile.mkdtemp(prefix="ashstream-bench-"))
     results = {}
     try:
-        reports = {rows: sales_files(workdir, rows)[1] for rows in (10_000, 1_000_000)}
+        files = {rows: sales_files(workdir, rows) for rows in (10_000, 1_000_000)}
         with StreamPool(2) as pool:
-            for rows, report in reports.items():
-                times = []
+            for rows, (parquet, report) in files.items():
+                cases: dict[str, list[float]] = {
+                    "ashstream, warm pool": [],
+                    "DuckDB's first batch": [],
+                    "pyarrow's first batch": [],
+                }
                 for round_ in range(repeats + 1):
                     time.sleep(0.5)
                     start = time.perf_counter()
                     stream = pool.stream(report, chunk_size=1000)
                     next(stream)
-                    if round_:  # the first stream of each file is discarded
-                        times.append(time.perf_counter() - start)
+                    took = [time.perf_counter() - start]
                     stream.close()
-                results[str(rows)] = {"first_chunk_s": statistics.median(times), "runs_s": times}
-                print(
-                    f"first chunk on a warm pool, {rows:,}-row file: median "
-                    f"{statistics.median(times) * 1000:.1f} ms of {repeats}, runs "
-                    f"{', '.join(f'{t * 1000:.1f}' for t in times)} ms"
-                )
+                    took.append(_duckdb_first_batch(parquet))
+                    start = time.perf_counter()
+                    next(pq.ParquetFile(parquet).iter_batches(batch_size=1000))
+                    took.append(time.perf_counter() - start)
+                    if round_:  # the first round of each file is discarded
+                        for name, seconds in zip(cases, took, strict=True):
+                            cases[name].append(seconds)
+                results[str(rows)] = {
+                    name: {"median_s": statistics.median(runs), "runs_s": runs}
+                    for name, runs in cases.items()
+                }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    print_table(
+        ["file rows", "case", "median ms", "runs ms"],
+        [
+            [
+                f"{int(rows):,}",
+                name,
+                f"{case['median_s'] * 1000:.1f}",
+                " ".join(f"{t * 1000:.0f}" for t in case["runs_s"]),
+            ]
+            for rows, cases in results.items()
+            for name, case in cases.items()
+        ],
+    )
     write_results("bench_first_chunk", {"files": results})
+
+
+def _duckdb_first_batch(parquet: Path) -> float:
+    """Seconds to DuckDB's first 1000 rows of ``parquet`` (one thread, as the producer
+    reads), on a connection made beforehand."""
+    con = duckdb.connect()
+    con.execute("SET threads = 1").fetchall()
+    start = time.perf_counter()
+    reader = con.sql(f"SELECT * FROM read_parquet('{parquet}')").to_arrow_reader(batch_size=1000)
+    next(iter(reader))
+    took = time.perf_counter() - start
+    del reader
+    con.close()
+    return took
 
 
 def sales_files(workdir: Path, rows: int) -> tuple[Path, Path]:
