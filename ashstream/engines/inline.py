@@ -34,10 +34,11 @@ logger = logging.getLogger(__name__)
 
 # Reports over at most this many rows run in the calling process when the row count is
 # known before reading (Parquet metadata), on 2 cores; the line is scaled down for more
-# cores (see inline_max_rows). Measured on 2 cores (benchmarks/bench_pipeline.py --small,
-# medians of 5): in this process against a pool, 0.40 s / 0.71 s at 10k rows, 0.66 s /
-# 0.93 s at 300k, 1.34 s / 1.51 s at 1M, 2.30 s / 2.43 s at 2M.
-INLINE_MAX_ROWS = 1_000_000
+# cores (see inline_max_rows). Measured on 2 cores (benchmarks/bench_pipeline.py --small
+# and --whole, medians of 5 and 3): in this process against a pool of 2 workers, 0.33 s /
+# 0.60 s at 10k rows, 0.61 s / 0.88 s at 300k, 1.10 s / 1.35 s at 1M, 2.04 s / 2.19 s at
+# 2M; at 10M the pool is ahead, 9.57 s against 11.92 s.
+INLINE_MAX_ROWS = 2_000_000
 
 
 def inline_max_rows(cores: int) -> int:
