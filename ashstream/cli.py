@@ -9,6 +9,8 @@ goes to the debug log. Never a bare traceback, never click's ``Aborted!``.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -39,6 +41,7 @@ from ashstream.errors import (
     Cancelled,
     ExitCode,
     PipelineError,
+    SinkError,
 )
 from ashstream.report import load_report
 from ashstream.sinks import TypstModuleSink, compile_pdf
@@ -53,6 +56,8 @@ logger = logging.getLogger(__name__)
 ROWS_PER_PDF_PAGE = 40  # the built-in template's table at 8 pt on A4, measured
 JSON_ERRORS = "ashstream.json"  # ctx.meta key: a command prints its error as JSON too
 WRITTEN = "ashstream.written"  # ctx.meta key: the outputs a run has put in place
+# Errors of writing output that are the machine's, not a bug: said as such, in one line.
+FULL_OR_FAILING_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 
 class _Commands(click.Group):
@@ -67,6 +72,11 @@ class _Commands(click.Group):
             _fail(Cancelled("interrupted (Ctrl-C)", ExitCode.INTERRUPTED), ctx)
         except AshstreamError as exc:
             _fail(exc, ctx)
+        except OSError as exc:
+            if exc.errno not in FULL_OR_FAILING_DISK:
+                logger.debug("internal error", exc_info=exc)
+                _fail(exc, ctx)
+            _fail(SinkError(f"cannot write the output: {exc.strerror}"), ctx)
         except Exception as exc:
             logger.debug("internal error", exc_info=exc)
             _fail(exc, ctx)
@@ -87,7 +97,8 @@ def _fail(exc: BaseException, ctx: click.Context) -> None:
         stderr.print(f"[bold red]Internal error:[/] {escape(message)}", soft_wrap=True)
         code = int(ExitCode.ERROR)
     if ctx.meta.get(JSON_ERRORS):
-        click.echo(json.dumps({"error": message, "exit_code": code}))
+        with contextlib.suppress(OSError):  # stdout may be what failed
+            click.echo(json.dumps({"error": message, "exit_code": code}))
     sys.exit(code)
 
 
@@ -686,14 +697,21 @@ def entry_point() -> None:
         elif ended.code is not None:
             print(ended.code, file=sys.stderr)
             code = 1
+    except OSError as exc:  # click's own output failed (--help to a full disk)
+        code = 1
+        with contextlib.suppress(OSError):
+            os.write(2, f"Error: cannot write the output: {exc.strerror}\n".encode())
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except BrokenPipeError:
             pass  # the reader left early (| head): not a failure of the run
-        except (OSError, ValueError):
-            code = code or 1  # the output did not all get out (a full disk, say)
+        except (OSError, ValueError) as exc:  # the output did not all get out
+            if not code:
+                code = 1
+                with contextlib.suppress(OSError):
+                    os.write(2, f"Error: the output could not be written: {exc}\n".encode())
     os._exit(code)
 
 

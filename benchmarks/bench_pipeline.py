@@ -596,6 +596,7 @@ def measure_first_chunk(repeats: int) -> None:
                     next(stream)
                     took = [time.perf_counter() - start]
                     stream.close()
+                    time.sleep(0.5)  # the pool's children idle again
                     took.append(_duckdb_first_batch(parquet))
                     start = time.perf_counter()
                     next(pq.ParquetFile(parquet).iter_batches(batch_size=1000))

@@ -75,6 +75,15 @@ def pools():
         pool.close()
 
 
+def assert_one_line(stderr: str, *parts: str) -> None:
+    """What the user reads of a failure: one line, with these parts, and no trace."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    for part in parts:
+        assert part in lines[0], stderr
+    assert "Traceback" not in stderr and "Aborted!" not in stderr
+
+
 def write_report(directory: Path, text: str | dict, name: str = "report.yaml") -> Path:
     """Write a report definition (YAML text, or a mapping dumped as YAML)."""
     path = directory / name

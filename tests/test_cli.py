@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import ashstream
 from ashstream.cli import main
-from tests.conftest import mixed_sql, mixed_table, write_report
+from tests.conftest import assert_one_line, mixed_sql, mixed_table, write_report
 from tests.reference import assert_same, to_model
 from tests.typst_roundtrip import evaluate_module
 
@@ -49,6 +49,19 @@ def test_unknown_command_is_a_usage_error():
 
 def invoke(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["--json"], ["--help"]], ids=["run --json", "--help"])
+def test_output_to_a_full_disk_is_one_line_and_exit_1(tmp_path, args):
+    report = write_report(tmp_path, {"name": "f", "source": {"duckdb": {"query": mixed_sql(5)}}})
+    command_line = ["run", str(report), "-q", "-o", str(tmp_path / "f.typ"), *args]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            command(*command_line), stdout=full, stderr=subprocess.PIPE, text=True, timeout=60
+        )
+    assert result.returncode == 1
+    assert_one_line(result.stderr, "cannot write the output: No space left on device")
 
 
 RUN_THEN_CHECK_PANDAS = """

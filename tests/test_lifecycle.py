@@ -24,7 +24,7 @@ from ashstream.engines.local.child import CRASH_AT_START_ENV, FAIL_AT_ROW_ENV
 from ashstream.engines.local.registry import running_pools
 from ashstream.engines.local.shm import SEGMENT_PREFIX, our_segments
 from ashstream.sources import SPILL_PREFIX
-from tests.conftest import mixed_sql, mixed_table, write_report
+from tests.conftest import assert_one_line, mixed_sql, mixed_table, write_report
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
@@ -77,14 +77,6 @@ def assert_nothing_left_of(pool_pid: int) -> None:
         time.sleep(0.05)
     assert pool_processes(pool_pid) == []
     assert segments_of(pool_pid) == []
-
-
-def assert_one_line(stderr: str, *parts: str) -> None:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    for part in parts:
-        assert part in lines[0], stderr
-    assert "Traceback" not in stderr and "Aborted!" not in stderr
 
 
 @pytest.fixture(scope="module")

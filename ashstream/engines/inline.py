@@ -97,7 +97,7 @@ class InlineStream(MergedStream):
                         # what was read before the error comes first, and its own errors
                         while in_flight:
                             yield from merge.take(_result(*in_flight.popleft()))
-                        raise read_error from None
+                        raise read_error
                     if batch is None:
                         break
                     encoding = encoders.submit(

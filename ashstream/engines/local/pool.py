@@ -134,10 +134,10 @@ class StreamPool(Pool):
         max_reading_streams: streams whose sources are open at once (default two per
             worker), as each open source holds tens of MB of DuckDB's state. A stream
             started beyond it waits, ``queued``, until one of them has read its source
-            or failed, or until every one of them has waited half a second on its
-            caller (who may be waiting on the queued stream), so that the queue never
-            deadlocks a caller. A soft limit, then: callers slower than that let more
-            streams read.
+            or failed, or until every one of them has waited on its caller: half a
+            second, or a twentieth when the queued stream's own caller is waiting for it
+            (one thread reading several streams in turn), so that the queue never
+            deadlocks a caller. A soft limit, then: slow callers let more streams read.
     """
 
     engine = "local"

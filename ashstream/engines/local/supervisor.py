@@ -129,6 +129,9 @@ TASKS_PER_TRANSFORMER = 2
 # waiting on the caller (see scheduling.may_start_reading); shorter waits are the caller
 # between two chunks, or a sink taking its time.
 CALLER_WAIT_S = 0.5
+# ... this long, when a queued stream's own caller is waiting for it: the caller may be
+# reading the streams in turn, and nothing moves until the queued one starts.
+CALLER_WAITS_FOR_QUEUED_S = 0.05
 START_TIMEOUT_S = 60.0
 JOIN_TIMEOUT_S = 1.0
 TRANSFORMER, PRODUCER = "transformer", "producer"
@@ -252,18 +255,12 @@ class StreamState:
         self.finished_at: float | None = None
         self.closing = False
         self.released = threading.Event()
+        self.caller_waits = False  # its caller waits in next_chunk (read while queued)
 
     def reads_on_producer(self) -> bool:
         """Whether this stream counts against max_reading_streams: a producer has its
-        source open (until it is read to the end or the stream is released), and it
-        can still make progress (a failed stream's source stays open until its caller
-        closes it, but nothing of it will be dispatched again)."""
-        return (
-            self.producer is not None
-            and self.id in self.producer.streams
-            and self.error is None
-            and not self.closing
-        )
+        source open, until it is read to the end, fails or is closed."""
+        return self.producer is not None and self.id in self.producer.streams and not self.closing
 
     def waits_on_caller(self, since: float) -> bool:
         """Whether every result slot has held a finished batch for the caller since
@@ -569,18 +566,28 @@ class Supervisor:
         return stream
 
     def _admit(self) -> None:
-        """Under the lock: hand queued streams to a producer, in order, while the rule
-        of scheduling.may_start_reading allows (one at a time past the limit)."""
-        now = time.monotonic()
+        """Under the lock: hand queued streams to a producer as scheduling.may_start_reading
+        allows. Below the limit, in the order they came; past it, one at a time once every
+        reader has waited on its caller: CALLER_WAITS_FOR_QUEUED_S when a queued stream's
+        own caller waits for it (that one goes first), else CALLER_WAIT_S."""
+        if self._closing:
+            return  # close() cancels every stream, the queued ones too
         while self._queued:
+            now = time.monotonic()
             reading = [s for s in self._streams.values() if s.reads_on_producer()]
+            awaited = next((q for q in self._queued if q[0].caller_waits), None)
+            patience = CALLER_WAIT_S if awaited is None else CALLER_WAITS_FOR_QUEUED_S
             if not may_start_reading(
                 len(reading),
                 self.max_reading_streams,
-                all(s.waits_on_caller(now - CALLER_WAIT_S) for s in reading),
+                all(s.waits_on_caller(now - patience) for s in reading),
             ):
                 return
-            stream, job = self._queued.popleft()
+            if len(reading) >= self.max_reading_streams and awaited is not None:
+                self._queued.remove(awaited)
+                stream, job = awaited
+            else:
+                stream, job = self._queued.popleft()
             if stream.closing or stream.error is not None:
                 continue
             producer = min(self._producers, key=lambda p: len(p.streams))
@@ -615,6 +622,9 @@ class Supervisor:
                     return None
                 if self._stopping:
                     raise PipelineError("the pool was closed while a stream was running")
+                if stream.producer is None and not stream.caller_waits:
+                    stream.caller_waits = True  # queued: its turn may come sooner
+                    self._wake()
                 self._cond.wait(0.5)
         closed = []
         if stream.collector is not None and result.partial is not None:
@@ -780,7 +790,7 @@ class Supervisor:
             conns = {child.conn: child for child in self._children()}
             sentinels = {child.process.sentinel: child for child in self._children()}
             # a queued stream's turn can come from the clock alone (see _admit)
-            timeout = CALLER_WAIT_S / 4 if self._queued else 0.5
+            timeout = CALLER_WAITS_FOR_QUEUED_S / 2 if self._queued else 0.5
         ready = wait([self._wake_r, *conns, *sentinels], timeout=timeout)
         # Read without the lock: a large message takes a while, and a child stopped in
         # the middle of sending must not hold up the callers. Only this thread reads.
@@ -960,7 +970,7 @@ class Supervisor:
 
     def _fail_streams_of(self, producer: _Child, code: int | None) -> None:
         """A dead producer's unfinished streams fail: a source is not re-read from the middle."""
-        for stream_id in producer.streams:
+        for stream_id in list(producer.streams):  # each _fail takes its stream out
             stream = self._streams.get(stream_id)
             if stream is not None and not stream.source_done and not stream.closing:
                 self._fail(
@@ -971,6 +981,7 @@ class Supervisor:
                         "if the system was out of memory, lower chunk_size or the number of "
                         "workers"
                     ),
+                    producer_alive=False,
                 )
 
     def _redispatch(self, transformer: _Child, code: int | None) -> None:
@@ -1027,11 +1038,20 @@ class Supervisor:
         for stream in self._streams.values():
             self._fail(stream, WorkerCrashed(reason))
 
-    def _fail(self, stream: StreamState, error: AshstreamError) -> None:
-        """Under the lock. A stream being closed keeps the status its caller gave it."""
+    def _fail(
+        self, stream: StreamState, error: AshstreamError, producer_alive: bool = True
+    ) -> None:
+        """Under the lock. A stream being closed keeps the status its caller gave it. A
+        failed stream's reading stops at once, before its caller closes it: nothing of
+        it will run again, and a queued stream may take its place."""
         if stream.error is None and not stream.closing:
             stream.error = error
             stream.status = "failed"
+            producer = stream.producer
+            if producer is not None and stream.id in producer.streams:
+                producer.streams.discard(stream.id)
+                if producer_alive:
+                    producer.outbox.put(StopStream(stream.id))
             self._events.append(
                 (
                     "pipeline.failed",
