@@ -981,7 +981,6 @@ class Supervisor:
                         "if the system was out of memory, lower chunk_size or the number of "
                         "workers"
                     ),
-                    producer_alive=False,
                 )
 
     def _redispatch(self, transformer: _Child, code: int | None) -> None:
@@ -1038,20 +1037,18 @@ class Supervisor:
         for stream in self._streams.values():
             self._fail(stream, WorkerCrashed(reason))
 
-    def _fail(
-        self, stream: StreamState, error: AshstreamError, producer_alive: bool = True
-    ) -> None:
+    def _fail(self, stream: StreamState, error: AshstreamError) -> None:
         """Under the lock. A stream being closed keeps the status its caller gave it. A
         failed stream's reading stops at once, before its caller closes it: nothing of
-        it will run again, and a queued stream may take its place."""
+        it will run again, and a queued stream may take its place (a dead producer's
+        outbox drops the message)."""
         if stream.error is None and not stream.closing:
             stream.error = error
             stream.status = "failed"
             producer = stream.producer
             if producer is not None and stream.id in producer.streams:
                 producer.streams.discard(stream.id)
-                if producer_alive:
-                    producer.outbox.put(StopStream(stream.id))
+                producer.outbox.put(StopStream(stream.id))
             self._events.append(
                 (
                     "pipeline.failed",
