@@ -4,8 +4,11 @@ pyarrow imports pandas, when it is installed, the first time it builds any array
 (``pa.array``, ``pa.scalar``...), only to ask whether its input is a pandas object.
 ashstream never hands it one, and the import costs about 0.18 s: a third of a small
 report's whole run. The command line and the pool's children therefore tell pyarrow once
-that pandas is absent. A library caller's process is left alone: its pandas objects must
-still convert as pandas objects.
+that pandas is absent. In those processes, which run no code of the user's, pyarrow then
+takes a pandas object given to ``pa.array`` as a plain sequence (a categorical loses its
+dictionary) until something asks for pandas by name (``Table.to_pandas``,
+``Table.from_pandas``), which imports it. A library caller's process is left alone: its
+pandas objects must still convert as pandas objects.
 """
 
 from __future__ import annotations
