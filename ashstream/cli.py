@@ -42,6 +42,7 @@ from ashstream.errors import (
     ExitCode,
     PipelineError,
     SinkError,
+    StatusError,
 )
 from ashstream.report import load_report
 from ashstream.sinks import TypstModuleSink, compile_pdf
@@ -571,8 +572,13 @@ def _first_values(sample) -> dict[str, str]:
 def status(as_json, show_all) -> None:
     """List the ashstream runs of this user in progress on this machine."""
     from ashstream.engines.local.registry import ACTIVE, running_pools
+    from ashstream.status_files import runtime_dir_path
 
-    pools = running_pools()
+    try:
+        pools = running_pools()
+    except OSError as exc:  # UntrustedDirectory, or a directory that cannot be read
+        message = str(exc) if exc.strerror is None else f"{runtime_dir_path()}: {exc.strerror}"
+        raise StatusError(f"cannot list the runs: {message}") from None
     for pool in pools:
         pool["processes"] = _pool_processes(pool["pid"])
         if not show_all:

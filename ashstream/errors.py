@@ -68,6 +68,10 @@ class SinkError(AshstreamError):
     """An output file could not be written, or Typst could not compile the PDF."""
 
 
+class StatusError(AshstreamError):
+    """``ashstream status`` cannot trust or read this user's status directory."""
+
+
 class ResourceError(AshstreamError):
     """Too little shared memory or disk, found before the run starts."""
 

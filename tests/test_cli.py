@@ -692,7 +692,7 @@ def test_status_refuses_a_wrong_key_and_drops_stale_entries(tmp_path, monkeypatc
 
     from ashstream import StreamPool
     from ashstream.engines.local.registry import RegistryManager, running_pools
-    from ashstream.status_files import runtime_dir
+    from ashstream.status_files import runtime_dir_path
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     dead = subprocess.run(
@@ -701,22 +701,27 @@ def test_status_refuses_a_wrong_key_and_drops_stale_entries(tmp_path, monkeypatc
         text=True,
         check=True,
     )
-    stale = runtime_dir() / "stale.json"
+    runtime = Path(runtime_dir_path())
+    runtime.mkdir(mode=0o700)
+    stale = runtime / f"{int(dead.stdout)}-0badcafe.json"
     stale.write_text(
         json.dumps(
             {"pid": int(dead.stdout), "address": "/nowhere", "authkey": "00", "started_at": 0}
         )
     )
+    not_ours = runtime / "notes.json"  # not a status file's name: never read nor removed
+    not_ours.write_text("{ not json")
     with StreamPool(1):
         pools = running_pools()
         assert [p["pid"] for p in pools] == [os.getpid()]
         assert not stale.exists()
-        [file] = list(runtime_dir().glob("*.json"))
+        [file] = list(runtime.glob("[0-9]*.json"))
         address = json.loads(file.read_text())["address"]
         intruder = RegistryManager(address=address, authkey=b"not the key")
         with pytest.raises(multiprocessing.AuthenticationError):
             intruder.connect()
-    assert list(runtime_dir().glob("*.json")) == []
+    assert list(runtime.glob("[0-9]*.json")) == []
+    assert not_ours.read_text() == "{ not json"
 
 
 # ----------------------------------------------------------------------------- memray

@@ -50,7 +50,6 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -81,7 +80,12 @@ from ashstream.errors import (
 )
 from ashstream.report import Report, with_params
 from ashstream.sources import has_order_by, parquet_parts, sweep_stale_spill_dirs
-from ashstream.status_files import REWRITE_INTERVAL_S, new_status_file, rewrite_status_file
+from ashstream.status_files import (
+    REWRITE_INTERVAL_S,
+    new_status_file,
+    remove_status_file,
+    rewrite_status_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -489,7 +493,7 @@ class RayPool(Pool):
         self.streams: weakref.WeakSet[RayStream] = weakref.WeakSet()  # started here
         self._open = False
         self._opened_at = 0.0
-        self._status_file: Path | None = None  # for ashstream status
+        self._status_file: str | None = None  # its name, for ashstream status
         self._streams: dict[str, dict[str, Any]] = {}
         self._recorded_at = 0.0
 
@@ -531,7 +535,7 @@ class RayPool(Pool):
         try:
             self._status_file = new_status_file(self._status_info())
         except OSError as exc:
-            logger.debug("no status file: %s", exc)
+            logger.warning("`ashstream status` cannot list this pool's streams: %s", exc)
 
     def close(self) -> None:
         """Shut down the Ray this pool started (or leave, if it only joined one)."""
@@ -544,8 +548,10 @@ class RayPool(Pool):
             for stream in list(self.streams):
                 stream.cancel()
             if self._status_file is not None:
-                for path in (self._status_file, self._status_file.with_suffix(".tmp")):
-                    path.unlink(missing_ok=True)
+                try:
+                    remove_status_file(self._status_file)
+                except OSError as exc:  # the directory was swapped meanwhile
+                    logger.debug("cannot remove the status file %s: %s", self._status_file, exc)
                 self._status_file = None
         finally:
             if self._owns_ray:
