@@ -1,20 +1,25 @@
 """Outputs: the Typst data module, written as chunks arrive, and the PDF compiled from it.
 
 Both are written to a temporary file beside the target and renamed into place only on
-success, so a failed or interrupted run never leaves a half-written file. A run killed
-with SIGKILL cannot remove its temporary files; the next run writing the same file does.
+success, so a failed or interrupted run never leaves a half-written file. Output folders
+may be shared with other users, so a temporary file is created new (``O_EXCL``, never
+through a link) under a name no one can guess, and the rename replaces whatever is at
+the target rather than writing through it. A run killed with SIGKILL cannot remove its
+temporary files; the next run writing the same file does.
 
 The module defines ``rows``, ``groups`` (nested by level), ``totals``, ``charts`` and
-``meta``. Groups are written to a second temporary file as they close, so memory does
-not grow with their number, and copied into the module at the end.
+``meta``. Groups are written to a second, anonymous temporary file as they close, so
+memory does not grow with their number, and copied into the module at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,15 +35,66 @@ from ashstream.report import Report
 from ashstream.templates import default_template
 
 PDF_TIMESTAMP = 0  # a fixed creation date makes the PDF reproducible byte for byte
+# The Typst package (namespace, name, version) a user template imports its data from.
+DATA_PACKAGE = ("ashstream", "data", "0.0.0")
+
+# What follows ".NAME." in the name of a temporary file of ours: the writer's pid and
+# mkstemp's 8 random characters; or, as earlier versions named them, the pid, ".tmp"
+# and ".groups" for the module's second file or ".preview" for a template's data.
+_TEMP_SUFFIX = re.compile(r"(?P<pid>[0-9]+)\.(?:[a-z0-9_]{8}\.tmp|tmp(?:\.groups|\.preview)?)")
 
 
-def _temp_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _temp_beside(path: Path) -> tuple[BinaryIO, Path]:
+    """A new temporary file beside ``path``, open for writing, and its name.
+
+    mkstemp creates it with ``O_CREAT | O_EXCL | O_NOFOLLOW`` under a random name, so a
+    link someone planted in a shared folder is never written through; the pid in the
+    name lets a later run recognise a killed run's file (:func:`_remove_stale_temps`).
+    """
+    prefix = f".{path.name}.{os.getpid()}."
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
+    return os.fdopen(fd, "wb"), Path(name)
 
 
-# What follows ".NAME." in the name of a temporary file of ours: the writer's pid, and
-# ".groups" for the module's second file, ".preview" for what a user template reads.
-_TEMP_SUFFIX = re.compile(r"(?P<pid>[0-9]+)\.tmp(?:\.groups|\.preview)?")
+@functools.cache
+def _umask() -> int:
+    """The process's umask. Linux shows it in /proc; elsewhere only setting it returns
+    it, and a thread creating a file meanwhile gets the stricter 077 rather than 0."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _close_with_plain_mode(file: BinaryIO) -> None:
+    """Close a temporary file with the mode a plain ``open`` would have given the output
+    (mkstemp makes it 0600): through the descriptor, as a name can be swapped."""
+    os.fchmod(file.fileno(), 0o666 & ~_umask())
+    file.close()
+
+
+def _write_beside(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temporary file renamed over it: the rename replaces a
+    link at ``path`` instead of writing to where it points."""
+    file, tmp = _temp_beside(path)
+    try:
+        with file:
+            file.write(data)
+            _close_with_plain_mode(file)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _one_line(literal: str) -> str:
+    """``literal``, a Typst string literal, with every unprintable character escaped:
+    ``encode_value`` leaves U+0085, U+2028 and U+2029 raw, and each of them ends a
+    ``//`` comment as a newline does."""
+    return "".join(c if c.isprintable() else f"\\u{{{ord(c):x}}}" for c in literal)
 
 
 @contextlib.contextmanager
@@ -69,8 +125,8 @@ def _close_quietly(file: BinaryIO | None) -> None:
 
 def _remove_stale_temps(path: Path) -> None:
     """Remove the temporary files of ``path`` that a run killed with SIGKILL (which no
-    cleanup survives) left beside it: only those of this very name whose writer's
-    process is gone, never a live run's."""
+    cleanup survives) left beside it: only regular files of this user, of this very name,
+    whose writer's process is gone; never a live run's, another user's or a link."""
     prefix = f".{path.name}."
     try:
         entries = [e.name for e in os.scandir(path.parent) if e.name.startswith(prefix)]
@@ -79,8 +135,17 @@ def _remove_stale_temps(path: Path) -> None:
     for name in entries:
         match = _TEMP_SUFFIX.fullmatch(name[len(prefix) :])
         pid = int(match["pid"]) if match else 0
-        if 0 < pid < 2**31 and not pid_alive(pid):  # a pid_t; any other is not ours
-            _unlink_quietly(path.parent / name)
+        if 0 < pid < 2**31 and not pid_alive(pid) and _own_file(path.parent / name):
+            _unlink_quietly(path.parent / name)  # pid: a pid_t; any other is not ours
+
+
+def _own_file(path: Path) -> bool:
+    """Whether ``path`` itself, not what a link there points to, is this user's file."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid()
 
 
 def _prepare_dir(path: Path) -> None:
@@ -169,8 +234,7 @@ class TypstModuleSink:
         self.preview: list[bytes] = []  # text of the first preview_rows rows
         self._preview_count = 0
         self._rows = 0
-        self._tmp = _temp_beside(self.path)
-        self._groups_tmp = self._tmp.with_name(self._tmp.name + ".groups")
+        self._tmp: Path | None = None  # the module's temporary name, from open()
         self._file: BinaryIO | None = None
         self._groups_file: BinaryIO | None = None
         self._groups: GroupWriter | None = None
@@ -185,12 +249,14 @@ class TypstModuleSink:
     def open(self) -> None:
         _prepare_dir(self.path)
         with self._writing():
-            self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed in finish/abort)
-            self._groups_file = open(self._groups_tmp, "w+b")  # noqa: SIM115 (likewise)
+            self._file, self._tmp = _temp_beside(self.path)
+            # anonymous: no name to plant a link at, none left behind (closed in commit/abort)
+            self._groups_file = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115
             names = tuple(g.name for g in self.report.groups)
             self._groups = GroupWriter(self._groups_file, names, self._options)
+            origin = _one_line(encode_value(str(self.report.path)))
             self._file.write(
-                f"// Generated by ashstream {__version__} from {self.report.path}; "
+                f"// Generated by ashstream {__version__} from {origin}; "
                 "do not edit.\n#let rows = (\n".encode()
             )
 
@@ -225,7 +291,7 @@ class TypstModuleSink:
             shutil.copyfileobj(self._groups_file, self._file)
             self._file.write(b")\n" + self._results() + b"#let meta = ")
             self._file.write(encode_value(meta).encode() + b"\n")
-            self._file.close()
+            _close_with_plain_mode(self._file)
 
     def _results(self) -> bytes:
         totals = encode_value(self._summary.totals, options=self._options)
@@ -247,12 +313,12 @@ class TypstModuleSink:
         """Remove the temporary files; never raises, as it runs while an error or an
         interrupt is already on its way to the user."""
         _close_quietly(self._file)
-        _unlink_quietly(self._tmp)
+        if self._tmp is not None:
+            _unlink_quietly(self._tmp)
         self._close_groups()
 
     def _close_groups(self) -> None:
         _close_quietly(self._groups_file)
-        _unlink_quietly(self._groups_tmp)
 
     def preview_module(self, columns: tuple[str, ...]) -> bytes:
         """A module with the first ``preview_rows`` rows, every group, the totals and
@@ -300,34 +366,56 @@ def compile_pdf(
     """
     pdf_path = Path(pdf_path)
     _prepare_dir(pdf_path)
-    tmp = _temp_beside(pdf_path)
-    preview_path = module.written_path.with_name(module.written_path.name + ".preview")
     with (
-        _os_errors(f"cannot write {pdf_path}", lambda: _unlink_quietly(tmp)),
+        _os_errors(f"cannot write {pdf_path}"),
         tempfile.TemporaryDirectory(prefix="ashstream-pdf-", ignore_cleanup_errors=True) as work,
     ):
-        try:
-            if template is None:
-                (Path(work) / "data.typ").write_bytes(module.preview_module(columns))
-                source: Any = default_template()
-                root, data = Path(work), "/data.typ"
-            else:
-                data_path = module.written_path
-                if not every_row:
-                    preview_path.write_bytes(module.preview_module(columns))
-                    data_path = preview_path
-                template_path, data_path = Path(template).resolve(), data_path.resolve()
-                root = Path(os.path.commonpath([template_path.parent, data_path.parent]))
-                source, data = str(template_path), "/" + str(data_path.relative_to(root))
-            pdf = _typst_pdf(source, root, data, pdf_path.name)
-        finally:
-            _unlink_quietly(preview_path)
-        tmp.write_bytes(pdf)
-        os.replace(tmp, pdf_path)
+        if template is None:
+            (Path(work) / "data.typ").write_bytes(module.preview_module(columns))
+            pdf = _typst_pdf(default_template(), Path(work), "/data.typ", pdf_path.name)
+        else:
+            template_path = Path(template).resolve()
+            data = _data_package(Path(work), module, columns, every_row)
+            root = template_path.parent
+            pdf = _typst_pdf(str(template_path), root, data, pdf_path.name, packages=Path(work))
+        _write_beside(pdf_path, pdf)
 
 
-def _typst_pdf(source: Any, root: Path, data: str, name: str) -> bytes:
-    """Typst's PDF of ``source``, which reads ``data`` below ``root``."""
+def _data_package(
+    packages: Path, module: TypstModuleSink, columns: tuple[str, ...], every_row: bool
+) -> str:
+    """Put a user template's data in a Typst package below ``packages``; its import spec.
+
+    Typst reads a template's files only below its root, the template's folder. The data
+    module lies elsewhere, and a root above both (their common folder, often ``/``)
+    would let a template read any file the user can; a package is what Typst reads from
+    outside the root, and it holds only the data. ``package_path`` replaces the folder
+    of the user's own packages, so those are linked in beside it.
+    """
+    namespace, name, version = DATA_PACKAGE
+    folder = packages / namespace / name / version
+    folder.mkdir(parents=True)
+    (folder / "typst.toml").write_text(
+        f'[package]\nname = "{name}"\nversion = "{version}"\nentrypoint = "data.typ"\n'
+    )
+    if every_row:
+        (folder / "data.typ").symlink_to(module.written_path.absolute())
+    else:
+        (folder / "data.typ").write_bytes(module.preview_module(columns))
+    with contextlib.suppress(OSError, RuntimeError):  # no packages, or no home folder
+        data_home = os.environ.get("XDG_DATA_HOME", "")  # Typst's dirs::data_dir()
+        base = Path(data_home) if os.path.isabs(data_home) else Path.home() / ".local/share"
+        for entry in os.scandir(base / "typst" / "packages"):
+            if entry.name != namespace:
+                (packages / entry.name).symlink_to(entry.path)
+    return f"@{namespace}/{name}:{version}"
+
+
+def _typst_pdf(
+    source: Any, root: Path, data: str, name: str, packages: Path | None = None
+) -> bytes:
+    """Typst's PDF of ``source``, which imports ``data`` (below ``root``, or a package
+    in ``packages``)."""
     import typst
 
     try:
@@ -335,6 +423,7 @@ def _typst_pdf(source: Any, root: Path, data: str, name: str) -> bytes:
             source,
             root=str(root),
             sys_inputs={"data": data},
+            package_path=None if packages is None else str(packages),
             pdf_tags=False,
             timestamp=PDF_TIMESTAMP,
         )
