@@ -3,6 +3,11 @@
 Every error names the file, the key path (``source.parquet``, ``fields[2].expr``) and
 what was expected. Unknown keys are errors, so a typo never passes silently. Paths are
 relative to the YAML file.
+
+A bad file must fail fast, with exit code 2, never an internal error: the file's size
+(MAX_REPORT_BYTES), its nesting (MAX_DEPTH, counted through aliases without expanding
+them) and every count are bounded, a key given twice is refused, and an error shows a
+user's value cut short (:func:`_show`), as an alias bomb expands to 10**9 items.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import datetime as dt
 import glob
 import os
 import re
-from collections.abc import Mapping
+import reprlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,8 @@ from ashstream.errors import ReportError
 
 __all__ = [
     "BUCKET_UNITS",
+    "MAX_CHUNK_SIZE",
+    "MAX_WORKERS",
     "Chart",
     "Field",
     "Group",
@@ -56,7 +64,8 @@ CHART_AGGS = ("sum", "count", "avg", "min", "max", "none")
 BUCKET_UNITS = ("hour", "day", "week", "month", "quarter", "year")
 DEFAULT_CHART_POINTS = 500
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+# One run of spaces after the number: two adjacent ``\s*`` backtrack quadratically.
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT]i?B|B)\s*)?$", re.IGNORECASE)
 SIZE_UNITS = {
     "b": 1,
     "kb": 10**3,
@@ -73,6 +82,20 @@ DEFAULT_CHUNK_SIZE = 1000
 # beyond it DuckDB spills to a temporary folder instead of growing.
 DEFAULT_SOURCE_MEMORY = 512 * 2**20
 DEFAULT_PDF_MAX_ROWS = 2000
+# Caps on what a report may ask for: a huge number (10**30) passed here and failed deep
+# in the engine. A chunk of 10M rows is GiBs already; the engine caps workers further
+# by what the machine holds.
+MAX_CHUNK_SIZE = 10_000_000
+MAX_WORKERS = 1024
+MAX_PDF_MAX_ROWS = 10**9
+MAX_CHART_POINTS = 10**6
+MAX_SIZE = 2**62  # bytes (4 EiB): a size past it overflows a 64-bit setting later
+# A definition is KiBs of YAML, and PyYAML is slow on a dense file (1 MiB of [a, a, ...]
+# took 14 s and 340 MB): this bounds a mistaken one, data passed as the report, to about
+# a minute. 80k fields, one mapping each, are 3 MiB.
+MAX_REPORT_BYTES = 4 * 2**20
+MAX_DEPTH = 64  # levels of nesting; a report's own keys go 4 deep
+MAX_SHOWN = 200  # characters of a path or name in a message
 
 
 @dataclass(frozen=True)
@@ -86,6 +109,9 @@ class Source:
     order_by: tuple[str, ...] = ()
     count_rows: bool = False  # run COUNT(*) first so progress shows a total
     sorted: bool = False  # rows already come in group (and order_by) order: no ORDER BY
+    # Files and folders the SQL may read besides the report's folder and its sources
+    # (see ashstream.sql_guard); absolute.
+    allow_paths: tuple[str, ...] = ()
     # Set by an engine, never by YAML: read only rows [first, last) of the one file.
     row_range: tuple[int, int] | None = None
 
@@ -187,6 +213,8 @@ class Report:
     groups: tuple[Group, ...] = ()
     variables: tuple[Variable, ...] = ()
     charts: tuple[Chart, ...] = ()
+    # The folder relative paths are anchored to, and whose files the SQL may read.
+    base_dir: str = field(default_factory=os.getcwd)
 
     @property
     def analysed(self) -> bool:
@@ -206,17 +234,132 @@ def load_report(path: str | os.PathLike, params: Mapping[str, Any] | None = None
         ReportError: naming the file, the key and what is expected.
     """
     file = Path(path)
+    data = _read_yaml(file)
+    return report_from_mapping(data, str(file), file.resolve().parent, params)
+
+
+def _read_yaml(file: Path) -> object:
+    """The file's one YAML document, read as yaml.safe_load does, within MAX_REPORT_BYTES
+    and :class:`_Loader`'s checks."""
     try:
-        text = file.read_text(encoding="utf-8")
+        with file.open("rb") as stream:
+            raw = stream.read(MAX_REPORT_BYTES + 1)  # not all of a mistaken 100 GB file
     except FileNotFoundError:
         raise ReportError(f"{file}: no such report file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ReportError(f"{file}: cannot read the report: {exc}") from None
+    if len(raw) > MAX_REPORT_BYTES:
+        raise ReportError(
+            f"{file}: the report is larger than {MAX_REPORT_BYTES // 2**20} MiB, the most a "
+            "report definition may be"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ReportError(f"{file}: cannot read the report: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        loader = _Loader(text, str(file))  # which may refuse a character already
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
-        raise ReportError(f"{file}: not valid YAML: {exc}") from None
-    return report_from_mapping(data, str(file), file.resolve().parent, params)
+        raise ReportError(f"{file}: not valid YAML: {_clip(str(exc), 5 * MAX_SHOWN)}") from None
+    except RecursionError:  # MAX_DEPTH stops the composer long before: a last guard
+        raise ReportError(f"{file}: not valid YAML: nested too deeply to read") from None
+    except MemoryError:
+        raise ReportError(f"{file}: the report does not fit in memory") from None
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing what it would take silently or fail on badly: a
+    key given twice (it keeps the last), nesting deeper than MAX_DEPTH (its composer
+    recurses: ``[`` 100000 times is a RecursionError), and a scalar its constructors
+    reject with a bare ValueError, KeyError or AttributeError (``!!int x``, 2024-13-01).
+
+    Nesting is counted as the document is composed, through aliases by the height of
+    the node they name, so an alias bomb is measured in its nodes, not expanded."""
+
+    def __init__(self, text: str, file: str) -> None:
+        super().__init__(text)
+        self.file = file
+        self.keys: list[object] = []  # the path to the node being composed: keys, indexes
+        self.heights: list[int] = []  # per node being composed: its children's tallest
+        self.anchor_heights: dict[str, int] = {}  # of anchored nodes composed in full
+
+    def refuse(self, message: str) -> ReportError:
+        where = ""
+        for key in self.keys:
+            if isinstance(key, int):
+                where += f"[{key}]"
+            elif key is not None:
+                where += f".{key}" if where else str(key)
+        return ReportError(f"{self.file}: {_clip(where) or '(top level)'}: {message}")
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        # index: a list item's position, a value's key node, None for a key or the root
+        if isinstance(index, yaml.ScalarNode):
+            self.keys.append(_clip(index.value))
+        else:
+            self.keys.append("?" if isinstance(index, yaml.Node) else index)
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)  # an unknown alias is its error
+            height = self.anchor_heights.get(event.anchor)
+            line = event.start_mark.line + 1
+            if height is None:
+                raise self.refuse(
+                    f"the alias *{_clip(event.anchor)} is inside the value it names (line {line})"
+                )
+            if len(self.heights) + height > MAX_DEPTH:
+                raise self.refuse(
+                    f"nested deeper than {MAX_DEPTH} levels through the alias "
+                    f"*{_clip(event.anchor)} (line {line})"
+                )
+        else:
+            if len(self.heights) == MAX_DEPTH:
+                raise self.refuse(
+                    f"nested deeper than {MAX_DEPTH} levels (line {event.start_mark.line + 1})"
+                )
+            self.heights.append(0)
+            node = super().compose_node(parent, index)
+            height = self.heights.pop() + 1
+            if event.anchor is not None:
+                self.anchor_heights[event.anchor] = height
+        if self.heights:
+            self.heights[-1] = max(self.heights[-1], height)
+        self.keys.pop()
+        return node
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        """The mapping, refused if a key is given twice: checked here, before merges
+        (``<<``) add keys, as an explicit key may override a merged one. Keys compare as
+        written, with their resolved type: ``a`` and ``"a"`` are one key, ``1`` and
+        ``0x1`` two."""
+        node = super().compose_mapping_node(anchor)
+        lines: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                first = lines.get((key.tag, key.value))
+                if first is not None:
+                    raise self.refuse(
+                        f"the key {_show(key.value)} is given twice (lines {first} and {line})"
+                    )
+                lines[key.tag, key.value] = line
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (AttributeError, LookupError, ValueError) as exc:
+            what = _show(node.value) if isinstance(node, yaml.ScalarNode) else "the value"
+            detail = f": {exc}" if isinstance(exc, ValueError) else ""
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise ReportError(
+                f"{self.file}: not valid YAML: line {node.start_mark.line + 1}: cannot read "
+                f"{what} as {tag}{detail}"
+            ) from None
 
 
 def report_from_mapping(
@@ -230,19 +373,22 @@ def report_from_mapping(
 
 
 def parse_size(value: object, where: str = "value") -> int:
-    """``"1GiB"``, ``"512 MB"``, ``1073741824`` → bytes."""
-    if isinstance(value, bool):
-        raise ReportError(f"{where}: expected a size such as 512MiB or 2GB, got {value!r}")
-    if isinstance(value, int) and value > 0:
-        return value
-    match = SIZE_RE.match(str(value)) if isinstance(value, str) else None
-    if not match:
-        raise ReportError(f"{where}: expected a size such as 512MiB or 2GB, got {value!r}")
-    number, unit = match.groups()
-    size = int(float(number) * SIZE_UNITS[(unit or "b").lower()])
-    if size <= 0:
-        raise ReportError(f"{where}: a size must be positive, got {value!r}")
-    return size
+    """``"1GiB"``, ``"512 MB"``, ``1073741824`` → bytes, at most MAX_SIZE."""
+    match = SIZE_RE.match(value) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        size: float = value
+    elif match:
+        number, unit = match.groups()
+        size = float(number) * SIZE_UNITS[(unit or "b").lower()]  # inf past 1e308
+    else:
+        raise ReportError(f"{where}: expected a size such as 512MiB or 2GB, got {_show(value)}")
+    if size > MAX_SIZE:
+        raise ReportError(
+            f"{where}: a size must be at most 4 EiB (2**62 bytes), got {_show(value)}"
+        )
+    if int(size) <= 0:
+        raise ReportError(f"{where}: a size must be positive, got {_show(value)}")
+    return int(size)
 
 
 def parse_param(param: Param, value: Any, where: str) -> Any:
@@ -281,7 +427,9 @@ def parse_param(param: Param, value: Any, where: str) -> Any:
                 return dt.datetime.fromisoformat(value)
     except ValueError:
         pass
-    raise ReportError(f"{where}: parameter {param.name!r} expects a {kind}, got {value!r}")
+    raise ReportError(
+        f"{where}: parameter {_show(param.name)} expects a {kind}, got {_show(value)}"
+    )
 
 
 class _Parser:
@@ -297,7 +445,7 @@ class _Parser:
             raise self.fail(key, f"expected a mapping of keys, got {_kind(value)}")
         for name in value:
             if name not in allowed:
-                where = f"{key}.{name}" if key != "(top level)" else str(name)
+                where = f"{key}.{_segment(name)}" if key != "(top level)" else _segment(name)
                 raise self.fail(
                     where, f"unknown key; expected one of: {', '.join(sorted(allowed))}"
                 )
@@ -333,7 +481,9 @@ class _Parser:
             raise self.fail("name", "missing; every report needs a name (letters, digits, _ and -)")
         name = self.string(top["name"], "name")
         if not NAME_RE.match(name):
-            raise self.fail("name", f"{name!r} is not an identifier (letters, digits, _ and -)")
+            raise self.fail(
+                "name", f"{_show(name)} is not an identifier (letters, digits, _ and -)"
+            )
         title = top.get("title")
         if title is not None:
             title = self.string(title, "title")
@@ -358,13 +508,16 @@ class _Parser:
             groups=groups,
             variables=variables,
             charts=charts,
+            base_dir=str(self.base_dir),
         )
 
     # ---- source
 
     def source(self, value: object) -> Source:
         src = self.mapping(
-            value, "source", {"parquet", "duckdb", "where", "order_by", "count_rows", "sorted"}
+            value,
+            "source",
+            {"parquet", "duckdb", "where", "order_by", "count_rows", "sorted", "allow_paths"},
         )
         if ("parquet" in src) == ("duckdb" in src):
             raise self.fail("source", "give exactly one of source.parquet and source.duckdb")
@@ -373,7 +526,11 @@ class _Parser:
             where = self.string(where, "source.where")
         order_by = self.string_list(src.get("order_by", []), "source.order_by")
         count_rows = self.flag(src, "count_rows", "source")
-        flags = {"count_rows": count_rows, "sorted": self.flag(src, "sorted", "source")}
+        flags = {
+            "count_rows": count_rows,
+            "sorted": self.flag(src, "sorted", "source"),
+            "allow_paths": self.allow_paths(src.get("allow_paths", [])),
+        }
         if "parquet" in src:
             files = self.parquet_files(src["parquet"])
             return Source(parquet=files, where=where, order_by=order_by, **flags)
@@ -383,11 +540,23 @@ class _Parser:
         query = self.string(db["query"], "source.duckdb.query")
         database = None
         if db.get("database") is not None:
-            path = self.path(self.string(db["database"], "source.duckdb.database"))
-            if not path.is_file():
-                raise self.fail("source.duckdb.database", f"no such database file: {path}")
+            key = "source.duckdb.database"
+            path = self.path(self.string(db["database"], key), key)
+            if not os.path.isfile(path):
+                raise self.fail(key, f"no such database file: {_clip(str(path))}")
             database = str(path)
         return Source(database=database, query=query, where=where, order_by=order_by, **flags)
+
+    def allow_paths(self, value: object) -> tuple[str, ...]:
+        """The files and folders a report lets its SQL read besides its own folder."""
+        paths = []
+        for i, text in enumerate(self.string_list(value, "source.allow_paths")):
+            key = f"source.allow_paths[{i}]"
+            path = self.path(text, key)
+            if not os.path.exists(path):
+                raise self.fail(key, f"no such file or folder: {_clip(str(path))}")
+            paths.append(os.path.abspath(path))
+        return tuple(paths)
 
     def string_list(self, value: object, key: str) -> tuple[str, ...]:
         items = [value] if isinstance(value, str) else value
@@ -395,7 +564,11 @@ class _Parser:
             raise self.fail(key, f"expected a string or a list of strings, got {_kind(value)}")
         return tuple(self.string(item, f"{key}[{i}]") for i, item in enumerate(items))
 
-    def path(self, text: str) -> Path:
+    def path(self, text: str, key: str) -> Path:
+        """``text`` from the YAML file's folder; checks on it then use os.path, whose
+        isfile and isdir say False, not OSError, for a name too long to exist."""
+        if "\0" in text:  # expanduser raises ValueError on it
+            raise self.fail(key, "a path cannot hold a NUL character")
         path = Path(os.path.expanduser(text))
         return path if path.is_absolute() else self.base_dir / path
 
@@ -403,19 +576,21 @@ class _Parser:
         files: list[str] = []
         for i, pattern in enumerate(self.string_list(value, "source.parquet")):
             key = "source.parquet" if isinstance(value, str) else f"source.parquet[{i}]"
-            path = self.path(pattern)
-            if path.is_dir():
+            path = self.path(pattern, key)
+            if os.path.isdir(path):
                 found = sorted(glob.glob(str(path / "**" / "*.parquet"), recursive=True))
                 if not found:
-                    raise self.fail(key, f"the directory {path} holds no .parquet files")
+                    raise self.fail(
+                        key, f"the directory {_clip(str(path))} holds no .parquet files"
+                    )
             elif glob.has_magic(pattern):
                 found = sorted(p for p in glob.glob(str(path), recursive=True) if os.path.isfile(p))
                 if not found:
-                    raise self.fail(key, f"no file matches {str(path)!r}")
-            elif path.is_file():
+                    raise self.fail(key, f"no file matches {_clip(str(path))!r}")
+            elif os.path.isfile(path):
                 found = [str(path)]
             else:
-                raise self.fail(key, f"no such Parquet file: {path}")
+                raise self.fail(key, f"no such Parquet file: {_clip(str(path))}")
             files += found
         if not files:
             raise self.fail("source.parquet", "expected at least one file, glob or directory")
@@ -430,18 +605,18 @@ class _Parser:
             raise self.fail("params", f"expected a mapping of parameter names, got {_kind(value)}")
         params = []
         for name, spec in value.items():
-            key = f"params.{name}"
+            key = f"params.{_segment(name)}"
             if not isinstance(name, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
                 raise self.fail(key, "a parameter name must be a SQL identifier")
             spec = self.mapping(spec, key, {"type", "default", "required"})
             kind = spec.get("type")
             if kind not in PARAM_TYPES:
                 raise self.fail(
-                    f"{key}.type", f"expected one of {', '.join(PARAM_TYPES)}, got {kind!r}"
+                    f"{key}.type", f"expected one of {', '.join(PARAM_TYPES)}, got {_show(kind)}"
                 )
             required = spec.get("required", False)
             if not isinstance(required, bool):
-                raise self.fail(f"{key}.required", f"expected true or false, got {required!r}")
+                raise self.fail(f"{key}.required", f"expected true or false, got {_show(required)}")
             param = Param(name, kind, required=required)
             if "default" in spec:
                 default = parse_param(param, spec["default"], f"{self.file}: {key}.default")
@@ -453,9 +628,9 @@ class _Parser:
         declared = {p.name: p for p in params}
         for name in overrides:
             if name not in declared:
-                known = ", ".join(declared) or "none are declared"
+                known = _names(list(declared)) or "none are declared"
                 raise ReportError(
-                    f"{self.file}: params: unknown parameter {name!r} (declared: {known})"
+                    f"{self.file}: params: unknown parameter {_show(name)} (declared: {known})"
                 )
         values = {}
         for p in params:
@@ -498,11 +673,19 @@ class _Parser:
                 fields.append(Field(name, column=self.string(spec["column"], f"{key}.column")))
             else:
                 fields.append(Field(name, expr=self.string(spec["expr"], f"{key}.expr")))
-        names = [f.name for f in fields]
-        for i, name in enumerate(names):
-            if name in names[:i]:
-                raise self.fail(f"fields[{i}].name", f"{name!r} is used twice")
+        self.unique("fields", (f.name for f in fields))
         return tuple(fields)
+
+    def unique(self, kind: str, names: Iterable[str]) -> None:
+        """Each name once; by a dict, as searching the names before each took 80k fields
+        50 s."""
+        first: dict[str, int] = {}
+        for i, name in enumerate(names):
+            j = first.setdefault(name, i)
+            if j != i:
+                raise self.fail(
+                    f"{kind}[{i}].name", f"{_show(name)} is used twice (first by {kind}[{j}])"
+                )
 
     # ---- groups, variables, charts
 
@@ -518,14 +701,16 @@ class _Parser:
             raise self.fail(f"{key}.name", "missing")
         name = self.string(spec["name"], f"{key}.name")
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
-            raise self.fail(f"{key}.name", f"{name!r} is not an identifier (letters, digits, _)")
+            raise self.fail(
+                f"{key}.name", f"{_show(name)} is not an identifier (letters, digits, _)"
+            )
         return name
 
     def choice(self, spec: dict, name: str, key: str, choices: tuple, default: object) -> Any:
         value = spec.get(name, default)
         if value not in choices:
             expected = ", ".join(map(str, choices))
-            raise self.fail(f"{key}.{name}", f"expected one of {expected}, got {value!r}")
+            raise self.fail(f"{key}.{name}", f"expected one of {expected}, got {_show(value)}")
         return value
 
     def optional_string(self, spec: dict, name: str, key: str) -> str | None:
@@ -535,7 +720,7 @@ class _Parser:
     def flag(self, spec: dict, name: str, key: str, default: bool = False) -> bool:
         value = spec.get(name, default)
         if not isinstance(value, bool):
-            raise self.fail(f"{key}.{name}", f"expected true or false, got {value!r}")
+            raise self.fail(f"{key}.{name}", f"expected true or false, got {_show(value)}")
         return value
 
     def groups(self, value: object) -> tuple[Group, ...]:
@@ -556,7 +741,7 @@ class _Parser:
 
     def variables(self, value: object, groups: tuple[Group, ...]) -> tuple[Variable, ...]:
         variables = []
-        scopes = ["report"] + [g.name for g in groups]
+        scopes = {"report", *(g.name for g in groups)}
         for i, item in enumerate(self.items(value, "variables")):
             key = f"variables[{i}]"
             spec = self.mapping(item, key, {"name", "function", "field", "reset", "running"})
@@ -566,11 +751,11 @@ class _Parser:
             if field_name is None and function != "count":
                 raise self.fail(f"{key}.field", f"missing; {function} needs a field")
             reset = spec.get("reset", "report")
-            if reset not in scopes:
+            if not isinstance(reset, str) or reset not in scopes:
                 raise self.fail(
                     f"{key}.reset",
-                    f"unknown group {reset!r}; expected report or one of the groups' names "
-                    f"({', '.join(scopes[1:]) or 'no groups are defined'})",
+                    f"unknown group {_show(reset)}; expected report or one of the groups' "
+                    f"names ({_names([g.name for g in groups]) or 'no groups are defined'})",
                 )
             running = self.flag(spec, "running", key)
             if running and function not in RUNNING_FUNCTIONS:
@@ -602,13 +787,12 @@ class _Parser:
                 raise self.fail(
                     f"{key}.bucket",
                     f"expected auto, one of {', '.join(BUCKET_UNITS)} or a positive bin "
-                    f"width, got {bucket!r}",
+                    f"width, got {_show(bucket)}",
                 )
             if agg == "none" and bucket != "auto":
                 raise self.fail(f"{key}.bucket", "agg none downsamples the raw series; drop bucket")
             points = spec.get("points", DEFAULT_CHART_POINTS)
-            if not isinstance(points, int) or isinstance(points, bool) or points < 3:
-                raise self.fail(f"{key}.points", f"expected a whole number >= 3, got {points!r}")
+            points = self.whole_number(points, f"{key}.points", 3, MAX_CHART_POINTS)
             series = self.optional_string(spec, "series", key)
             charts.append(Chart(name, x, y, agg, bucket, points, series))
         return tuple(charts)
@@ -616,16 +800,13 @@ class _Parser:
     def check_names(self, fields, groups, variables, charts) -> None:
         """Names are unique per kind; references name declared fields, when there are."""
         for kind, items in (("groups", groups), ("variables", variables), ("charts", charts)):
-            names = [item.name for item in items]
-            for i, name in enumerate(names):
-                if name in names[:i]:
-                    raise self.fail(f"{kind}[{i}].name", f"{name!r} is used twice")
-        field_names = [f.name for f in fields]
+            self.unique(kind, (item.name for item in items))
+        field_names = {f.name for f in fields}
         for i, v in enumerate(variables):
             if v.running and v.name in field_names:
                 raise self.fail(
                     f"variables[{i}].name",
-                    f"a running variable adds a column to every row, and {v.name!r} is "
+                    f"a running variable adds a column to every row, and {_show(v.name)} is "
                     "already a field",
                 )
         if not fields:
@@ -637,7 +818,9 @@ class _Parser:
         for key, name in references:
             if name is not None and name not in field_names:
                 raise self.fail(
-                    key, f"{name!r} is not a field of the report (fields: {', '.join(field_names)})"
+                    key,
+                    f"{_show(name)} is not a field of the report "
+                    f"(fields: {_names([f.name for f in fields])})",
                 )
 
     def output(self, value: object) -> Output:
@@ -651,14 +834,17 @@ class _Parser:
         paths = {}
         for key in ("typst", "pdf", "template"):
             if spec.get(key) is not None:
-                paths[key] = str(self.path(self.string(spec[key], f"output.{key}")))
-        if "template" in paths and not Path(paths["template"]).is_file():
-            raise self.fail("output.template", f"no such template file: {paths['template']}")
-        max_rows = spec.get("pdf_max_rows", DEFAULT_PDF_MAX_ROWS)
-        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 0:
-            raise self.fail(
-                "output.pdf_max_rows", f"expected a whole number >= 0, got {max_rows!r}"
-            )
+                paths[key] = str(
+                    self.path(self.string(spec[key], f"output.{key}"), f"output.{key}")
+                )
+        if "template" in paths and not os.path.isfile(paths["template"]):
+            raise self.fail("output.template", f"no such template file: {_clip(paths['template'])}")
+        max_rows = self.whole_number(
+            spec.get("pdf_max_rows", DEFAULT_PDF_MAX_ROWS),
+            "output.pdf_max_rows",
+            0,
+            MAX_PDF_MAX_ROWS,
+        )
         detail = self.flag(spec, "detail", "output", default=True)
         template_rows = self.choice(spec, "template_rows", "output", ("preview", "all"), "preview")
         return Output(pdf_max_rows=max_rows, detail=detail, template_rows=template_rows, **paths)
@@ -671,27 +857,24 @@ class _Parser:
             "pipeline",
             {"chunk_size", "workers", "memory_limit", "timezone", "source_memory"},
         )
-        chunk_size = spec.get("chunk_size", DEFAULT_CHUNK_SIZE)
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise self.fail(
-                "pipeline.chunk_size", f"expected a whole number >= 1, got {chunk_size!r}"
-            )
+        chunk_size = self.whole_number(
+            spec.get("chunk_size", DEFAULT_CHUNK_SIZE), "pipeline.chunk_size", 1, MAX_CHUNK_SIZE
+        )
         workers = spec.get("workers", "auto")
         if workers == "auto":
             workers = None
-        elif not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise self.fail(
-                "pipeline.workers", f"expected auto or a whole number >= 1, got {workers!r}"
-            )
+        else:
+            workers = self.whole_number(workers, "pipeline.workers", 1, MAX_WORKERS, "auto or ")
         memory_limit = None
         if spec.get("memory_limit") is not None:
             memory_limit = parse_size(spec["memory_limit"], f"{self.file}: pipeline.memory_limit")
         timezone = self.string(spec.get("timezone", "UTC"), "pipeline.timezone")
         try:
             ZoneInfo(timezone)
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, OSError):  # OSError: a folder of zones, "America"
             raise self.fail(
-                "pipeline.timezone", f"unknown time zone {timezone!r}; use an IANA name such as UTC"
+                "pipeline.timezone",
+                f"unknown time zone {_show(timezone)}; use an IANA name such as UTC",
             ) from None
         source_memory = DEFAULT_SOURCE_MEMORY
         if spec.get("source_memory") is not None:
@@ -699,6 +882,49 @@ class _Parser:
                 spec["source_memory"], f"{self.file}: pipeline.source_memory"
             )
         return PipelineSettings(chunk_size, workers, memory_limit, timezone, source_memory)
+
+    def whole_number(self, value: object, key: str, low: int, high: int, alt: str = "") -> int:
+        """``value``, an int from ``low`` to ``high``; ``alt`` names another form allowed."""
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise self.fail(key, f"expected {alt}a whole number >= {low}, got {_show(value)}")
+        if value > high:
+            raise self.fail(
+                key, f"expected {alt}a whole number from {low} to {high:,}, got {_show(value)}"
+            )
+        return value
+
+
+class _Repr(reprlib.Repr):
+    """reprlib's bounds, tighter, and on ints too: past 4300 digits an int has no repr."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 2
+        self.maxtuple = self.maxlist = self.maxset = self.maxfrozenset = self.maxdict = 4
+        self.maxstring = self.maxother = 80
+
+    def repr_int(self, x: int, level: int) -> str:
+        bits = x.bit_length()
+        return super().repr_int(x, level) if bits <= 256 else f"<an integer of {bits:,} bits>"
+
+
+_show = _Repr().repr  # a user's value in a message: the repr, cut short at every level
+
+
+def _clip(text: str, limit: int = MAX_SHOWN) -> str:
+    """``text`` (a path, a name) as it is, or its ends around an ellipsis past ``limit``."""
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]}"
+
+
+def _segment(key: object) -> str:
+    """A mapping's key as a step of a key path (``params.<key>``)."""
+    return _clip(key) if isinstance(key, str) else _show(key)
+
+
+def _names(names: Sequence[str], shown: int = 10) -> str:
+    """The first names, comma-separated, and how many more: 80k fields stay one line."""
+    listed = ", ".join(_clip(name) for name in names[:shown])
+    return listed if len(names) <= shown else f"{listed} and {len(names) - shown:,} more"
 
 
 def _kind(value: object) -> str:
@@ -708,7 +934,7 @@ def _kind(value: object) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list" if value else "an empty list"
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {_show(value)}"
 
 
 def with_params(report: Report | str | os.PathLike, params: Mapping[str, Any] | None) -> Report:
@@ -721,6 +947,23 @@ def with_params(report: Report | str | os.PathLike, params: Mapping[str, Any] | 
     values = dict(report.param_values)
     for name, value in params.items():
         if name not in declared:
-            raise ReportError(f"{report.path}: params: unknown parameter {name!r}")
+            raise ReportError(f"{report.path}: params: unknown parameter {_show(name)}")
         values[name] = parse_param(declared[name], value, f"{report.path}: params.{name}")
     return dataclasses.replace(report, param_values=values)
+
+
+def with_allowed_paths(report: Report, paths: tuple[str | os.PathLike, ...]) -> Report:
+    """``report`` whose SQL may also read ``paths`` (files or folders; ``--allow-path``).
+
+    Raises:
+        ReportError: a path that does not exist.
+    """
+    if not paths:
+        return report
+    added = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise ReportError(f"--allow-path: no such file or folder: {_clip(str(path))}")
+        added.append(os.path.abspath(path))
+    source = dataclasses.replace(report.source, allow_paths=(*report.source.allow_paths, *added))
+    return dataclasses.replace(report, source=source)
