@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from ashstream.analysis.aggregate import Analysis, ClosedGroup, Collector, Summary
 from ashstream.encode import EncodeStats
-from ashstream.errors import PipelineError, ReportError
-from ashstream.report import Report
+from ashstream.errors import PipelineError, ReportError, ResourceError
+from ashstream.report import MAX_CHUNK_SIZE, Report
 
 if TYPE_CHECKING:
     from ashstream.batch_job import EncodedBatch
@@ -113,18 +113,39 @@ class OrderedMerge:
         return summary_of(self.collector, self.final_groups)
 
 
+def check_chunk_size(chunk_size: int) -> int:
+    """``chunk_size`` as every engine takes it from Python: 1 to MAX_CHUNK_SIZE rows."""
+    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ReportError(
+            f"chunk_size must be from 1 to {MAX_CHUNK_SIZE:,} rows, got {chunk_size:,}"
+        )
+    return chunk_size
+
+
+def check_memory_limit(report: Report, used: int, where: str) -> None:
+    """Stop a stream merged in one process (``where``) past ``pipeline.memory_limit``:
+    there is no admission to pause there, so the limit is a hard one.
+
+    Raises:
+        ResourceError: ``used`` bytes is over the report's limit.
+    """
+    limit = report.pipeline.memory_limit
+    if limit is not None and used > limit:
+        raise ResourceError(
+            f"{where} used {used / 2**20:,.0f} MiB, over the report's pipeline.memory_limit "
+            f"of {limit / 2**20:,.0f} MiB. Raise memory_limit, or use a smaller chunk_size"
+        )
+
+
 class MergedStream:
     """A stream whose results are merged in the caller's thread as it takes the chunks
     (in this process, or on Ray): iterate it once, then read ``columns``,
     ``total_rows`` and ``summary``. Subclasses yield the chunks from ``_chunks``."""
 
     def __init__(self, report: Report, chunk_size: int | None, min_batch_rows: int) -> None:
-        chunk_size = chunk_size or report.pipeline.chunk_size
-        if chunk_size < 1 or min_batch_rows < 1:
-            raise ReportError(
-                f"chunk_size and min_batch_rows must be at least 1, got {chunk_size} "
-                f"and {min_batch_rows}"
-            )
+        chunk_size = check_chunk_size(chunk_size or report.pipeline.chunk_size)
+        if min_batch_rows < 1:
+            raise ReportError(f"min_batch_rows must be at least 1, got {min_batch_rows}")
         self.report = report
         self.chunk_size = chunk_size
         self.min_batch_rows = min_batch_rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import logging
 import os
@@ -41,10 +42,11 @@ from ashstream.errors import (
     Cancelled,
     ExitCode,
     PipelineError,
+    SettingsError,
     SinkError,
     StatusError,
 )
-from ashstream.report import load_report
+from ashstream.report import MAX_CHUNK_SIZE, MAX_WORKERS, load_report, with_allowed_paths
 from ashstream.sinks import TypstModuleSink, compile_pdf
 from ashstream.sources import sample_source
 from ashstream.startup import skip_pandas_probe
@@ -57,8 +59,22 @@ logger = logging.getLogger(__name__)
 ROWS_PER_PDF_PAGE = 40  # the built-in template's table at 8 pt on A4, measured
 JSON_ERRORS = "ashstream.json"  # ctx.meta key: a command prints its error as JSON too
 WRITTEN = "ashstream.written"  # ctx.meta key: the outputs a run has put in place
-# Errors of writing output that are the machine's, not a bug: said as such, in one line.
-FULL_OR_FAILING_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+# Errors of writing output that are the machine's (or a closed stdout), not a bug: one line.
+FULL_OR_FAILING_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EBADF)
+
+
+class _ClosedOutput(io.TextIOBase):
+    """Standing in for a standard stream the shell closed (``>&-``), which Python leaves
+    as None: a command that needs it fails with one line, one that does not runs."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, f"standard {self.name} is closed")
+
+    def writable(self) -> bool:
+        return True
 
 
 class _Commands(click.Group):
@@ -110,6 +126,18 @@ def main() -> None:
     skip_pandas_probe()
 
 
+# Every command that opens the source takes it: the SQL may read these too.
+ALLOW_PATH = click.option(
+    "--allow-path",
+    "allow_paths",
+    multiple=True,
+    type=click.Path(exists=True),
+    metavar="PATH",
+    help="A file or folder the report's SQL may read besides its own folder and sources; "
+    "repeatable (see README: Security).",
+)
+
+
 def _parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
     params = {}
     for pair in pairs:
@@ -138,15 +166,18 @@ def _sigterm_cancels():
 @click.argument("report_path", metavar="REPORT", type=click.Path(dir_okay=False))
 @click.option(
     "--chunk-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_CHUNK_SIZE),
     help="Rows per chunk (default: the report's, else 1000).",
 )
 @click.option(
-    "--workers", type=click.IntRange(min=1), help="Transformer processes (default: one per core)."
+    "--workers",
+    type=click.IntRange(min=1, max=MAX_WORKERS),
+    help="Transformer processes (default: one per core).",
 )
 @click.option(
     "--param", "params", multiple=True, metavar="NAME=VALUE", help="A report parameter; repeatable."
 )
+@ALLOW_PATH
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False), help="The Typst data module to write."
 )
@@ -200,6 +231,7 @@ def run(
     chunk_size,
     workers,
     params,
+    allow_paths,
     output,
     pdf,
     inline_rows,
@@ -240,6 +272,7 @@ def run(
             chunk_size,
             workers,
             _parse_params(params),
+            allow_paths,
             output,
             pdf,
             show_progress=not (no_progress or quiet or as_json),
@@ -301,6 +334,7 @@ def _run(
     chunk_size,
     workers,
     params,
+    allow_paths,
     output,
     pdf,
     show_progress,
@@ -310,12 +344,13 @@ def _run(
     engine=None,
     ray_address=None,
 ) -> dict:
-    report = load_report(report_path, params)
+    report = with_allowed_paths(load_report(report_path, params), allow_paths)
     if inline_rows is None:  # --workers asks for workers
         inline_rows = 0 if workers else inline_max_rows(len(os.sched_getaffinity(0)))
     workers = workers or report.pipeline.workers
     module_path = Path(output or report.output.typst or f"{report.name}.typ")
     pdf_path = pdf or report.output.pdf
+    _check_outputs(report, module_path, pdf_path)
     every_row = report.output.template is not None and report.output.template_rows == "all"
     preview = report.output.pdf_max_rows if pdf_path and not every_row else 0
     sink = TypstModuleSink(module_path, report, preview_rows=preview)
@@ -370,6 +405,46 @@ def _run(
     summary["rows_per_s"] = summary["rows"] / summary["seconds"] if summary["seconds"] else 0.0
     summary["outputs"] = {"typst": str(module_path), "pdf": str(pdf_path) if pdf_path else None}
     return summary
+
+
+def _check_outputs(report, module_path: Path, pdf_path: str | None) -> None:
+    """Refuse outputs that would overwrite each other or an input, before anything runs
+    (a run would replace the source it reads, or write the PDF and then fail)."""
+    inputs = {report.path: "the report file", report.output.template: "the template"}
+    inputs.update(dict.fromkeys(report.source.parquet, "a source file"))
+    inputs[report.source.database] = "the source database"
+    outputs = {"the Typst module": module_path, "the PDF": pdf_path}
+    seen: dict[str, str] = {}
+    for what, path in outputs.items():
+        if path is None:
+            continue
+        entry = _entry(path)
+        for other, description in inputs.items():
+            if other and (entry == os.path.realpath(other) or _same_inode(path, other)):
+                raise SettingsError(
+                    f"{path}: {what} would overwrite {description}; give another output path"
+                )
+        if entry in seen:
+            raise SettingsError(
+                f"{path}: {what} would overwrite {seen[entry]}; give another output path"
+            )
+        seen[entry] = what
+
+
+def _entry(path: str | os.PathLike) -> str:
+    """The directory entry an output's rename replaces: its folder resolved, its own
+    name not (a link there is replaced, not written through)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(folder), name)
+
+
+def _same_inode(output: str | os.PathLike, other: str | os.PathLike) -> bool:
+    """Whether an output that is a file (not a link) is ``other`` by another name."""
+    try:
+        mine, theirs = os.lstat(output), os.stat(other)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
 @contextmanager
@@ -461,14 +536,15 @@ def configure_logging(level: str, fmt: str) -> None:
 @click.option(
     "--param", "params", multiple=True, metavar="NAME=VALUE", help="A report parameter; repeatable."
 )
-def validate(report_path, params) -> None:
+@ALLOW_PATH
+def validate(report_path, params, allow_paths) -> None:
     """Check REPORT and its source without running it: exit 0 when a run can start.
 
     Reads the definition, opens the source, resolves the fields and their types, and
     encodes the first rows, so that a typo, a missing file, an SQL error or a column with
     no Typst form is found now rather than an hour into a run.
     """
-    report, sample = _sample(report_path, params)
+    report, sample = _sample(report_path, params, allow_paths)
     encode_rows(sample.sample, options=EncodeOptions(timezone=report.pipeline.timezone))
     total = f"{sample.total_rows:,} rows" if sample.total_rows is not None else "rows not counted"
     stderr.print(
@@ -482,13 +558,14 @@ def validate(report_path, params) -> None:
 @click.option(
     "--param", "params", multiple=True, metavar="NAME=VALUE", help="A report parameter; repeatable."
 )
-def inspect(report_path, params) -> None:
+@ALLOW_PATH
+def inspect(report_path, params, allow_paths) -> None:
     """Show REPORT's source schema, the SQL it runs, each field's Typst form, and an
     estimate of the output's size."""
     from rich.table import Table
     from rich.text import Text
 
-    report, sample = _sample(report_path, params)
+    report, sample = _sample(report_path, params, allow_paths)
     text, _ = encode_rows_text(
         sample.sample, options=EncodeOptions(timezone=report.pipeline.timezone)
     )
@@ -550,8 +627,8 @@ def _analysis_lines(report) -> list[str]:
     return lines
 
 
-def _sample(report_path: str, params: tuple[str, ...]):
-    report = load_report(report_path, _parse_params(params))
+def _sample(report_path: str, params: tuple[str, ...], allow_paths: tuple[str, ...]):
+    report = with_allowed_paths(load_report(report_path, _parse_params(params)), allow_paths)
     return report, sample_source(report)
 
 
@@ -695,6 +772,10 @@ def entry_point() -> None:
     left is freeing every module's objects one by one, ~45 ms of a 0.45 s small report.
     Output is flushed first; a closed pipe has nothing more to take."""
     code: int = 0
+    if sys.stdout is None:
+        sys.stdout = _ClosedOutput("output")
+    if sys.stderr is None:  # nowhere to say anything: errors only set the exit code
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
     try:
         main()
     except SystemExit as ended:  # click's standalone mode always ends with one

@@ -60,6 +60,13 @@ class ReportError(AshstreamError):
     exit_code = ExitCode.USAGE
 
 
+class SettingsError(AshstreamError):
+    """Settings that cannot work together (an output that is also an input, a chunk
+    size past what fits): found before anything runs."""
+
+    exit_code = ExitCode.USAGE
+
+
 class SourceError(AshstreamError):
     """The source cannot be opened or read."""
 

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,15 @@ from ashstream.analysis.aggregate import check_analysis, sample_rows
 from ashstream.errors import ReportError, SourceError
 from ashstream.procs import pid_alive
 from ashstream.report import Report
+from ashstream.sql_guard import (
+    check_expression,
+    check_query,
+    check_sort_key,
+    closed,
+    embed,
+    lock_down,
+    quote_literal,
+)
 
 # DuckDB threads in the producer: the transformers need the cores; reading and ordering
 # is a small part of the work.
@@ -31,14 +41,12 @@ from ashstream.report import Report
 # that the folders of a process that died (which no finally survives) can be found.
 SPILL_PREFIX = "ashstream-duckdb-"
 PRODUCER_DUCKDB_THREADS = 1
+# What DuckDB says when sql_guard.lock_down keeps the report from a file.
+NOT_ALLOWED = "file system operations are disabled by configuration"
 
 
 def quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def quote_literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def base_relation_sql(report: Report) -> str:
@@ -56,7 +64,7 @@ def base_relation_sql(report: Report) -> str:
             f"file_row_number = true) WHERE file_row_number >= {first} "
             f"AND file_row_number < {last}"
         )
-    return src.query.strip().rstrip(";")
+    return closed(src.query.strip().rstrip(";"))
 
 
 def has_order_by(report: Report) -> bool:
@@ -96,20 +104,20 @@ def source_sql(report: Report) -> str:
         columns = [
             f"{quote_identifier(f.column)} AS {quote_identifier(f.name)}"
             if f.column is not None
-            else f"({f.expr}) AS {quote_identifier(f.name)}"
+            else f"{embed(f.expr)} AS {quote_identifier(f.name)}"
             for f in report.fields
         ]
     else:
         columns = ["*"]
     # A group given by an expression gets a hidden column, dropped before encoding.
-    columns += [f"({g.expr}) AS {quote_identifier(g.column)}" for g in report.groups if g.expr]
+    columns += [f"{embed(g.expr)} AS {quote_identifier(g.column)}" for g in report.groups if g.expr]
     sql = f"SELECT {', '.join(columns)} FROM ({base_relation_sql(report)}) AS source"
     if src.where:
-        sql += f" WHERE {src.where}"
+        sql += f" WHERE {embed(src.where)}"
     # Groups are runs of equal keys, so the rows come ordered by the keys, outermost first
     # (unless the source says they already do: the collector then checks the keys).
     order = [quote_identifier(g.column) + (" DESC" if g.descending else "") for g in report.groups]
-    order += src.order_by
+    order += [closed(term) for term in src.order_by]
     if order and has_order_by(report):
         sql += " ORDER BY " + ", ".join(order)
     return sql
@@ -187,6 +195,8 @@ def _open(
     con.execute("SET enable_progress_bar = false")  # it would draw on our terminal
     con.execute(f"SET memory_limit = '{report.pipeline.source_memory}B'")
     con.execute(f"SET temp_directory = {quote_literal(spill)}")
+    lock_down(con, [report.base_dir, spill, *src.parquet, *src.allow_paths])
+    check_sql(con, report)
     base = base_relation_sql(report)
     params = report.param_values
     _check_fields(con, report, base, params)
@@ -206,6 +216,28 @@ def _open(
     return OpenSource(schema, total, _read(relation, rows_per_batch, report, close), close)
 
 
+def check_sql(con: Any, report: Report) -> None:
+    """The report's SQL is a query and its fragments expressions (:mod:`sql_guard`),
+    checked with ``con``'s parser before any of it runs.
+
+    Raises:
+        ReportError: naming the key at fault.
+    """
+    src, where = report.source, report.path
+    if src.query is not None:
+        check_query(con, src.query, "source.duckdb.query", where)
+    if src.where is not None:
+        check_expression(con, src.where, "source.where", where)
+    for i, term in enumerate(src.order_by):
+        check_sort_key(con, term, f"source.order_by[{i}]", where)
+    for i, f in enumerate(report.fields):
+        if f.expr is not None:
+            check_expression(con, f.expr, f"fields[{i}].expr", where)
+    for i, g in enumerate(report.groups):
+        if g.expr is not None:
+            check_expression(con, g.expr, f"groups[{i}].expr", where)
+
+
 def _check_parquet_files(report: Report) -> None:
     """Every file must be readable Parquet with the first file's columns and types:
     DuckDB would otherwise cast a drifted column silently, or fail half-way through."""
@@ -218,6 +250,7 @@ def _check_parquet_files(report: Report) -> None:
                 f"{report.path}: source.parquet: {path} is not a readable Parquet file: {exc}"
             ) from None
         if first is None:
+            _check_duckdb_reads_exactly(report, path, schema)
             first_file, first = path, schema
             continue
         if schema.names != first.names:
@@ -232,6 +265,39 @@ def _check_parquet_files(report: Report) -> None:
                     f"in {first_file}; cast it when writing the files, or read them with a "
                     "DuckDB query that casts"
                 )
+
+
+def _check_duckdb_reads_exactly(report: Report, path: str, schema: pa.Schema) -> None:
+    """Refuse what DuckDB would read silently changed: a second column of the same
+    name (renamed ``NAME_1``), or a decimal wider than DuckDB's 38 digits (read as a
+    DOUBLE, losing digits)."""
+    seen = set()
+    for name in schema.names:
+        if name in seen:
+            raise SourceError(
+                f"{report.path}: source.parquet: {path} has two columns named {name!r}; "
+                "DuckDB would rename the second. Rename one when writing the file"
+            )
+        seen.add(name)
+    for field in schema:
+        wide = _wide_decimal(field.type)
+        if wide is not None:
+            raise SourceError(
+                f"{report.path}: source.parquet: column {field.name!r} of {path} holds "
+                f"{wide}, wider than DuckDB's 38 digits: DuckDB would read it as a DOUBLE "
+                "and lose digits. Write it as decimal128 (precision <= 38), or as text"
+            )
+
+
+def _wide_decimal(kind: pa.DataType) -> pa.DataType | None:
+    """A decimal of more than 38 digits in ``kind`` (or nested in it), or None."""
+    if pa.types.is_decimal(kind) and kind.precision > 38:
+        return kind
+    for i in range(kind.num_fields):
+        found = _wide_decimal(kind.field(i).type)
+        if found is not None:
+            return found
+    return None
 
 
 def _check_fields(con: Any, report: Report, base: str, params: Mapping[str, Any]) -> None:
@@ -260,6 +326,8 @@ def _query_error(report: Report, exc: Exception, sql: str) -> Exception:
     import duckdb
 
     first_line = str(exc).strip()
+    if NOT_ALLOWED in first_line:
+        return _not_allowed(report, exc)
     if isinstance(exc, duckdb.ParserException | duckdb.BinderException | duckdb.CatalogException):
         return ReportError(
             f"{report.path}: source: DuckDB cannot run the report's SQL: {first_line}\n  SQL: {sql}"
@@ -267,6 +335,17 @@ def _query_error(report: Report, exc: Exception, sql: str) -> Exception:
     if isinstance(exc, duckdb.InvalidInputException) and "arameter" in first_line:
         return ReportError(f"{report.path}: params: {first_line}")
     return SourceError(f"{report.path}: source: {first_line}")
+
+
+def _not_allowed(report: Report, exc: Exception) -> ReportError:
+    """The report's SQL reached for a file outside what it may read (sql_guard)."""
+    found = re.search(r'Cannot access (?:file|directory) "([^"]*)"', str(exc))
+    what = found[1] if found else "a file"
+    return ReportError(
+        f"{report.path}: source: the report may not read {what}: a report reads only "
+        f"files below its folder ({report.base_dir}) and its sources; to allow more, "
+        "list the file or folder in source.allow_paths, or pass --allow-path"
+    )
 
 
 def _total_rows(con: Any, report: Report, sql: str, params: Mapping[str, Any]) -> int | None:
@@ -324,6 +403,8 @@ def _read(
                 yield batch
     except (duckdb.Error, OSError, pa.ArrowException) as exc:
         # Errors raised while DuckDB fills the Arrow stream arrive as Arrow's OSError.
+        if NOT_ALLOWED in str(exc):
+            raise _not_allowed(report, exc) from None
         raise SourceError(
             f"{report.path}: source: reading failed after {rows} rows: {str(exc).strip()}"
         ) from None
@@ -364,11 +445,21 @@ def sample_source(report: Report, rows: int = 1000) -> SourceSample:
 
 
 def _spill_dirs() -> list[tuple[Path, int]]:
-    """Our DuckDB spill folders in the temp directory, with the pid of their user."""
+    """Our DuckDB spill folders in the temp directory, with the pid of their user: real
+    folders of this user only (the temp directory is shared: anyone can plant a name)."""
     found = []
     for path in Path(tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*"):
         pid = path.name[len(SPILL_PREFIX) :].split("-")[0]
-        if pid.isdigit():
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if (
+            pid.isdigit()
+            and int(pid) < 2**31
+            and stat.S_ISDIR(info.st_mode)
+            and info.st_uid == os.getuid()
+        ):
             found.append((path, int(pid)))
     return found
 

@@ -364,7 +364,7 @@ BAD_REPORTS = [
     pytest.param("", "the file is empty", id="empty-file"),
     pytest.param(
         "name: x\nsource: {duckdb: {query: 'SELEC 1'}}\n",
-        "source: DuckDB cannot run the report's SQL: Parser Error: syntax error",
+        "source.duckdb.query: DuckDB cannot parse the query: Parser Error: syntax error",
         id="sql-syntax-error",
     ),
     pytest.param(
@@ -379,7 +379,7 @@ BAD_REPORTS = [
     ),
     pytest.param(
         "name: x\nsource: {duckdb: {query: 'SELECT 1 AS a'}, where: 'a >'}\n",
-        "source: DuckDB cannot run the report's SQL: Parser Error",
+        "source.where: expected one SQL expression, got 'a >' (DuckDB: syntax error at or near",
         id="bad-where",
     ),
 ]

@@ -118,22 +118,35 @@ def test_memory_breaker_pauses_admission_and_the_run_still_completes(tmp_path, e
 
 
 def test_memory_that_stays_critical_fails_the_stream_with_advice(tmp_path):
-    report = write_report(
-        tmp_path,
-        {
-            "name": "low",
-            "source": {"duckdb": {"query": "SELECT * FROM range(100000000) t(i)"}},
-            "pipeline": {"memory_limit": "16MiB"},  # below what the processes need at rest
-        },
-    )
+    spec = {"name": "low", "source": {"duckdb": {"query": "SELECT * FROM range(100000000) t(i)"}}}
+    report = write_report(tmp_path, spec)
     from ashstream import ResourceError
 
     with StreamPool(1, health_interval_s=0.1) as pool:
         pool._health.pause_timeout_s = 0.5
+        handle = pool.start(report, chunk_size=1000)
+        # the limit falls below what the processes need at rest once the stream runs
+        pool._health.pool_memory_limit = 16 * 2**20
         with pytest.raises(
             ResourceError, match=r"over 95% of the 16 MiB limit, for 0.5 s .* Raise memory_limit"
         ):
-            list(pool.stream(report, chunk_size=1000))
+            list(handle)
+    assert our_segments() == []
+
+
+def test_a_report_limit_below_the_idle_pool_fails_at_once(tmp_path):
+    spec = {
+        "name": "low",
+        "source": {"duckdb": {"query": "SELECT * FROM range(100000000) t(i)"}},
+        "pipeline": {"memory_limit": "16MiB"},  # below what the processes need at rest
+    }
+    report = write_report(tmp_path, spec)
+    from ashstream import ResourceError
+
+    with StreamPool(1) as pool:
+        with pytest.raises(ResourceError, match=r"memory_limit: 16 MiB is less than this pool"):
+            pool.start(report)
+        assert pool.list() == []  # nothing was opened
     assert our_segments() == []
 
 

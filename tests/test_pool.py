@@ -253,7 +253,7 @@ def test_registry_records_each_stream(pools, tmp_path):
 def test_source_errors_fail_the_stream_clearly(pools, tmp_path):
     bad_sql = write_report(tmp_path, 'name: x\nsource: {duckdb: {query: "SELEC 1"}}\n')
     with pytest.raises(
-        ReportError, match=r"source: DuckDB cannot run the report's SQL: Parser Error"
+        ReportError, match=r"source\.duckdb\.query: DuckDB cannot parse the query: Parser Error"
     ):
         list(pools(2).stream(bad_sql))
     midway = write_report(

@@ -19,7 +19,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from ashstream import PipelineError, SourceError, load_report
+from ashstream import PipelineError, ResourceError, SourceError, load_report
 from ashstream.engines.ray import RayPool
 from ashstream.sinks import TypstModuleSink
 from tests.conftest import write_report
@@ -197,6 +197,18 @@ def test_duckdb_query_source(cluster, pools, tmp_path):
     with RayPool(min_batch_rows=400) as pool:
         got = module_of(pool.start(report, 500), report, tmp_path / "ray.typ")
     assert got == want
+
+
+def test_the_drivers_memory_limit_holds_on_ray(cluster, tmp_path):
+    spec = {
+        "name": "low",
+        "source": {"duckdb": {"query": "SELECT i FROM range(100000) t(i)"}},
+        "pipeline": {"memory_limit": "1MB"},  # the driver alone needs more
+    }
+    report = load_report(write_report(tmp_path, spec))
+    expected = r"the Ray driver used .* pipeline.memory_limit of 1 MiB"
+    with RayPool(min_batch_rows=400) as pool, pytest.raises(ResourceError, match=expected):
+        list(pool.start(report, 500))
 
 
 def _encoding_workers(processes=None) -> list[psutil.Process]:

@@ -24,7 +24,7 @@ from ashstream.batch_job import (
     encode_batch,
     read_batches,
 )
-from ashstream.chunks import Chunk, MergedStream
+from ashstream.chunks import Chunk, MergedStream, check_memory_limit
 from ashstream.encode import EncodeOptions
 from ashstream.errors import AshstreamError
 from ashstream.report import Report
@@ -110,15 +110,20 @@ class InlineStream(MergedStream):
                         len(in_flight) >= 2 * self.threads or in_flight[0][3].done()
                     ):
                         yield from merge.take(_result(*in_flight.popleft()))
-                        self.peak_memory_bytes = max(self.peak_memory_bytes, unshared_rss())
+                        self._measure_memory()
                 while in_flight:
                     yield from merge.take(_result(*in_flight.popleft()))
-                self.peak_memory_bytes = max(self.peak_memory_bytes, unshared_rss())
+                self._measure_memory()
                 merge.finish()
                 outcome["status"] = "completed"
             finally:
                 encoders.shutdown(cancel_futures=True)  # waits for the batches being encoded
                 source.close()  # the DuckDB connection and its spill folder
+
+    def _measure_memory(self) -> None:
+        used = unshared_rss()
+        self.peak_memory_bytes = max(self.peak_memory_bytes, used)
+        check_memory_limit(self.report, used, "this process")
 
 
 def _result(seq: int, first_row: int, rows: int, encoding: Future[EncodedBatch]) -> EncodedBatch:

@@ -66,7 +66,7 @@ from ashstream.batch_job import (
     input_bytes,
     read_batches,
 )
-from ashstream.chunks import Chunk, MergedStream
+from ashstream.chunks import Chunk, MergedStream, check_memory_limit
 from ashstream.encode import EncodeOptions
 from ashstream.engines import Pool
 from ashstream.engines.inline import unshared_rss
@@ -290,6 +290,7 @@ class RayStream(MergedStream):
                     for done in results:
                         yield from merge.take(done)
                         pool.record(self, "running", every_s=REWRITE_INTERVAL_S)
+                        check_memory_limit(self.report, unshared_rss(), "the Ray driver")
                     merge.finish()
                     outcome["status"] = "completed"
                 finally:

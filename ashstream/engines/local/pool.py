@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import resource
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import psutil
+
 from ashstream.analysis.aggregate import Summary
 from ashstream.batch_job import DEFAULT_SLOT_BYTES, MIN_BATCH_ROWS
-from ashstream.chunks import Chunk, summary_of
+from ashstream.chunks import Chunk, check_chunk_size, summary_of
 from ashstream.engines import Pool
-from ashstream.engines.local.health import HEALTH_INTERVAL_S, STALL_TIMEOUT_S, HealthLoop
+from ashstream.engines.local.health import (
+    CRITICAL_FRACTION,
+    HEALTH_INTERVAL_S,
+    STALL_TIMEOUT_S,
+    HealthLoop,
+    tree_memory_bytes,
+)
 from ashstream.engines.local.supervisor import (
     MAX_RESTARTS,
     RESTART_WINDOW_S,
@@ -18,10 +28,21 @@ from ashstream.engines.local.supervisor import (
     Supervisor,
     default_workers,
 )
-from ashstream.errors import AshstreamError, PipelineError, ReportError
+from ashstream.errors import AshstreamError, PipelineError, ResourceError
 from ashstream.report import Report, parse_size, with_params
 
 __all__ = ["Chunk", "StreamHandle", "StreamPool", "Summary"]
+
+
+logger = logging.getLogger(__name__)
+
+# What one pool of the local engine may ask of the machine: see _workers_the_machine_holds.
+WORKERS_PER_CORE = 4
+WORKER_MEMORY_BYTES = 64 * 2**20  # a transformer encoding a batch (idle: ~10 MiB)
+POOL_OPEN_FILES = 32  # the parent's own, DuckDB's and the outputs; measured: a pool of 1 ran in 24
+WORKER_OPEN_FILES = (
+    4  # the parent's pipes and sentinel of a child; measured: 3 (4 workers ran in 32)
+)
 
 
 class StreamHandle:
@@ -166,7 +187,7 @@ class StreamPool(Pool):
             raise ValueError(f"min_batch_rows must be at least 1, got {min_batch_rows}")
         if start_method not in ("forkserver", "spawn"):
             raise ValueError(f"start_method must be 'forkserver' or 'spawn', not {start_method!r}")
-        self.workers = workers or default_workers()
+        self.workers = _workers_the_machine_holds(workers or default_workers())
         if poison_policy not in ("fail", "skip"):
             raise ValueError(f"poison_policy must be 'fail' or 'skip', not {poison_policy!r}")
         self._supervisor = Supervisor(
@@ -218,9 +239,15 @@ class StreamPool(Pool):
         if not self._open:
             self.open()
         report = with_params(report, params)
-        chunk_size = chunk_size or report.pipeline.chunk_size
-        if chunk_size < 1:
-            raise ReportError(f"chunk_size must be at least 1, got {chunk_size}")
+        chunk_size = check_chunk_size(chunk_size or report.pipeline.chunk_size)
+        limit = report.pipeline.memory_limit
+        if limit is not None and tree_memory_bytes() >= CRITICAL_FRACTION * limit:
+            # the breaker would pause for nothing to drain, and fail only after its timeout
+            raise ResourceError(
+                f"{report.path}: pipeline.memory_limit: {limit / 2**20:,.0f} MiB is less than "
+                f"this pool of {self.workers} workers uses idle "
+                f"({tree_memory_bytes() / 2**20:,.0f} MiB); raise it, or use fewer workers"
+            )
         return StreamHandle(self, self._supervisor.open_stream(report, chunk_size))
 
     def status(self, stream_id: str) -> dict[str, Any] | None:
@@ -262,3 +289,49 @@ class StreamPool(Pool):
 
     def transformer_pids(self) -> list[int]:
         return self._supervisor.transformer_pids()
+
+
+def _workers_the_machine_holds(asked: int) -> int:
+    """``asked``, or fewer, with a warning, when the machine cannot hold that many:
+    more than WORKERS_PER_CORE a core only queue for the CPU, each needs some memory
+    while it encodes, and each holds a few of the parent's open files.
+
+    Raises:
+        ResourceError: the open-file limit leaves no room for a pool at all.
+    """
+    cores = len(os.sched_getaffinity(0))
+    by_memory = psutil.virtual_memory().available // WORKER_MEMORY_BYTES
+    files = _open_file_limit()
+    by_files = (files - POOL_OPEN_FILES) // WORKER_OPEN_FILES
+    if by_files < 1:
+        raise ResourceError(
+            f"the open-file limit (ulimit -n) is {files}; a pool needs at least "
+            f"{POOL_OPEN_FILES + WORKER_OPEN_FILES}: raise it (ulimit -n 1024)"
+        )
+    held = max(1, min(asked, WORKERS_PER_CORE * cores, by_memory, by_files))
+    if held < asked:
+        logger.warning(
+            "%d workers asked, but this machine holds %d (%d cores, %d MiB available, an "
+            "open-file limit of %d); starting %d",
+            asked,
+            held,
+            cores,
+            psutil.virtual_memory().available // 2**20,
+            files,
+            held,
+        )
+    return held
+
+
+def _open_file_limit() -> int:
+    """The soft limit on open files, first raised as far as the hard one allows (to
+    at most 4096), as a process that starts others should."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 2**20

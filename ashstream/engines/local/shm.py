@@ -123,6 +123,16 @@ def check_free_space(nbytes: int) -> None:
         )
 
 
+def shm_free_text() -> str:
+    """How full /dev/shm is now, for a message."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return f"{SHM_DIR} cannot be read"
+    free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    return f"{SHM_DIR} has {free / 2**20:,.0f} MiB free of {size / 2**20:,.0f} MiB"
+
+
 class Arena:
     """``slots`` slots of ``slot_bytes`` each, in one mapping.
 

@@ -103,7 +103,7 @@ from ashstream.engines.local.scheduling import (
     stream_window,
     suspected,
 )
-from ashstream.engines.local.shm import Arena, new_pool_id, sweep_stale_segments
+from ashstream.engines.local.shm import Arena, new_pool_id, shm_free_text, sweep_stale_segments
 from ashstream.engines.local.transformer import run_transformer
 from ashstream.errors import (
     INTERNAL_ERROR_ADVICE,
@@ -215,6 +215,18 @@ def describe_exit(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
+
+
+def death_hint(code: int | None) -> str:
+    """What a user can do about a child that died with ``code``. SIGBUS is a write
+    to shared memory that /dev/shm had no room for (a tmpfs that filled after the
+    arena was made); other deaths are most often the kernel's out-of-memory killer."""
+    if code == -signal.SIGBUS:
+        return (
+            f"a write to shared memory failed: {shm_free_text()}; give it more room "
+            "(docker run --shm-size=1g) or use fewer workers"
+        )
+    return "if the system was out of memory, lower chunk_size or the number of workers"
 
 
 class StreamState:
@@ -978,8 +990,7 @@ class Supervisor:
                     WorkerCrashed(
                         f"the producer process of stream {stream.id} died "
                         f"({describe_exit(code)}) after {stream.rows} rows had been taken; "
-                        "if the system was out of memory, lower chunk_size or the number of "
-                        "workers"
+                        f"{death_hint(code)}"
                     ),
                 )
 
@@ -1020,8 +1031,13 @@ class Supervisor:
                 WorkerCrashed(
                     f"rows {batch.first_row}..{last} (batch {seq}) killed {MAX_BATCH_KILLS} "
                     f"transformer processes (the last {describe_exit(code)}) and are not "
-                    "retried; look for a value in them that the encoder cannot handle, or "
-                    "start the pool with poison_policy='skip' to leave them out and go on"
+                    "retried; "
+                    + (
+                        death_hint(code)
+                        if code == -signal.SIGBUS
+                        else "look for a value in them that the encoder cannot handle, or "
+                        "start the pool with poison_policy='skip' to leave them out and go on"
+                    )
                 ),
             )
 
