@@ -199,8 +199,12 @@ def _open(
     check_sql(con, report)
     base = base_relation_sql(report)
     params = report.param_values
-    _check_fields(con, report, base, params)
     sql = source_sql(report)
+    # The SQL as built is one SELECT too: fragments checked one by one must not add up
+    # to more (each is checked on its own, but the whole is what runs).
+    for built in (base, sql):
+        check_query(con, built, "source", report.path)
+    _check_fields(con, report, base, params)
     try:
         relation = con.sql(sql, params=bound_params(sql, params))
         schema = relation.limit(0).to_arrow_table().schema

@@ -52,28 +52,15 @@ def _list_literal(items: list[str]) -> str:
 
 
 def embed(fragment: str) -> str:
-    """A checked expression as it goes into the SQL: in parentheses (on a line of
-    their own after a ``--`` comment, which would otherwise swallow them)."""
+    """A checked expression as it goes into the SQL: in parentheses, the closing one
+    on a line of its own (after a ``--`` comment, it would otherwise be swallowed)."""
     return f"({closed(fragment)})"
 
 
 def closed(fragment: str) -> str:
-    """``fragment`` with a trailing ``--`` comment ended, so it cannot swallow what
-    follows it in the SQL."""
-    return fragment + "\n" if _ends_in_line_comment(fragment) else fragment
-
-
-def _ends_in_line_comment(fragment: str) -> bool:
-    import duckdb
-
-    try:
-        tokens = duckdb.tokenize(fragment)
-    except Exception:  # a fragment the tokenizer refuses: end its line to be safe
-        return True
-    if not tokens:
-        return False
-    position, kind = tokens[-1]
-    return kind == duckdb.token_type.comment and fragment.startswith("--", position)
+    """``fragment`` ending its own line, so that a trailing ``--`` comment in it cannot
+    swallow what follows it in the SQL."""
+    return fragment + "\n"
 
 
 def check_query(con: Any, query: str, key: str, where: str) -> None:

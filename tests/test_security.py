@@ -462,3 +462,39 @@ def test_parquet_that_duckdb_would_read_changed_is_refused(tmp_path, case):
         assert result.returncode == 1, result
         assert_one_line(result.stderr, expected)
     assert not (tmp_path / "r.typ").exists()
+
+
+def test_fragments_that_pass_one_by_one_cannot_add_up_to_a_second_statement(tmp_path):
+    """Found in review: a non-ASCII character before a trailing comment once hid the
+    closing parenthesis, and a second field's $$ string then held a COPY."""
+    from tests.conftest import write_report
+
+    target = tmp_path / "pwn.csv"
+    spec = {
+        "name": "t",
+        "source": {"duckdb": {"query": "SELECT 1 AS a"}},
+        "fields": [
+            {"name": "f0", "expr": "'é') -- x"},
+            {
+                "name": "f1",
+                "expr": f"$$\n; COPY (SELECT 'owned') TO '{target}'; SELECT 1 AS f0 -- $$",
+            },
+        ],
+    }
+    report = write_report(tmp_path, spec)
+    result = _run("validate", str(report))
+    assert result.returncode == 2, result
+    assert not target.exists()
+    # and a legitimate trailing comment after a non-ASCII character keeps what follows
+    spec = {
+        "name": "o",
+        "source": {
+            "duckdb": {"query": "SELECT 'é' AS e, range AS a FROM range(5) -- the accent"},
+            "order_by": ["length(e) -- é", "a DESC"],
+        },
+    }
+    from ashstream.report import load_report
+    from ashstream.sources import sample_source
+
+    sample = sample_source(load_report(write_report(tmp_path, spec, "o.yaml")))
+    assert sample.sample.column("a").to_pylist() == [4, 3, 2, 1, 0]
