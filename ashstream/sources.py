@@ -158,10 +158,12 @@ def open_source(
 
     src = report.source
     try:
-        if connection is not None and not src.database:
-            con = connection
-        else:
-            con = duckdb.connect(src.database or ":memory:", read_only=src.database is not None)
+        # Always a database of its own: DuckDB shares one instance per file in a process,
+        # and the lock-down's settings belong to the instance; the file is attached.
+        con = connection if connection is not None else duckdb.connect(":memory:")
+        if src.database:
+            con.execute(f"ATTACH {quote_literal(src.database)} AS source_db (READ_ONLY)")
+            con.execute("USE source_db")
     except duckdb.Error as exc:
         raise SourceError(
             f"{report.path}: cannot open DuckDB database {src.database}: {exc}"

@@ -498,3 +498,32 @@ def test_fragments_that_pass_one_by_one_cannot_add_up_to_a_second_statement(tmp_
 
     sample = sample_source(load_report(write_report(tmp_path, spec, "o.yaml")))
     assert sample.sample.column("a").to_pylist() == [4, 3, 2, 1, 0]
+
+
+@pytest.mark.process
+def test_two_streams_on_one_database_file_and_the_callers_own_connection_stay_apart(tmp_path):
+    """The lock-down belongs to a DuckDB instance, and DuckDB shares one per file in a
+    process: each stream attaches the file to a database of its own."""
+    import duckdb
+
+    from ashstream import StreamPool
+    from tests.conftest import write_report
+
+    database = tmp_path / "shop.duckdb"
+    with duckdb.connect(str(database)) as con:
+        con.execute("CREATE TABLE orders AS SELECT range AS id FROM range(10)")
+        con.execute("CREATE VIEW big AS SELECT * FROM orders WHERE id > 4")
+    spec = {"name": "db", "source": {"duckdb": {"database": "shop.duckdb", "query": "FROM big"}}}
+    report = write_report(tmp_path, spec)
+    (tmp_path / "elsewhere.csv").write_text("a\n1\n")
+    with StreamPool(1) as pool:
+        first, second = pool.start(report), pool.start(report)
+        assert [sum(c.num_rows for c in s) for s in (first, second)] == [5, 5]
+    from ashstream.report import load_report
+    from ashstream.sources import sample_source
+
+    assert sample_source(load_report(report)).sample.num_rows == 5  # in this process
+    with duckdb.connect(str(database), read_only=True) as own:  # not locked by ours
+        assert own.sql(
+            f"SELECT count(*) FROM read_csv('{tmp_path / 'elsewhere.csv'}')"
+        ).fetchall() == [(1,)]

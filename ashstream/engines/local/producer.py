@@ -206,12 +206,10 @@ def _serve(conn: Connection, send: Callable[[object], None]) -> None:
             for stream_id in [i for i, j in jobs.items() if not j.thread.is_alive()]:
                 del jobs[stream_id]
             if isinstance(message, ProducerJob):
-                takes_spare = not message.report.source.database  # else it opens the file
-                job = _Job(message, send, spare if takes_spare else None)
+                job = _Job(message, send, spare)  # a database file is attached to it
                 jobs[message.stream_id] = job
                 job.thread.start()
-                if takes_spare:
-                    spare = None
+                spare = None
                 continue
             if isinstance(message, SlotCredit) and message.stream_id in jobs:
                 jobs[message.stream_id].credits.put(message.slot)
