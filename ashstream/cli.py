@@ -64,14 +64,11 @@ FULL_OR_FAILING_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errn
 
 
 class _ClosedOutput(io.TextIOBase):
-    """Standing in for a standard stream the shell closed (``>&-``), which Python leaves
+    """Standing in for a standard output the shell closed (``>&-``), which Python leaves
     as None: a command that needs it fails with one line, one that does not runs."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-
     def write(self, text: str) -> int:
-        raise OSError(errno.EBADF, f"standard {self.name} is closed")
+        raise OSError(errno.EBADF, "standard output is closed")
 
     def writable(self) -> bool:
         return True
@@ -773,7 +770,7 @@ def entry_point() -> None:
     Output is flushed first; a closed pipe has nothing more to take."""
     code: int = 0
     if sys.stdout is None:
-        sys.stdout = _ClosedOutput("output")
+        sys.stdout = _ClosedOutput()
     if sys.stderr is None:  # nowhere to say anything: errors only set the exit code
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
     try:

@@ -147,8 +147,8 @@ def open_source(
 
     ``on_connect`` receives the DuckDB connection as soon as it exists, so that another
     thread can interrupt a long query. ``connection``: a fresh in-memory connection made
-    in advance, for a source without a database file (connecting costs ~12 ms, most of
-    a warm stream's first chunk); it then belongs to the stream.
+    in advance (connecting costs ~12 ms, most of a warm stream's first chunk); a
+    database file is attached to it. It then belongs to the stream.
 
     Raises:
         ReportError: the SQL does not parse or bind, or a field names a missing column.

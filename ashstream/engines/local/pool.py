@@ -39,10 +39,10 @@ logger = logging.getLogger(__name__)
 # What one pool of the local engine may ask of the machine: see _workers_the_machine_holds.
 WORKERS_PER_CORE = 4
 WORKER_MEMORY_BYTES = 64 * 2**20  # a transformer encoding a batch (idle: ~10 MiB)
-POOL_OPEN_FILES = 32  # the parent's own, DuckDB's and the outputs; measured: a pool of 1 ran in 24
-WORKER_OPEN_FILES = (
-    4  # the parent's pipes and sentinel of a child; measured: 3 (4 workers ran in 32)
-)
+# Open files of the parent, measured: a pool of 1 worker ran in 24, of 4 in 32 (the
+# parent's pipes and sentinel of each child: 3); the rest is DuckDB's and the outputs'.
+POOL_OPEN_FILES = 32
+WORKER_OPEN_FILES = 4
 
 
 class StreamHandle:
@@ -241,12 +241,13 @@ class StreamPool(Pool):
         report = with_params(report, params)
         chunk_size = check_chunk_size(chunk_size or report.pipeline.chunk_size)
         limit = report.pipeline.memory_limit
-        if limit is not None and tree_memory_bytes() >= CRITICAL_FRACTION * limit:
+        idle = tree_memory_bytes() if limit is not None else 0
+        if limit is not None and idle >= CRITICAL_FRACTION * limit:
             # the breaker would pause for nothing to drain, and fail only after its timeout
             raise ResourceError(
                 f"{report.path}: pipeline.memory_limit: {limit / 2**20:,.0f} MiB is less than "
                 f"this pool of {self.workers} workers uses idle "
-                f"({tree_memory_bytes() / 2**20:,.0f} MiB); raise it, or use fewer workers"
+                f"({idle / 2**20:,.0f} MiB); raise it, or use fewer workers"
             )
         return StreamHandle(self, self._supervisor.open_stream(report, chunk_size))
 
@@ -300,7 +301,8 @@ def _workers_the_machine_holds(asked: int) -> int:
         ResourceError: the open-file limit leaves no room for a pool at all.
     """
     cores = len(os.sched_getaffinity(0))
-    by_memory = psutil.virtual_memory().available // WORKER_MEMORY_BYTES
+    available = psutil.virtual_memory().available
+    by_memory = available // WORKER_MEMORY_BYTES
     files = _open_file_limit()
     by_files = (files - POOL_OPEN_FILES) // WORKER_OPEN_FILES
     if by_files < 1:
@@ -316,7 +318,7 @@ def _workers_the_machine_holds(asked: int) -> int:
             asked,
             held,
             cores,
-            psutil.virtual_memory().available // 2**20,
+            available // 2**20,
             files,
             held,
         )
