@@ -175,7 +175,11 @@ def encode_array(
         EncodeError: invalid UTF-8, duplicate keys, or a decimal beyond range with
             ``decimal_overflow="error"``.
     """
-    encoder = _ArrowEncoder(options or EncodeOptions(), stats)
+    options = options or EncodeOptions()
+    stats = stats if stats is not None else EncodeStats()
+    if encoder_name() == "native":
+        return _native_array(array, options, stats, name)
+    encoder = _ArrowEncoder(options, stats)
     return pc.fill_null(encoder.encode_column(array, name), "none")
 
 
@@ -203,6 +207,32 @@ def encode_rows_text(
     """The rows as one UTF-8 buffer, each literal followed by ``,\\n`` (the body of a Typst
     array), and the offset where each row ends in it. Built in the same join as the rows,
     so no second copy is made."""
+    options = options or EncodeOptions()
+    stats = stats if stats is not None else EncodeStats()
+    if encoder_name() == "native":
+        text, ends = _native_rows(batch, options, stats, close="),\n")
+        return text, ends[1:]
+    return _reference_rows_text(batch, options, stats)
+
+
+def encoder_name() -> str:
+    """The encoder this process runs: ``"native"`` (``ashstream._encoder``, compiled at
+    install) or ``"reference"`` (pyarrow.compute, this module); see
+    :func:`ashstream.encode_native.chosen`."""
+    global _ENCODER
+    if _ENCODER is None:
+        from ashstream import encode_native
+
+        _ENCODER = encode_native.chosen()
+    return _ENCODER
+
+
+_ENCODER: str | None = None  # resolved on first use, once per process
+
+
+def _reference_rows_text(
+    batch: pa.RecordBatch | pa.Table, options: EncodeOptions, stats: EncodeStats
+) -> tuple[pa.Buffer, np.ndarray]:
     rows = _encode_rows(batch, options, stats, close="),\n")
     offsets = np.frombuffer(rows.buffers()[1], np.int32, count=len(rows) + 1)
     if not len(rows) or rows.buffers()[2] is None:
@@ -217,16 +247,80 @@ def _encode_rows(
     stats: EncodeStats | None,
     close: str,
 ) -> pa.StringArray:
-    encoder = _ArrowEncoder(options or EncodeOptions(), stats)
+    options = options or EncodeOptions()
+    stats = stats if stats is not None else EncodeStats()
+    if encoder_name() == "native":
+        return _native_text_array(*_native_rows(batch, options, stats, close))
+    encoder = _ArrowEncoder(options, stats)
     names = batch.schema.names
+    _check_unique_names(names)
+    columns = [encoder.encode_column(batch.column(i), n) for i, n in enumerate(names)]
+    return _join_dictionary(names, columns, batch.num_rows, close)
+
+
+def _check_unique_names(names: Sequence[str]) -> None:
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
         raise EncodeError(
             f"column name {duplicate!r} appears twice; Typst dictionaries need unique keys. "
             "Give the columns distinct names (e.g. with AS in SQL)."
         )
-    columns = [encoder.encode_column(batch.column(i), n) for i, n in enumerate(names)]
-    return _join_dictionary(names, columns, batch.num_rows, close)
+
+
+def _native_rows(
+    batch: pa.RecordBatch | pa.Table, options: EncodeOptions, stats: EncodeStats, close: str
+) -> tuple[pa.Buffer, np.ndarray]:
+    """Rows by the compiled join; a table's batches one by one (their text joined)."""
+    from ashstream import encode_native
+
+    names = batch.schema.names
+    _check_unique_names(names)
+    if not names:  # "(:" + close per row, as the reference writes it
+        return _no_column_rows(batch.num_rows, close)
+    prefixes = _key_prefixes(tuple(names))
+    if isinstance(batch, pa.RecordBatch):
+        return encode_native.rows(batch, options, stats, prefixes, close)
+    parts = [
+        encode_native.rows(part, options, stats, prefixes, close) for part in batch.to_batches()
+    ]
+    if not parts:
+        return pa.py_buffer(b""), np.zeros(1, np.int64)
+    if len(parts) == 1:
+        return parts[0]
+    starts = np.cumsum([0, *(int(ends[-1]) for _, ends in parts[:-1])])
+    ends = np.concatenate(
+        [[0], *(ends[1:] + start for (_, ends), start in zip(parts, starts, strict=True))]
+    )
+    text = pa.py_buffer(b"".join(memoryview(text) for text, _ in parts))
+    return text, ends.astype(np.int64)
+
+
+def _no_column_rows(count: int, close: str) -> tuple[pa.Buffer, np.ndarray]:
+    row = ("(:" + close).encode()
+    return pa.py_buffer(row * count), np.arange(count + 1, dtype=np.int64) * len(row)
+
+
+def _native_text_array(text: pa.Buffer, ends: np.ndarray) -> pa.Array:
+    from ashstream import encode_native
+
+    return encode_native.text_array(text, ends)
+
+
+def _native_array(
+    array: pa.Array | pa.ChunkedArray, options: EncodeOptions, stats: EncodeStats, name: str
+) -> pa.StringArray:
+    from ashstream import encode_native
+
+    chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
+    pieces = []
+    for chunk in chunks:
+        text, ends = encode_native.rows(
+            pa.record_batch([chunk], names=[name]), options, stats, [""], ""
+        )
+        pieces.append(encode_native.text_array(text, ends).cast(pa.string()))
+    if not pieces:
+        return pa.array([], pa.string())
+    return pieces[0] if len(pieces) == 1 else pa.concat_arrays(pieces)
 
 
 def encode_value(obj: object, *, options: EncodeOptions | None = None) -> str:

@@ -1,6 +1,7 @@
-"""The peer of a whole ``ashstream run``: DuckDB writes the same row literals to a file.
+"""The peers of a whole ``ashstream run``: DuckDB writes the same row literals to a file,
+or (``json``) the rows as JSON with ``COPY … TO``, which Typst can read with ``json()``.
 
-    python benchmarks/_duckdb_peer.py SALES.parquet OUT THREADS
+    python benchmarks/_duckdb_peer.py SALES.parquet OUT THREADS [json]
 
 Run as a process of its own by bench_pipeline.py --small: start-up included, as a user
 who chose plain DuckDB would pay it.
@@ -34,5 +35,12 @@ def write_literals(parquet: str, out: str, threads: int) -> None:
             f.write(column.buffers()[2].slice(0, int(end)))
 
 
+def write_json(parquet: str, out: str, threads: int) -> None:
+    con = duckdb.connect()
+    con.execute(f"SET threads = {threads}")
+    con.execute(f"COPY (SELECT * FROM read_parquet('{parquet}')) TO '{out}' (FORMAT json)")
+
+
 if __name__ == "__main__":
-    write_literals(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    write = write_json if sys.argv[4:] == ["json"] else write_literals
+    write(sys.argv[1], sys.argv[2], int(sys.argv[3]))

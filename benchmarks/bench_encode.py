@@ -1,5 +1,6 @@
-"""Rows/s of ``encode_rows`` on one core against DuckDB building the same literals in SQL
-(threads=1) and against a plain per-row Python loop, on a 10-column "sales" schema.
+"""Rows/s of the encoder on one core — the compiled one and the pyarrow reference —
+against DuckDB building the same literals in SQL (threads=1) and a plain per-row Python
+loop, on a 10-column "sales" schema, in batches of the pipeline's size (16,384 rows).
 
     python benchmarks/bench_encode.py [--rows 1000000] [--repeats 5] [--quick]
 
@@ -20,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import median_seconds, print_table, write_results
 from _sales import SALES_SQL, duckdb_query
 
-from ashstream import encode_array, encode_rows, encode_value
+from ashstream import encode, encode_array, encode_native, encode_rows, encode_value
+from ashstream.batch_job import MIN_BATCH_ROWS
 
 
 def python_loop(table: pa.Table) -> list[str]:
@@ -53,13 +55,22 @@ def main() -> None:
     table = con.sql("SELECT * FROM sales").to_arrow_table().combine_chunks()
     query = duckdb_query()
 
-    ours = encode_rows(table)
-    theirs = con.sql(query).to_arrow_table()["row"].combine_chunks()
-    identical = ours.equals(theirs.cast(pa.string()))
-
+    batches = [
+        b
+        for start in range(0, args.rows, MIN_BATCH_ROWS)
+        for b in table.slice(start, MIN_BATCH_ROWS).to_batches()
+    ]
+    theirs = con.sql(query).to_arrow_table()["row"].combine_chunks().cast(pa.string())
+    available = ["native", "reference"] if encode_native.available() else ["reference"]
+    identical = {}
     cases = {}
-    t, runs = median_seconds(lambda: encode_rows(table), args.repeats)
-    cases["ashstream encode_rows"] = {"rows": args.rows, "wall_s": t, "runs_s": runs}
+    for name in available:
+        encode._ENCODER = name
+        identical[name] = encode_rows(table).equals(theirs)
+        t, runs = median_seconds(
+            lambda: [encode.encode_rows_text(b) for b in batches], args.repeats
+        )
+        cases[f"ashstream {name} encoder"] = {"rows": args.rows, "wall_s": t, "runs_s": runs}
     t, runs = median_seconds(lambda: con.sql(query).to_arrow_table(), args.repeats)
     cases["DuckDB SQL (threads=1)"] = {"rows": args.rows, "wall_s": t, "runs_s": runs}
     small = table.slice(0, args.python_rows)
@@ -72,16 +83,18 @@ def main() -> None:
 
     columns = {}
     for name in table.column_names:
-        col = table[name]
-        t, _ = median_seconds(lambda col=col, name=name: encode_array(col, name=name), args.repeats)
-        columns[name] = {"type": str(col.type), "wall_s": t, "ns_per_row": t / args.rows * 1e9}
-    assembly_s = max(
-        cases["ashstream encode_rows"]["wall_s"] - sum(c["wall_s"] for c in columns.values()), 0.0
-    )
-
+        col = table[name].combine_chunks()
+        columns[name] = {"type": str(col.type)}
+        for encoder in available:
+            encode._ENCODER = encoder
+            t, _ = median_seconds(
+                lambda col=col, name=name: encode_array(col, name=name), args.repeats
+            )
+            columns[name][f"{encoder}_ns_per_row"] = t / args.rows * 1e9
     print(
-        f"encode_rows on one core, {args.rows:,} rows x 10 columns; median of "
-        f"{args.repeats} runs; output identical to DuckDB's: {identical}\n"
+        f"the encoder on one core, {args.rows:,} rows x 10 columns in batches of "
+        f"{MIN_BATCH_ROWS:,}; median of {args.repeats} runs; output identical to DuckDB's: "
+        f"{identical}\n"
     )
     print_table(
         ["case", "rows", "median s", "rows/s", "x DuckDB"],
@@ -96,21 +109,23 @@ def main() -> None:
             for k, v in cases.items()
         ],
     )
-    print()
+    print("\none column alone (encode_array), ns per row")
     print_table(
-        ["column", "type", "median s", "ns/row"],
-        [[k, v["type"], f"{v['wall_s']:.3f}", f"{v['ns_per_row']:.0f}"] for k, v in columns.items()]
-        + [["(row assembly)", "", f"{assembly_s:.3f}", f"{assembly_s / args.rows * 1e9:.0f}"]],
+        ["column", "type", *available],
+        [
+            [k, v["type"], *(f"{v[f'{e}_ns_per_row']:.0f}" for e in available)]
+            for k, v in columns.items()
+        ],
     )
     path = write_results(
         "bench_encode",
         {
             "rows": args.rows,
             "repeats": args.repeats,
+            "batch_rows": MIN_BATCH_ROWS,
             "identical_to_duckdb": identical,
             "cases": cases,
             "columns": columns,
-            "row_assembly_s": assembly_s,
         },
     )
     print(f"\nwrote {path}")

@@ -421,76 +421,114 @@ def report_results(results: dict) -> None:
 def measure_small(sizes: list[int], repeats: int, results_name: str) -> None:
     """What a user of ``ashstream run`` feels: whole processes, start-up included.
 
-    Per size: ``ashstream run`` in the calling process (``--inline-rows`` at the size),
-    with a pool of 2 workers (``--inline-rows 0``) and of 1 (``--workers 1``), and DuckDB
-    writing the same row literals in a process of its own (2 threads). Cases alternate
-    round by round after one discarded warm-up round; medians. The module's rows must
-    equal DuckDB's text, and the three ashstream modules must be byte-identical.
+    Per size: ``ashstream run`` with its defaults under each encoder (native, and the
+    reference via ASHSTREAM_ENCODER), in the calling process (``--inline-rows`` at the
+    size), with a pool of 2 workers (``--inline-rows 0``) and of 1 (``--workers 1``);
+    the peers a user would pick instead, each a process of its own with 2 threads:
+    DuckDB writing the same row literals, and DuckDB's ``COPY … TO 'rows.json'``; and
+    the floor: pyarrow reading the same Parquet into Arrow plus writing the module's
+    bytes to a file. Cases alternate round by round after one discarded warm-up round;
+    medians. The module's rows must equal DuckDB's text, every ashstream module must be
+    byte-identical.
     """
     here = Path(__file__).resolve().parent
     workdir = Path(tempfile.mkdtemp(prefix="ashstream-bench-"))
     results: dict = {"sizes": {}}
+    reference = {**os.environ, "ASHSTREAM_ENCODER": "reference"}
     try:
         for rows in sizes:
             parquet, report = sales_files(workdir, rows)
             ashstream = [sys.executable, "-m", "ashstream", "run", str(report), "-q", "-o"]
-            commands = {
-                "ashstream run, in this process": [
-                    *ashstream,
-                    str(workdir / "inline.typ"),
-                    "--inline-rows",
-                    str(rows),
-                ],
-                "ashstream run, a pool": [
-                    *ashstream,
-                    str(workdir / "pool.typ"),
-                    "--inline-rows",
-                    "0",
-                ],
-                "ashstream run, a pool of 1 worker": [
-                    *ashstream,
-                    str(workdir / "pool1.typ"),
-                    "--workers",
-                    "1",
-                ],
-                "DuckDB SQL, 2 threads (process)": [
-                    sys.executable,
-                    str(here / "_duckdb_peer.py"),
-                    str(parquet),
-                    str(workdir / "duckdb.txt"),
-                    "2",
-                ],
+            modules = {
+                "ashstream run (defaults)": ([*ashstream, str(workdir / "run.typ")], None),
+                "ashstream run (defaults), reference encoder": (
+                    [*ashstream, str(workdir / "run-reference.typ")],
+                    reference,
+                ),
+                "ashstream run, in this process": (
+                    [*ashstream, str(workdir / "inline.typ"), "--inline-rows", str(rows)],
+                    None,
+                ),
+                "ashstream run, a pool of 2": (
+                    [*ashstream, str(workdir / "pool.typ"), "--inline-rows", "0"],
+                    None,
+                ),
+                "ashstream run, a pool of 1 worker": (
+                    [*ashstream, str(workdir / "pool1.typ"), "--workers", "1"],
+                    None,
+                ),
             }
+            peers = {
+                "DuckDB SQL literals, 2 threads": (
+                    [
+                        sys.executable,
+                        str(here / "_duckdb_peer.py"),
+                        str(parquet),
+                        str(workdir / "duckdb.txt"),
+                        "2",
+                    ],
+                    None,
+                ),
+                "DuckDB COPY TO json, 2 threads": (
+                    [
+                        sys.executable,
+                        str(here / "_duckdb_peer.py"),
+                        str(parquet),
+                        str(workdir / "rows.json"),
+                        "2",
+                        "json",
+                    ],
+                    None,
+                ),
+                "floor: pyarrow read + write the bytes": (
+                    [
+                        sys.executable,
+                        str(here / "_floor.py"),
+                        str(parquet),
+                        str(workdir / "run.typ"),
+                        str(workdir / "floor.typ"),
+                    ],
+                    None,
+                ),
+            }
+            commands = {**modules, **peers}
             times: dict[str, list[float]] = {name: [] for name in commands}
             for round_ in range(repeats + 1):
-                for name, command in commands.items():
+                for name, (command, env) in commands.items():
                     started = time.perf_counter()
-                    subprocess.run(command, check=True)
+                    subprocess.run(command, check=True, env=env)
                     if round_:
                         times[name].append(time.perf_counter() - started)
-            inline = (workdir / "inline.typ").read_bytes()
-            for other in ("pool.typ", "pool1.typ"):
-                assert inline == (workdir / other).read_bytes(), f"inline and {other} differ"
-            start, end = inline.index(b"#let rows = (\n") + 14, inline.index(b")\n#let groups")
-            rows_text = inline[start:end]
-            assert rows_text == (workdir / "duckdb.txt").read_bytes(), "rows differ from DuckDB's"
-            peer = statistics.median(times["DuckDB SQL, 2 threads (process)"])
+            first = (workdir / "run.typ").read_bytes()
+            for name, (command, _) in modules.items():
+                assert (Path(command[command.index("-o") + 1])).read_bytes() == first, name
+            assert (workdir / "floor.typ").read_bytes() == first
+            start, end = first.index(b"#let rows = (\n") + 14, first.index(b")\n#let groups")
+            assert first[start:end] == (workdir / "duckdb.txt").read_bytes(), "rows differ"
+            peer = statistics.median(times["DuckDB COPY TO json, 2 threads"])
             results["sizes"][str(rows)] = {
                 name: {
                     "wall_s": statistics.median(runs),
                     "runs_s": runs,
-                    "x_duckdb_wall": statistics.median(runs) / peer,
+                    "rows_per_s": rows / statistics.median(runs),
+                    "x_duckdb_json_speed": peer / statistics.median(runs),
                 }
                 for name, runs in times.items()
             }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     table = [
-        [f"{int(rows):,}", name, f"{c['wall_s']:.2f}", f"{c['x_duckdb_wall']:.2f}"]
+        [
+            f"{int(rows):,}",
+            name,
+            f"{c['wall_s']:.2f}",
+            f"{c['rows_per_s'] / 1e6:.2f}",
+            f"{c['x_duckdb_json_speed']:.2f}",
+        ]
         for rows, cases in results["sizes"].items()
         for name, c in cases.items()
     ]
-    print_table(["rows", "case", "median wall s", "wall x DuckDB's"], table)
+    print_table(["rows", "case", "median wall s", "M rows/s", "speed x DuckDB's JSON"], table)
     path = write_results(results_name, results)
     print(f"\nwrote {path}")
 

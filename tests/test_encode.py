@@ -21,12 +21,23 @@ from ashstream import (
 )
 from ashstream import encode as encode_module
 from ashstream.encode import TIME_TABLE_MIN_ROWS
+from tests.encoders import ENCODERS, encoder
 from tests.reference import assert_same, reference_literal, to_model
 from tests.strategies import arrays, tables
 from tests.typst_roundtrip import evaluate
 
 UTC = EncodeOptions()
 D = decimal.Decimal
+
+
+@pytest.fixture(autouse=True, params=ENCODERS)
+def each_encoder(request):
+    """Every test here runs under both encoders, except those of the reference's own
+    internals (marked reference_only)."""
+    if request.param == "native" and request.node.get_closest_marker("reference_only"):
+        pytest.skip("tests the reference encoder's internals")
+    with encoder(request.param):
+        yield request.param
 
 
 def check(arr: pa.Array | pa.ChunkedArray, options: EncodeOptions = UTC) -> list[str]:
@@ -426,6 +437,7 @@ def test_repeated_values_are_encoded_once_and_gathered():
     assert check(strings)[:5] == ['"a\\""', "none", '"b\\n"', '"\\u{1}c"', '"\\\\"']
 
 
+@pytest.mark.reference_only
 def test_times_of_day_of_a_big_batch_come_from_the_table_and_equal_the_reference():
     """A batch of TIME_TABLE_MIN_ROWS or more gathers each time of day from a table of
     all 86,400 built once; every second of the day, nulls, before 1970 and after."""
