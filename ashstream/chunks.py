@@ -3,9 +3,12 @@ encoded text, and the ``Summary`` once the last one is taken."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import psutil
 
 from ashstream.analysis.aggregate import Analysis, ClosedGroup, Collector, Summary
 from ashstream.encode import EncodeStats
@@ -66,9 +69,9 @@ def summary_of(collector: Collector | None, final_groups: list[ClosedGroup]) -> 
 
 
 class OrderedMerge:
-    """The driver's side of a stream, shared by the in-process and Ray engines: takes
-    each batch's encoded result in source order, merges its analysis partials and
-    cuts it into chunks; the local engine's supervisor does the same under its lock."""
+    """The caller's side of a stream, the same for every engine: takes each batch's
+    encoded result in source order, merges its analysis partials and cuts it into
+    chunks. Runs in the thread that takes the chunks."""
 
     def __init__(self, analysis: Analysis | None, chunk_size: int) -> None:
         self.chunk_size = chunk_size
@@ -100,6 +103,12 @@ class OrderedMerge:
         self._next_chunk += len(done.chunk_ends)
         return chunks
 
+    def skip(self, rows: int) -> None:
+        """Leave out the next batch, of ``rows`` rows (a batch the local engine skips
+        under ``poison_policy="skip"``): the rows and chunks after it keep their numbers."""
+        self.rows += rows
+        self._next_chunk += -(-rows // self.chunk_size)
+
     def finish(self) -> None:
         """Every batch was taken: close the groups still open."""
         if self.collector is not None:
@@ -120,6 +129,22 @@ def check_chunk_size(chunk_size: int) -> int:
             f"chunk_size must be from 1 to {MAX_CHUNK_SIZE:,} rows, got {chunk_size:,}"
         )
     return chunk_size
+
+
+def unshared_memory_bytes(children: bool = False, shared_bytes: int = 0) -> int:
+    """The memory of this process (and, with ``children``, of all its descendants):
+    resident memory less shared pages, per process, plus ``shared_bytes`` once (the
+    local pool's arenas). Cheap: it reads ``statm``. The one measure every engine's
+    memory limit is checked against."""
+    total = shared_bytes
+    me = psutil.Process(os.getpid())
+    for process in [me, *me.children(recursive=True)] if children else [me]:
+        try:
+            info = process.memory_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        total += max(info.rss - getattr(info, "shared", 0), 0)
+    return total
 
 
 def check_memory_limit(report: Report, used: int, where: str) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import pytest
 from ashstream import PipelineError, StreamPool, load_report, telemetry
 from ashstream.engines.local.shm import our_segments
 from tests.conftest import write_report
+from tests.watch import HealthChecks
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
@@ -29,6 +28,13 @@ def events():
     telemetry.attach("*", record)
     yield seen
     telemetry.detach("*", record)
+
+
+@pytest.fixture
+def health_checks():
+    """``wait(n)``: returns once ``n`` more health checks have run."""
+    with HealthChecks() as checks:
+        yield checks.wait
 
 
 def test_attach_refuses_unknown_events_and_detach_reports_absence():
@@ -57,7 +63,9 @@ def test_a_stream_emits_its_lifecycle_and_a_failing_handler_breaks_nothing(
         telemetry.detach("batch.done", broken)
     assert rows == 40000
     names = [e[0] for e in events]
-    assert names[0] == "pipeline.started" or "pipeline.started" in names
+    of_the_stream = [e[0] for e in events if "stream_id" in e[2] and e[0] != "throughput"]
+    assert of_the_stream[0] == "pipeline.started" and of_the_stream[-1] == "pipeline.stopped"
+    assert set(of_the_stream[1:-1]) == {"batch.done"}
     assert "health.checked" in names
     done = [e for e in events if e[0] == "batch.done"]
     assert sum(m["rows"] for _, m, _ in done) == 40000
@@ -66,7 +74,9 @@ def test_a_stream_emits_its_lifecycle_and_a_failing_handler_breaks_nothing(
     assert "handler bug" in caplog.text  # logged, and the stream went on
 
 
-def test_memory_breaker_pauses_admission_and_the_run_still_completes(tmp_path, events):
+def test_memory_breaker_pauses_admission_and_the_run_still_completes(
+    tmp_path, events, health_checks
+):
     rows = 3_000_000
     query = f"SELECT * FROM range({rows}) t(i)"
     with StreamPool(2, health_interval_s=0.1) as pool:
@@ -75,7 +85,7 @@ def test_memory_breaker_pauses_admission_and_the_run_still_completes(tmp_path, e
         )
         for _ in pool.stream(warm, chunk_size=1000):
             pass  # every process is up and has done this work once
-        time.sleep(0.3)
+        health_checks(2)  # one that began after the stream ended
         baseline = pool.memory_bytes
         limit = baseline + 400 * 2**20
         report = write_report(
@@ -118,15 +128,15 @@ def test_memory_breaker_pauses_admission_and_the_run_still_completes(tmp_path, e
 
 
 def test_memory_that_stays_critical_fails_the_stream_with_advice(tmp_path):
+    """End to end; when the breaker pauses and gives up is table-tested in
+    test_scheduling.py."""
     spec = {"name": "low", "source": {"duckdb": {"query": "SELECT * FROM range(100000000) t(i)"}}}
     report = write_report(tmp_path, spec)
     from ashstream import ResourceError
 
-    with StreamPool(1, health_interval_s=0.1) as pool:
-        pool._health.pause_timeout_s = 0.5
+    # a limit below what the processes need at rest: critical from the first check on
+    with StreamPool(1, health_interval_s=0.1, memory_limit="16MiB", pause_timeout_s=0.5) as pool:
         handle = pool.start(report, chunk_size=1000)
-        # the limit falls below what the processes need at rest once the stream runs
-        pool._health.pool_memory_limit = 16 * 2**20
         with pytest.raises(
             ResourceError, match=r"over 95% of the 16 MiB limit, for 0.5 s .* Raise memory_limit"
         ):
@@ -161,11 +171,9 @@ def test_a_stalled_stream_fails_instead_of_hanging(tmp_path):
         producer = pool.status(handle.id)["pids"]["producer"]
         os.kill(producer, signal.SIGSTOP)  # alive but stuck, as a hung source would be
         try:
-            started = time.monotonic()
             with pytest.raises(PipelineError, match=r"made no progress for 1.5 s"):
                 for _ in stream:
                     pass
-            assert time.monotonic() - started < 30
         finally:
             try:
                 os.kill(producer, signal.SIGCONT)
@@ -174,15 +182,13 @@ def test_a_stalled_stream_fails_instead_of_hanging(tmp_path):
     assert our_segments() == []
 
 
-def test_health_checks_keep_running_while_the_caller_is_busy(tmp_path, events):
+def test_health_checks_keep_running_while_the_caller_is_busy(tmp_path, health_checks):
     report = write_report(
         tmp_path, 'name: b\nsource: {duckdb: {query: "SELECT * FROM range(100000) t(i)"}}\n'
     )
     with StreamPool(1, health_interval_s=0.05) as pool:
         stream = pool.stream(report, chunk_size=1000)
         next(stream)
-        before = sum(1 for e in events if e[0] == "health.checked")
-        threading.Event().wait(0.5)  # the caller does something else
-        after = sum(1 for e in events if e[0] == "health.checked")
+        health_checks(3)  # while the caller takes nothing: checks go on, the stream waits
+        assert pool.status(next(iter(pool.list()))["id"])["status"] == "running"
         stream.close()
-    assert after - before >= 3

@@ -21,7 +21,6 @@ from ashstream import (
     encode_rows,
     load_report,
 )
-from ashstream.engines.local import supervisor
 from ashstream.engines.local.shm import our_segments
 from tests.conftest import mixed_sql, mixed_table, write_report
 
@@ -439,24 +438,20 @@ def test_closing_the_iterator_cancels_the_stream(running_stream):
 
 @pytest.fixture(scope="module")
 def one_reader(tmp_path_factory):
-    """A pool that lets one stream read at a time, and a report that reads for a while."""
+    """A pool that lets one stream read at a time, and a report that reads for a while.
+    Its callers may leave their results waiting for 30 s before the queue moves past
+    max_reading_streams anyway: a slow machine cannot let a stream in early. (When a
+    queued stream's own caller waits, a twentieth of a second still does.)"""
     directory = tmp_path_factory.mktemp("queue")
     sql = "SELECT i, repeat('x', i % 90) AS s FROM range(300000) t(i)"
     report = load_report(
         write_report(directory, {"name": "q", "source": {"duckdb": {"query": sql}}})
     )
-    with StreamPool(2, max_reading_streams=1, min_batch_rows=2000) as pool:
+    with StreamPool(2, max_reading_streams=1, min_batch_rows=2000, caller_wait_s=30) as pool:
         yield pool, report
 
 
-@pytest.fixture
-def patient_callers(monkeypatch):
-    """Callers may leave their results waiting for 30 s before the queue moves past
-    max_reading_streams anyway: a slow test machine cannot let a stream in early."""
-    monkeypatch.setattr(supervisor, "CALLER_WAIT_S", 30.0)
-
-
-def test_a_stream_beyond_max_reading_streams_waits_queued_then_runs(one_reader, patient_callers):
+def test_a_stream_beyond_max_reading_streams_waits_queued_then_runs(one_reader):
     pool, report = one_reader
     alone = b"".join(c.text for c in pool.stream(report, chunk_size=5000))
     first = pool.start(report, chunk_size=5000)
@@ -485,7 +480,7 @@ def test_one_thread_reading_streams_in_turn_never_waits_on_the_queue_for_ever(on
     assert [[chunk.text for chunk in column] for column in zip(*taken, strict=True)] == [alone] * 3
 
 
-def test_a_queued_stream_cancelled_never_starts_and_the_queue_moves_on(one_reader, patient_callers):
+def test_a_queued_stream_cancelled_never_starts_and_the_queue_moves_on(one_reader):
     pool, report = one_reader
     first = pool.start(report, chunk_size=5000)
     second, third = pool.start(report, chunk_size=5000), pool.start(report, chunk_size=5000)
@@ -498,9 +493,7 @@ def test_a_queued_stream_cancelled_never_starts_and_the_queue_moves_on(one_reade
     assert pool.list(status="queued") == []
 
 
-def test_a_reading_stream_that_failed_no_longer_holds_back_the_queue(
-    one_reader, patient_callers, tmp_path
-):
+def test_a_reading_stream_that_failed_no_longer_holds_back_the_queue(one_reader, tmp_path):
     """Its caller has not closed it yet; but nothing of it will run again, so its reading
     stops and the stream queued behind it must not wait for that caller. Failed in the
     producer (DuckDB) and in a transformer (a type with no Typst form)."""
@@ -520,9 +513,9 @@ def test_a_reading_stream_that_failed_no_longer_holds_back_the_queue(
             list(failed)
 
 
-def test_a_pool_closes_with_streams_queued(one_reader, tmp_path, patient_callers):
+def test_a_pool_closes_with_streams_queued(one_reader, tmp_path):
     _, report = one_reader
-    with StreamPool(1, max_reading_streams=1) as pool:
+    with StreamPool(1, max_reading_streams=1, caller_wait_s=30) as pool:
         reading = pool.start(report, chunk_size=5000)
         queued = [pool.start(report, chunk_size=5000) for _ in range(3)]
         chunks = iter(reading)  # kept: a dropped iterator cancels its stream

@@ -6,7 +6,6 @@ import os
 import random
 import signal
 import threading
-import time
 
 import pyarrow as pa
 import pytest
@@ -15,6 +14,7 @@ from ashstream import PipelineError, StreamPool, WorkerCrashed, encode_rows
 from ashstream.engines.local.child import CRASH_AT_ROW_ENV
 from ashstream.engines.local.shm import our_segments
 from tests.conftest import mixed_sql, mixed_table, write_report
+from tests.watch import HealthChecks
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
@@ -42,25 +42,21 @@ def tolerant_pool():
 
 
 @pytest.mark.parametrize("chunk_size", [100, 1000, 7000])
-@pytest.mark.parametrize("seed", range(8))
-def test_sigkill_a_transformer_at_a_random_moment(tolerant_pool, mixed, chunk_size, seed):
+@pytest.mark.parametrize("seed", range(3))
+def test_a_transformer_killed_at_a_random_row_loses_nothing(monkeypatch, mixed, chunk_size, seed):
+    """The transformers of each slot's first start SIGKILL themselves on the batch that
+    holds a random row: that batch is dispatched again, to a replacement, and the text
+    comes out whole."""
     report, table = mixed
-    rng = random.Random(seed * 1000 + chunk_size)
-    chunks_total = -(-ROWS // chunk_size)
-    kill_after = rng.randrange(0, max(1, chunks_total - 1))
-    restarts_before = tolerant_pool.restarts
-    handle = tolerant_pool.start(report, chunk_size=chunk_size)
-    parts = []
-    for i, chunk in enumerate(handle):
-        parts.append(chunk.text)
-        if i == kill_after:
-            os.kill(rng.choice(tolerant_pool.transformer_pids()), signal.SIGKILL)
-    assert b"".join(parts) == text_of(table)
-    assert tolerant_pool.status(handle.id)["status"] == "completed"
-    deadline = time.monotonic() + 10
-    while tolerant_pool.restarts == restarts_before and time.monotonic() < deadline:
-        time.sleep(0.05)  # a death after the last result is seen after the stream ends
-    assert tolerant_pool.restarts == restarts_before + 1
+    row = random.Random(seed * 1000 + chunk_size).randrange(ROWS)
+    monkeypatch.setenv(CRASH_AT_ROW_ENV, f"{row}:1")
+    with StreamPool(2, max_restarts=1000) as pool:
+        handle = pool.start(report, chunk_size=chunk_size)
+        assert b"".join(c.text for c in handle) == text_of(table)
+        entry = pool.status(handle.id)
+        assert entry["status"] == "completed"
+        assert entry["redispatched"] >= 1
+        assert 1 <= pool.restarts <= 2  # the other first-start transformer may take it too
 
 
 def test_chunks_held_by_killed_transformers_are_dispatched_again(tolerant_pool, mixed):
@@ -80,8 +76,8 @@ def test_chunks_held_by_killed_transformers_are_dispatched_again(tolerant_pool, 
 
 @pytest.fixture
 def crash_at_row(monkeypatch):
-    """Transformers started after this (with spawn, which passes the environment on)
-    SIGKILL themselves on any batch holding row 20 000."""
+    """Transformers started after this SIGKILL themselves on any batch holding row
+    20 000 (the pool reads the variable when it starts each child)."""
     monkeypatch.setenv(CRASH_AT_ROW_ENV, "20000")
     return 20_000
 
@@ -166,7 +162,7 @@ def test_twenty_concurrent_streams_on_one_pool(tmp_path):
     ]
     results: dict[int, bytes] = {}
     errors: list[BaseException] = []
-    with StreamPool(2, health_interval_s=0.05) as pool:
+    with StreamPool(2, health_interval_s=0.05) as pool, HealthChecks() as checks:
 
         def consume(i: int) -> None:
             try:
@@ -175,19 +171,19 @@ def test_twenty_concurrent_streams_on_one_pool(tmp_path):
                 errors.append(exc)
 
         consume(19)  # one stream alone first: every process warm, its peak measured
-        time.sleep(0.2)
-        pool._health.peak_memory_bytes = 0
+        checks.wait(2)
+        checks.reset_peak()
         consume(19)
-        time.sleep(0.2)
-        one_stream = pool.peak_memory_bytes
-        pool._health.peak_memory_bytes = 0
+        checks.wait(2)  # a check that began after the stream ended
+        one_stream = checks.peak_memory_bytes
+        checks.reset_peak()
         threads = [threading.Thread(target=consume, args=(i,)) for i in range(20)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(90)
-        time.sleep(0.2)
-        twenty = pool.peak_memory_bytes
+        checks.wait(2)
+        twenty = checks.peak_memory_bytes
     assert not errors
     assert twenty < 3 * one_stream, (twenty >> 20, one_stream >> 20)
     for i in range(20):

@@ -3,9 +3,9 @@
 Starting a pool costs a third of a second or more (a fork server, processes, DuckDB in
 each producer); a report over a few hundred thousand rows is done sooner by one process.
 ``InlineStream`` runs the very batch job the pool's processes run
-(``ashstream.batch_job``), cut to the same batches, and merges the analysis with the
-same collector, so its chunks, groups, totals, charts and errors are those the pool
-would give.
+(``ashstream.batch_job``), cut to the same batches, and hands them to the same
+:class:`~ashstream.chunks.OrderedMerge`, so its chunks, groups, totals, charts and
+errors are those the pool would give.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ashstream.batch_job import (
     encode_batch,
     read_batches,
 )
-from ashstream.chunks import Chunk, MergedStream, check_memory_limit
+from ashstream.chunks import Chunk, MergedStream, check_memory_limit, unshared_memory_bytes
 from ashstream.encode import EncodeOptions
 from ashstream.errors import AshstreamError
 from ashstream.report import Report
@@ -34,10 +34,9 @@ logger = logging.getLogger(__name__)
 
 # Reports over at most this many rows run in the calling process when the row count is
 # known before reading (Parquet metadata), on 2 cores; the line is scaled down for more
-# cores (see inline_max_rows). Measured on 2 cores (benchmarks/bench_pipeline.py --small
-# and --whole, medians of 5 and 3): in this process against a pool of 2 workers, 0.33 s /
-# 0.60 s at 10k rows, 0.61 s / 0.88 s at 300k, 1.10 s / 1.35 s at 1M, 2.04 s / 2.19 s at
-# 2M; at 10M the pool is ahead, 9.57 s against 11.92 s.
+# cores (see inline_max_rows). Below it, this process finishes before a pool of 2 workers
+# would (the pool's start-up outweighs its parallel merge); above it, the pool is ahead.
+# The measurements are in README ("Performance"), from benchmarks/bench_pipeline.py.
 INLINE_MAX_ROWS = 2_000_000
 
 
@@ -121,7 +120,7 @@ class InlineStream(MergedStream):
                 source.close()  # the DuckDB connection and its spill folder
 
     def _measure_memory(self) -> None:
-        used = unshared_rss()
+        used = unshared_memory_bytes()
         self.peak_memory_bytes = max(self.peak_memory_bytes, used)
         check_memory_limit(self.report, used, "this process")
 
@@ -135,8 +134,5 @@ def _result(seq: int, first_row: int, rows: int, encoding: Future[EncodedBatch])
         raise batch_failure(exc, first_row, rows, seq) from None
 
 
-def unshared_rss() -> int:
-    """Resident memory less shared pages, as the pool's health loop counts a process."""
-    with open("/proc/self/statm") as statm:
-        _, resident, shared, *_ = (int(n) for n in statm.read().split())
-    return (resident - shared) * os.sysconf("SC_PAGE_SIZE")
+# The Ray engine's name for it (engines/ray.py imports it from here).
+unshared_rss = unshared_memory_bytes

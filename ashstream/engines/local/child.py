@@ -33,11 +33,17 @@ from ashstream.startup import skip_pandas_probe
 # the child's parameters: a forkserver child's environment is the fork server's, fixed
 # when the first process of the interpreter started, so the child could not see a
 # variable set later.
-CRASH_AT_ROW_ENV = "ASHSTREAM_TEST_CRASH_AT_ROW"  # a transformer given this row SIGKILLs itself
+# "ROW" or "ROW:N": a transformer given this row SIGKILLs itself, in its slot's first N
+# starts (every start when N is left out).
+CRASH_AT_ROW_ENV = "ASHSTREAM_TEST_CRASH_AT_ROW"
 FAIL_AT_ROW_ENV = "ASHSTREAM_TEST_FAIL_AT_ROW"  # ... raises an unexpected exception instead
 # "ROLE" or "ROLE:N": a child of that role SIGKILLs itself before it is ready, in its
 # slot's first N starts (every start when N is left out).
 CRASH_AT_START_ENV = "ASHSTREAM_TEST_CRASH_AT_START"
+
+
+def _in_first_starts(starts: str, generation: int) -> bool:
+    return not starts or generation < int(starts)
 
 
 @dataclass(frozen=True)
@@ -51,10 +57,12 @@ class Faults:
     @classmethod
     def from_environment(cls, role: str, generation: int) -> Faults:
         def row(variable: str) -> int:
-            return int(os.environ.get(variable, "-1")) if role == "transformer" else -1
+            value, _, starts = os.environ.get(variable, "-1").partition(":")
+            wanted = role == "transformer" and _in_first_starts(starts, generation)
+            return int(value) if wanted else -1
 
         target, _, starts = os.environ.get(CRASH_AT_START_ENV, "").partition(":")
-        at_start = target == role and (not starts or generation < int(starts))
+        at_start = target == role and _in_first_starts(starts, generation)
         return cls(row(CRASH_AT_ROW_ENV), row(FAIL_AT_ROW_ENV), at_start)
 
 

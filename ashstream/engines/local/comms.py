@@ -8,7 +8,7 @@ shared-memory arena (``ashstream.engines.local.shm``); a message names the slot.
 single row too big for any slot and a result too big for its slot, which travel inline
 as bytes.
 
-    parent --ProducerJob--> producer --SourceOpened/BatchReady/SourceDone/StageFailed--> parent
+    parent --ProducerJob--> producer --SourceOpened/BatchProduced/SourceDone/StageFailed--> parent
     parent --SlotCredit---> producer        (a free input slot: credit-based backpressure)
     parent --StopStream---> producer        (a stream was cancelled or failed)
     parent --Task---------> transformer --TaskDone/StageFailed--> parent
@@ -64,7 +64,7 @@ class SourceOpened:
 
 
 @dataclass(frozen=True)
-class BatchReady:
+class BatchProduced:
     """A batch in a slot. Batches are the unit of transport and encoding; the caller's
     chunks (at most ``chunk_size`` rows) are consecutive slices of one batch."""
 

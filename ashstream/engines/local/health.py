@@ -1,19 +1,15 @@
 """The health loop: a parent thread that measures the streams and acts on memory and stalls.
 
 Every ``interval_s`` it measures the memory of the whole process tree, publishes each
-stream's counters to the registry and emits ``health.checked``. Against the memory
-limit it works like a circuit breaker with hysteresis:
-
-* at ``WARNING_FRACTION`` (0.8) of the limit it warns (``memory.warning``);
-* at ``CRITICAL_FRACTION`` (0.95) it pauses admission of new batches (``memory.critical``,
-  ``backpressure.on``); results keep draining, so memory can only go down;
-* it resumes when memory falls below the warning level (``backpressure.off``);
-* if memory stays critical for ``pause_timeout_s`` even so, it fails the streams with a
-  ``ResourceError`` that says what to change.
+stream's counters to the registry and emits ``health.checked``. Against the memory limit
+it applies what :class:`~.scheduling.MemoryBreaker` decides: warn (``memory.warning``),
+pause new batches (``memory.critical``, ``backpressure.on``), resume
+(``backpressure.off``), or fail the streams with a ``ResourceError`` that says what to
+change when memory stays critical although paused.
 
 A stream that makes no progress for ``stall_timeout_s`` while nothing waits for its
-caller fails with a clear error instead of hanging. Process deaths are not its job: the
-supervisor sees them at once through process sentinels.
+caller fails with a clear error instead of hanging (:func:`~.scheduling.stalled`).
+Process deaths are not its job: the dispatcher sees them at once on the children's pipes.
 """
 
 from __future__ import annotations
@@ -26,31 +22,21 @@ import time
 import psutil
 
 from ashstream import telemetry
+from ashstream.chunks import unshared_memory_bytes
+from ashstream.engines.local.scheduling import (
+    CRITICAL_FRACTION,
+    PAUSE_TIMEOUT_S,
+    Breaker,
+    MemoryBreaker,
+)
 from ashstream.engines.local.supervisor import Supervisor
 from ashstream.errors import PipelineError, ResourceError
 
 logger = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 1.0
-WARNING_FRACTION = 0.8
-CRITICAL_FRACTION = 0.95
-PAUSE_TIMEOUT_S = 30.0  # critical this long with admission paused: give up
 STALL_TIMEOUT_S = 600.0  # a big ORDER BY can take minutes before its first row
-PSS_EVERY_CHECKS = 10
-
-
-def tree_memory_bytes(arena_bytes: int = 0) -> int:
-    """Memory of this process and its children without counting shared memory twice:
-    the sum of (RSS - shared) per process, plus the arenas once. Cheap (statm only)."""
-    total = arena_bytes
-    me = psutil.Process(os.getpid())
-    for process in [me, *me.children(recursive=True)]:
-        try:
-            info = process.memory_info()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        total += max(info.rss - getattr(info, "shared", 0), 0)
-    return total
+PSS_EVERY_CHECKS = 10  # PSS walks every page table: exact, but too dear for each check
 
 
 def tree_pss_bytes() -> int:
@@ -82,6 +68,8 @@ def default_memory_limit() -> int:
 
 
 class HealthLoop:
+    """The thread that checks the pool every ``interval_s``; see the module's docstring."""
+
     def __init__(
         self,
         supervisor: Supervisor,
@@ -93,14 +81,12 @@ class HealthLoop:
         self.supervisor = supervisor
         self.interval_s = interval_s
         self.pool_memory_limit = memory_limit or default_memory_limit()
-        self.pause_timeout_s = pause_timeout_s
         self.stall_timeout_s = stall_timeout_s
         self.memory_bytes = 0  # the latest tree measurement, read by the progress display
         self.peak_memory_bytes = 0
         self.pss_bytes: int | None = None  # the latest (rare) PSS of the tree
         self._checks = 0
-        self._warned = False  # above the warning level at the last check
-        self._paused_since: float | None = None  # monotonic time admission was paused
+        self._breaker = MemoryBreaker(pause_timeout_s)
         self._check_failed = False  # the last check raised: warned once already
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ashstream-health", daemon=True)
@@ -119,15 +105,20 @@ class HealthLoop:
         return min([self.pool_memory_limit, *(x for x in limits if x)])
 
     def check(self) -> None:
+        """One round: measure, act on memory and stalls, publish. Runs in the health
+        loop's thread (or a test's)."""
         streams = self.supervisor.streams()
-        self.memory_bytes = tree_memory_bytes(sum(s.arena.resident_bytes() for s in streams))
+        arenas = sum(s.arena.resident_bytes() for s in streams)
+        self.memory_bytes = unshared_memory_bytes(children=True, shared_bytes=arenas)
         self.peak_memory_bytes = max(self.peak_memory_bytes, self.memory_bytes)
         if self._checks % PSS_EVERY_CHECKS == 0:
             self.pss_bytes = tree_pss_bytes()
         self._checks += 1
         limit = self.memory_limit()
-        self._breaker(self.memory_bytes, limit)
-        self._stalls(time.monotonic())
+        now = time.monotonic()
+        for action in self._breaker.step(self.memory_bytes, limit, now):
+            self._apply(action, self.memory_bytes, limit)
+        self._stalls(now)
         self.supervisor.memory = (self.memory_bytes, self.pss_bytes)
         self.supervisor.publish()
         telemetry.emit(
@@ -146,41 +137,29 @@ class HealthLoop:
                     "throughput", {"rows_per_s": stream.rows / elapsed}, {"stream_id": stream.id}
                 )
 
-    def _breaker(self, used: int, limit: int) -> None:
+    def _apply(self, action: Breaker, used: int, limit: int) -> None:
         sizes = {"memory_bytes": used, "memory_limit_bytes": limit}
-        fraction = used / limit
-        if fraction >= WARNING_FRACTION and not self._warned:
+        if action is Breaker.WARN:
             telemetry.emit("memory.warning", sizes)
-        self._warned = fraction >= WARNING_FRACTION
-        if self._paused_since is None:
-            if fraction >= CRITICAL_FRACTION:
-                self._paused_since = time.monotonic()
-                self.supervisor.pause_admission(True)
-                telemetry.emit("memory.critical", sizes)
-                telemetry.emit("backpressure.on", sizes, {"reason": "memory"})
-            return
-        if fraction < WARNING_FRACTION:
-            self._paused_since = None
-            self.supervisor.pause_admission(False)
-            telemetry.emit("backpressure.off", sizes, {"reason": "memory"})
-        elif (
-            fraction >= CRITICAL_FRACTION
-            and time.monotonic() - self._paused_since > self.pause_timeout_s
-        ):
+        elif action is Breaker.PAUSE:
+            self.supervisor.pause_admission(True)
+            telemetry.emit("memory.critical", sizes)
+            telemetry.emit("backpressure.on", sizes, {"reason": "memory"})
+        elif action is Breaker.GIVE_UP:
             self.supervisor.fail_all(
                 ResourceError(
                     f"memory stayed at {used / 2**20:,.0f} MiB, over {CRITICAL_FRACTION:.0%} of "
-                    f"the {limit / 2**20:,.0f} MiB limit, for {self.pause_timeout_s:g} s "
-                    "although no new batches were started. Raise memory_limit, or use fewer "
-                    "workers or a smaller chunk_size."
+                    f"the {limit / 2**20:,.0f} MiB limit, for "
+                    f"{self._breaker.pause_timeout_s:g} s although no new batches were "
+                    "started. Raise memory_limit, or use fewer workers or a smaller chunk_size."
                 )
             )
-            self._paused_since = None
+        elif action is Breaker.RESUME:
             self.supervisor.pause_admission(False)
             telemetry.emit("backpressure.off", sizes, {"reason": "memory"})
 
     def _stalls(self, now: float) -> None:
-        for stream in self.supervisor.stalled_streams(now - self.stall_timeout_s):
+        for stream in self.supervisor.stalled_streams(now, self.stall_timeout_s):
             if self.supervisor.paused:
                 cause = (
                     "new batches were paused by the memory breaker all that time; raise "

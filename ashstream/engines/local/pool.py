@@ -12,22 +12,19 @@ import psutil
 
 from ashstream.analysis.aggregate import Summary
 from ashstream.batch_job import DEFAULT_SLOT_BYTES, MIN_BATCH_ROWS
-from ashstream.chunks import Chunk, check_chunk_size, summary_of
+from ashstream.chunks import Chunk, check_chunk_size, unshared_memory_bytes
+from ashstream.encode import EncodeStats
 from ashstream.engines import Pool
-from ashstream.engines.local.health import (
+from ashstream.engines.local.health import HEALTH_INTERVAL_S, STALL_TIMEOUT_S, HealthLoop
+from ashstream.engines.local.scheduling import (
+    CALLER_WAIT_S,
     CRITICAL_FRACTION,
-    HEALTH_INTERVAL_S,
-    STALL_TIMEOUT_S,
-    HealthLoop,
-    tree_memory_bytes,
-)
-from ashstream.engines.local.supervisor import (
     MAX_RESTARTS,
+    PAUSE_TIMEOUT_S,
     RESTART_WINDOW_S,
-    StreamState,
-    Supervisor,
-    default_workers,
 )
+from ashstream.engines.local.streams import StreamState
+from ashstream.engines.local.supervisor import Supervisor, default_workers
 from ashstream.errors import AshstreamError, PipelineError, ResourceError
 from ashstream.report import Report, parse_size, with_params
 
@@ -73,9 +70,9 @@ class StreamHandle:
         return list(self._state.skipped)
 
     @property
-    def lossy(self):
-        """:class:`ashstream.EncodeStats` of the values not represented exactly so far."""
-        return self._state.lossy
+    def lossy(self) -> EncodeStats:
+        """The values not represented exactly so far."""
+        return self._state.merge.lossy
 
     @property
     def summary(self) -> Summary:
@@ -90,7 +87,7 @@ class StreamHandle:
                 f"stream {self.id} is {state.status}; its summary exists once every chunk "
                 "has been taken"
             )
-        return summary_of(state.collector, state.final_groups)
+        return state.merge.summary
 
     def __iter__(self) -> Iterator[Chunk]:
         return self._chunks()
@@ -146,6 +143,8 @@ class StreamPool(Pool):
             default the cgroup's limit, else the machine's RAM. A report's
             ``pipeline.memory_limit`` applies while it runs, when lower. See
             :mod:`ashstream.engines.local.health` for the breaker.
+        pause_timeout_s: memory that stays critical this long although new batches
+            were paused fails the streams with a ``ResourceError``.
         health_interval_s: how often the health loop measures.
         stall_timeout_s: a stream with no progress this long fails instead of hanging.
         profile_dir: record every child process's allocations with memray into this
@@ -155,10 +154,11 @@ class StreamPool(Pool):
         max_reading_streams: streams whose sources are open at once (default two per
             worker), as each open source holds tens of MB of DuckDB's state. A stream
             started beyond it waits, ``queued``, until one of them has read its source
-            or failed, or until every one of them has waited on its caller: half a
-            second, or a twentieth when the queued stream's own caller is waiting for it
-            (one thread reading several streams in turn), so that the queue never
-            deadlocks a caller. A soft limit, then: slow callers let more streams read.
+            or failed, or until every one of them has waited on its caller:
+            ``caller_wait_s`` (half a second), or a twentieth of a second when the
+            queued stream's own caller is waiting for it (one thread reading several
+            streams in turn), so that the queue never deadlocks a caller. A soft limit,
+            then: slow callers let more streams read.
     """
 
     engine = "local"
@@ -173,11 +173,13 @@ class StreamPool(Pool):
         restart_window_s: float = RESTART_WINDOW_S,
         poison_policy: str = "fail",
         memory_limit: int | str | None = None,
+        pause_timeout_s: float = PAUSE_TIMEOUT_S,
         health_interval_s: float = HEALTH_INTERVAL_S,
         stall_timeout_s: float = STALL_TIMEOUT_S,
         profile_dir: str | None = None,
         min_batch_rows: int = MIN_BATCH_ROWS,
         max_reading_streams: int | None = None,
+        caller_wait_s: float = CALLER_WAIT_S,
     ) -> None:
         if workers is not None and workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
@@ -200,12 +202,14 @@ class StreamPool(Pool):
             profile_dir,
             min_batch_rows,
             max_reading_streams,
+            caller_wait_s,
         )
         self._health = HealthLoop(
             self._supervisor,
             health_interval_s,
             parse_size(memory_limit, "memory_limit") if memory_limit is not None else None,
-            stall_timeout_s=stall_timeout_s,
+            pause_timeout_s,
+            stall_timeout_s,
         )
         self._open = False
         self._closed = False  # processes and threads are started once per pool
@@ -216,7 +220,7 @@ class StreamPool(Pool):
         if not self._open:
             self._open = True
             try:
-                self._supervisor.start()
+                self._supervisor.open()
             except BaseException:
                 self.close()
                 raise
@@ -241,7 +245,7 @@ class StreamPool(Pool):
         report = with_params(report, params)
         chunk_size = check_chunk_size(chunk_size or report.pipeline.chunk_size)
         limit = report.pipeline.memory_limit
-        idle = tree_memory_bytes() if limit is not None else 0
+        idle = unshared_memory_bytes(children=True) if limit is not None else 0
         if limit is not None and idle >= CRITICAL_FRACTION * limit:
             # the breaker would pause for nothing to drain, and fail only after its timeout
             raise ResourceError(
@@ -249,7 +253,7 @@ class StreamPool(Pool):
                 f"this pool of {self.workers} workers uses idle "
                 f"({idle / 2**20:,.0f} MiB); raise it, or use fewer workers"
             )
-        return StreamHandle(self, self._supervisor.open_stream(report, chunk_size))
+        return StreamHandle(self, self._supervisor.start_stream(report, chunk_size))
 
     def status(self, stream_id: str) -> dict[str, Any] | None:
         """The registry entry of a stream: status, rows, chunks, pids, error, times."""

@@ -24,7 +24,7 @@ from ashstream.engines.local.child import ChildParams, run_child
 from ashstream.engines.local.comms import (
     READY,
     STOP,
-    BatchReady,
+    BatchProduced,
     ProducerJob,
     SlotCredit,
     SourceDone,
@@ -127,7 +127,7 @@ class _Job:
                 if nbytes is None:  # one row bigger than a slot: send it through the pipe
                     free_slots.appendleft(slot)
                     inline = _ipc_bytes(part)
-                    ready = BatchReady(
+                    produced = BatchProduced(
                         job.stream_id,
                         seq,
                         first_row,
@@ -138,10 +138,10 @@ class _Job:
                         inline,
                     )
                 else:
-                    ready = BatchReady(
+                    produced = BatchProduced(
                         job.stream_id, seq, first_row, first_chunk, part.num_rows, slot, nbytes
                     )
-                self.send(ready)
+                self.send(produced)
                 seq += 1
                 first_row += part.num_rows
                 self.rows_sent = first_row
@@ -181,7 +181,7 @@ def run_producer(params: ChildParams, conn: Connection) -> None:
 
 def _serve(conn: Connection, send: Callable[[object], None]) -> None:
     # Import while idle, not on a stream's clock (~0.3 s of CPU). Safe here: this
-    # process never forks. One in-memory connection is kept ready for the next stream
+    # process never forks. One in-memory connection is kept at hand for the next stream
     # (connecting costs ~15 ms, half a warm stream's first chunk). The next one is made
     # at the following message (a slot credit: the first batch is through), or after
     # SPARE_AFTER_IDLE_S without one (a short stream is read to its end before any

@@ -1,7 +1,9 @@
 """The shared-memory arena: one POSIX segment of fixed-size slots per stream.
 
 The parent creates and unlinks every segment and registers it with multiprocessing's
-resource tracker, which unlinks it even if the parent is SIGKILLed. Children map it by
+resource tracker, which unlinks it even if the parent is SIGKILLed. Should the tracker
+itself be killed, the parent still unlinks each segment it made, and registers the next
+ones with a new tracker. Children map it by
 name without registering, so no child's exit can unlink a segment still in use
 (cpython issue 82300). The one exception: when the pool's process has died, a child
 unlinks its segments and withdraws their registration (``unlink_segments_of``), so
@@ -17,19 +19,56 @@ from __future__ import annotations
 
 import _posixshmem  # the module multiprocessing.shared_memory is built on
 import contextlib
+import logging
 import mmap
 import os
 import secrets
+import warnings
 from multiprocessing import resource_tracker
 
+import psutil
 import pyarrow as pa
 
 from ashstream.batch_job import ipc_size
 from ashstream.errors import ResourceError
 from ashstream.procs import pid_alive
 
+logger = logging.getLogger(__name__)
+
 SEGMENT_PREFIX = "ashstream_"
 SHM_DIR = "/dev/shm"
+
+
+def _tracker() -> psutil.Process | None:
+    """The resource tracker this process started, if it runs (a private attribute of
+    multiprocessing's; None when it is not there or the tracker is gone)."""
+    pid = getattr(resource_tracker._resource_tracker, "_pid", None)
+    try:
+        process = psutil.Process(pid) if pid is not None else None
+        return process if process and process.status() != psutil.STATUS_ZOMBIE else None
+    except psutil.Error:
+        return None
+
+
+def _register(name: str) -> psutil.Process | None:
+    """Register a segment with the resource tracker, which unlinks it should this
+    process be killed; returns the tracker it went to. A tracker that was killed is
+    replaced (multiprocessing warns that resources might leak: ours do not, as the
+    owner unlinks each segment itself and children unlink them if the owner dies)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resource_tracker.register("/" + name, "shared_memory")
+    if caught:
+        logger.debug("the resource tracker had died; a new one was started: %s", caught[0])
+    return _tracker()
+
+
+def _unregister(name: str, tracker: psutil.Process | None) -> None:
+    """Withdraw a registration from the tracker that took it; not from a new one, which
+    never saw the name (it would print a KeyError trace of its own)."""
+    current = _tracker()
+    if tracker is not None and current is not None and current.pid == tracker.pid:
+        resource_tracker.unregister("/" + name, "shared_memory")
 
 
 def new_pool_id() -> str:
@@ -139,12 +178,21 @@ class Arena:
     Created by the parent with :meth:`create`; mapped by children with :meth:`attach`.
     """
 
-    def __init__(self, name: str, slot_bytes: int, slots: int, mapping: mmap.mmap, owner: bool):
+    def __init__(
+        self,
+        name: str,
+        slot_bytes: int,
+        slots: int,
+        mapping: mmap.mmap,
+        tracker: psutil.Process | None = None,
+        owner: bool = False,
+    ):
         self.name = name
         self.slot_bytes = slot_bytes  # bytes per slot, a multiple of 64
         self.slots = slots
         self._mmap = mapping
         self._owner = owner  # True in the parent: it unlinks
+        self._tracker = tracker  # the resource tracker it is registered with (parent)
         self._buffer = pa.py_buffer(mapping)  # one Arrow view of the whole mapping
 
     @classmethod
@@ -154,17 +202,18 @@ class Arena:
         check_free_space(size)
         name = segment_name(pool_id)
         fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+        tracker = None
         try:
-            resource_tracker.register("/" + name, "shared_memory")
+            tracker = _register(name)
             os.ftruncate(fd, size)
             mapping = mmap.mmap(fd, size)
         except BaseException:
             _posixshmem.shm_unlink("/" + name)
-            resource_tracker.unregister("/" + name, "shared_memory")
+            _unregister(name, tracker)
             raise
         finally:
             os.close(fd)
-        return cls(name, slot_bytes, slots, mapping, owner=True)
+        return cls(name, slot_bytes, slots, mapping, tracker, owner=True)
 
     @classmethod
     def attach(cls, name: str, slot_bytes: int, slots: int) -> Arena:
@@ -173,7 +222,7 @@ class Arena:
             mapping = mmap.mmap(fd, slot_bytes * slots)
         finally:
             os.close(fd)
-        return cls(name, slot_bytes, slots, mapping, owner=False)
+        return cls(name, slot_bytes, slots, mapping)
 
     def resident_bytes(self) -> int:
         """Shared memory the segment really uses: tmpfs allocates pages on first touch."""
@@ -183,7 +232,13 @@ class Arena:
             return 0
 
     def slot_buffer(self, slot: int, nbytes: int | None = None) -> pa.Buffer:
-        """A zero-copy Arrow view of a slot (or of its first ``nbytes``)."""
+        """A zero-copy Arrow view of a slot (or of its first ``nbytes``).
+
+        Raises:
+            ValueError: the arena is closed.
+        """
+        if self._buffer is None:
+            raise ValueError(f"the arena {self.name} is closed")
         return self._buffer.slice(
             slot * self.slot_bytes, self.slot_bytes if nbytes is None else nbytes
         )
@@ -233,4 +288,4 @@ class Arena:
             self._owner = False
             with contextlib.suppress(FileNotFoundError):
                 _posixshmem.shm_unlink("/" + self.name)
-            resource_tracker.unregister("/" + self.name, "shared_memory")
+            _unregister(self.name, self._tracker)
