@@ -46,22 +46,29 @@ def kill(process: psutil.Process) -> None:
     assert process.status() == psutil.STATUS_ZOMBIE
 
 
+def stream_killing(pool: StreamPool, report, victims: dict[int, object]) -> bytes:
+    """The text of a stream during which, after chunk ``i``, ``victims[i]()`` runs."""
+    parts = []
+    for i, chunk in enumerate(pool.stream(report, chunk_size=1000)):
+        parts.append(chunk.text)
+        if i in victims:
+            victims[i]()
+    return b"".join(parts)
+
+
 def test_the_fork_server_killed_mid_run_changes_nothing(report):
     """Every child lives on, so the run completes byte for byte; a transformer that
     dies later is replaced by a new fork server's child."""
     with StreamPool(2) as pool:
-        alone = b"".join(c.text for c in pool.stream(report, chunk_size=1000))
-        parts = []
-        for i, chunk in enumerate(pool.stream(report, chunk_size=1000)):
-            parts.append(chunk.text)
-            if i == 2:
-                kill(helper("forkserver"))
-            if i == 60:
-                os.kill(pool.transformer_pids()[0], 9)
-        assert b"".join(parts) == alone
+        alone = stream_killing(pool, report, {})
+        victims = {
+            2: lambda: kill(helper("forkserver")),
+            60: lambda: os.kill(pool.transformer_pids()[0], 9),
+        }
+        assert stream_killing(pool, report, victims) == alone
         assert pool.restarts == 1  # the transformer only
         pids = pool.transformer_pids()
-        assert b"".join(c.text for c in pool.stream(report, chunk_size=1000)) == alone
+        assert stream_killing(pool, report, {}) == alone
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert our_segments() == []
 
@@ -70,14 +77,15 @@ def test_the_resource_tracker_killed_mid_run_leaves_no_segment(report, capfd):
     """The segments made before its death are unlinked by the pool all the same, and
     the next ones are registered with a new tracker; nobody warns of leaks."""
     with StreamPool(2) as pool:
-        alone = b"".join(c.text for c in pool.stream(report, chunk_size=1000))
-        parts = []
-        for i, chunk in enumerate(pool.stream(report, chunk_size=1000)):
-            parts.append(chunk.text)
-            if i == 2:
-                kill(helper("resource_tracker"))
-                again = b"".join(c.text for c in pool.stream(report, chunk_size=1000))
-        assert b"".join(parts) == alone == again
+        alone = stream_killing(pool, report, {})
+        again = []
+
+        def kill_the_tracker_and_start_another() -> None:
+            kill(helper("resource_tracker"))
+            again.append(stream_killing(pool, report, {}))
+
+        assert stream_killing(pool, report, {2: kill_the_tracker_and_start_another}) == alone
+        assert again == [alone]
     assert our_segments() == []
     helper("resource_tracker")  # the new one
     stderr = capfd.readouterr().err

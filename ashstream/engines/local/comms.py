@@ -4,9 +4,9 @@ Each process has one duplex pipe to the parent (one pipe per child, as mpire doe
 2.1), so a SIGKILLed child can never wedge a lock shared with another. In the parent,
 only the dispatcher thread reads a child's pipe and only that child's outbox thread
 writes to it. Data does not travel here: batches and results live in the stream's
-shared-memory arena (``ashstream.engines.local.shm``); a message names the slot. The exceptions are a
-single row too big for any slot and a result too big for its slot, which travel inline
-as bytes.
+shared-memory arena (``ashstream.engines.local.shm``); a message names the slot. The
+exceptions are a single row too big for any slot and a result too big for its slot,
+which travel inline as bytes.
 
     parent --ProducerJob--> producer --SourceOpened/BatchProduced/SourceDone/StageFailed--> parent
     parent --SlotCredit---> producer        (a free input slot: credit-based backpressure)
@@ -16,8 +16,9 @@ as bytes.
     parent --STOP---------> any child
     any child --LogLine---> parent          (its log records)
 
-Because of the outbox threads (``Outbox`` in ``ashstream.engines.local.supervisor``) no other thread
-ever blocks on a full pipe, so an inline message may be as large as memory allows.
+Because of the outbox threads (``Outbox`` in ``ashstream.engines.local.children``) no
+other thread ever blocks on a full pipe, so an inline message may be as large as memory
+allows.
 """
 
 from __future__ import annotations
