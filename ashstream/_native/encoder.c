@@ -414,6 +414,13 @@ static inline int64_t floor_div(int64_t a, int64_t b)
     return q;
 }
 
+/* a - q * b for q = floor_div(a, b): in [0, b), though q * b may not fit an int64
+   (the first nanosecond timestamps), so computed modulo 2**64. */
+static inline uint64_t floor_rem(int64_t a, int64_t q, int64_t b)
+{
+    return (uint64_t)a - (uint64_t)q * (uint64_t)b;
+}
+
 static inline char *write_small(char *out, unsigned v) /* 0..99 */
 {
     if (v < 10) {
@@ -561,7 +568,7 @@ static inline char *write_value(char *out, Column *c, int64_t j, int policy)
         const int64_t day = floor_div(ticks, per_day);
         out = write_day(out, c, day);
         out = PUT(out, ", hour: ");
-        return write_time_of_day(out, (ticks - day * per_day) / c->per_second);
+        return write_time_of_day(out, (int64_t)floor_rem(ticks, day, per_day) / c->per_second);
     }
     case K_TIME: {
         const int64_t ticks = read_signed(c->values, c->width, j);
@@ -581,7 +588,8 @@ static inline char *write_value(char *out, Column *c, int64_t j, int policy)
             return out;
         }
         const int64_t seconds = floor_div(ticks, c->per_second);
-        const int64_t nanos = (ticks - seconds * c->per_second) * (1000000000 / c->per_second);
+        const int64_t nanos =
+            (int64_t)floor_rem(ticks, seconds, c->per_second) * (1000000000 / c->per_second);
         if (nanos) *out++ = '(';
         out = PUT(out, "duration(seconds: ");
         out = write_int(out, seconds);
