@@ -12,6 +12,8 @@ from __future__ import annotations
 import decimal
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 from ashstream import encode as encode_module
 from ashstream import encode_native
 from ashstream.encode import EncodeOptions, EncodeStats, format_float
+from tests.conftest import mixed_sql, write_report
 from tests.encoders import encoder
 from tests.strategies import arrays, tables
 
@@ -226,3 +229,53 @@ def test_the_environment_variable_chooses_the_encoder(monkeypatch):
     monkeypatch.setenv(encode_native.ENCODER_VARIABLE, "fast")
     with pytest.raises(Exception, match="must be 'native', 'reference' or unset, not 'fast'"):
         encode_native.chosen()
+
+
+@pytest.mark.process
+@pytest.mark.slow
+def test_whole_runs_write_the_same_module_with_either_encoder(tmp_path):
+    """``ashstream run`` in this process and on a pool, under each encoder: four
+    byte-identical modules (groups, variables, nested and zoned values included)."""
+    report = write_report(
+        tmp_path,
+        {
+            "name": "mixed",
+            "source": {"duckdb": {"query": mixed_sql(40_000)}},
+            "groups": [{"name": "letter", "field": "letter"}],
+            "variables": [
+                {"name": "total", "function": "sum", "field": "amount", "reset": "letter"},
+                {"name": "last_day", "function": "last", "field": "day", "reset": "report"},
+            ],
+            "pipeline": {"timezone": "America/New_York"},
+        },
+    )
+    modules = {}
+    for name in ENCODERS:
+        for engine, flags in (
+            ("inline", ["--inline-rows", "1000000"]),
+            ("pool", ["--workers", "2"]),
+        ):
+            out = tmp_path / f"{name}-{engine}.typ"
+            env = {**os.environ, encode_native.ENCODER_VARIABLE: name}
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "ashstream",
+                    "run",
+                    str(report),
+                    "-q",
+                    "-o",
+                    str(out),
+                    *flags,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env,
+            )
+            assert done.returncode == 0, done.stderr
+            modules[(name, engine)] = out.read_bytes()
+    first = modules[("reference", "inline")]
+    assert b"datetime(" in first and b"groups" in first
+    assert all(module == first for module in modules.values())
