@@ -22,6 +22,7 @@ from ashstream.errors import (
     PipelineError,
     ReportError,
     ResourceError,
+    SettingsError,
     SinkError,
     SourceError,
     UnsupportedTypeError,
@@ -44,6 +45,10 @@ __all__ = [
     "Report",
     "ReportError",
     "ResourceError",
+    "RunProgress",
+    "RunStage",
+    "RunSummary",
+    "SettingsError",
     "SinkError",
     "SourceError",
     "StreamHandle",
@@ -56,21 +61,30 @@ __all__ = [
     "encode_rows",
     "encode_value",
     "load_report",
+    "run_report",
     "telemetry",
 ]
 
 
 if TYPE_CHECKING:
     from ashstream.engines.local.pool import StreamHandle, StreamPool
+    from ashstream.runner import RunProgress, RunStage, RunSummary, run_report
+
+_RUNNER = ("RunProgress", "RunStage", "RunSummary", "run_report")
 
 
 def __getattr__(name: str) -> object:
     """The pool and its process machinery load on first use (PEP 562): a small report
-    that runs in the calling process never needs them, and a command starts sooner."""
+    that runs in the calling process never needs them, and a command starts sooner.
+    The runner does too, as the sinks it imports import ``__version__`` from here."""
     if name in ("StreamPool", "StreamHandle"):
         from ashstream.engines.local import pool
 
         return getattr(pool, name)
+    if name in _RUNNER:
+        from ashstream import runner
+
+        return getattr(runner, name)
     raise AttributeError(f"module 'ashstream' has no attribute {name!r}")
 
 

@@ -1,5 +1,8 @@
 """The ``ashstream`` command line; the only module that prints.
 
+``ashstream run`` parses its options, hands the run to
+:func:`ashstream.runner.run_report` and draws its progress and summary.
+
 Exit codes: 0 ok, 1 error, 2 bad usage or report definition, 130 interrupted (Ctrl-C),
 143 terminated (SIGTERM). Every outcome of every command is mapped to one line and its
 exit code in one place, :meth:`_Commands.invoke`: an ashstream error prints its message,
@@ -17,11 +20,8 @@ import logging
 import os
 import signal
 import sys
-import time
-from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import click
 from rich.console import Console
@@ -35,24 +35,19 @@ from ashstream.encode import (
     encode_rows_text,
     typst_type,
 )
-from ashstream.engines.inline import INLINE_MAX_ROWS, InlineStream, inline_max_rows, runs_inline
+from ashstream.engines.inline import INLINE_MAX_ROWS
 from ashstream.errors import (
     INTERNAL_ERROR_ADVICE,
     AshstreamError,
     Cancelled,
     ExitCode,
-    PipelineError,
-    SettingsError,
     SinkError,
     StatusError,
 )
 from ashstream.report import MAX_CHUNK_SIZE, MAX_WORKERS, load_report, with_allowed_paths
-from ashstream.sinks import TypstModuleSink, compile_pdf
+from ashstream.runner import RunProgress, RunStage, run_report
 from ashstream.sources import sample_source
 from ashstream.startup import skip_pandas_probe
-
-if TYPE_CHECKING:
-    from ashstream.engines.local.pool import StreamPool
 
 stderr = Console(stderr=True, highlight=False)
 logger = logging.getLogger(__name__)
@@ -263,24 +258,26 @@ def run(
     configure_logging(log_level, log_format)
     if memray_dir:
         profiling.prepare(memray_dir)
+    quiet = quiet or as_json
+    written = click.get_current_context().meta.setdefault(WRITTEN, [])  # for an interrupt
     with _sigterm_cancels(), profiling.tracked(memray_dir, "parent"):
-        summary = _run(
-            report_path,
-            chunk_size,
-            workers,
-            _parse_params(params),
-            allow_paths,
-            output,
-            pdf,
-            show_progress=not (no_progress or quiet or as_json),
-            quiet=quiet or as_json,
-            memray_dir=memray_dir,
-            inline_rows=inline_rows,
-            engine=engine,
-            ray_address=ray_address,
-        )
+        report = with_allowed_paths(load_report(report_path, _parse_params(params)), allow_paths)
+        display = _Display(not (no_progress or quiet), quiet, report.name, written)
+        with display:
+            summary = run_report(
+                report,
+                output=output,
+                pdf=pdf,
+                chunk_size=chunk_size,
+                engine=engine,
+                workers=workers,
+                inline_rows=inline_rows,
+                ray_address=ray_address,
+                profile_dir=memray_dir,
+                progress=display,
+            ).to_dict()
     if memray_dir:
-        summary["profiles"] = _profiles(memray_dir, quiet or as_json)
+        summary["profiles"] = _profiles(memray_dir, quiet)
     if as_json:
         click.echo(json.dumps(summary, default=str))  # decimals and dates as text
     elif not quiet:
@@ -324,148 +321,6 @@ def _profiles(directory: str, quiet: bool) -> list[dict]:
                 command = f"{sys.executable} -m memray flamegraph {e['file']}"
                 stderr.print(f"To draw {e['role']}: {command}", markup=False, soft_wrap=True)
     return entries
-
-
-def _run(
-    report_path,
-    chunk_size,
-    workers,
-    params,
-    allow_paths,
-    output,
-    pdf,
-    show_progress,
-    quiet,
-    memray_dir=None,
-    inline_rows=None,
-    engine=None,
-    ray_address=None,
-) -> dict:
-    report = with_allowed_paths(load_report(report_path, params), allow_paths)
-    if inline_rows is None:  # --workers asks for workers
-        inline_rows = 0 if workers else inline_max_rows(len(os.sched_getaffinity(0)))
-    workers = workers or report.pipeline.workers
-    module_path = Path(output or report.output.typst or f"{report.name}.typ")
-    pdf_path = pdf or report.output.pdf
-    _check_outputs(report, module_path, pdf_path)
-    every_row = report.output.template is not None and report.output.template_rows == "all"
-    preview = report.output.pdf_max_rows if pdf_path and not every_row else 0
-    sink = TypstModuleSink(module_path, report, preview_rows=preview)
-    written = click.get_current_context().meta.setdefault(WRITTEN, [])  # for an interrupt
-    sink.open()
-    started = time.perf_counter()
-    try:
-        engine_args = (engine, ray_address, workers, memray_dir, inline_rows)
-        with _engine(report, chunk_size, *engine_args) as (handle, pool):
-            chunks = groups = 0
-            with _progress(show_progress, report.name) as show_progress_of:
-                for chunk in handle:
-                    sink.write(chunk)
-                    chunks += 1
-                    groups += len(chunk.groups)
-                    status = _status_line(pool, sink.rows, started)
-                    show_progress_of(sink.rows, handle.total_rows, status)
-            columns = handle.columns or ()
-            results = handle.summary
-            summary = {
-                "report": report.name,
-                "rows": sink.rows,
-                "chunks": chunks,
-                "engine": "inline" if pool is None else pool.engine,
-                "workers": 0 if pool is None else pool.workers,
-                "peak_memory_bytes": (pool or handle).peak_memory_bytes,
-                "restarts": 0 if pool is None else pool.restarts,
-                "skipped_rows": handle.skipped,
-                "warnings": handle.lossy.messages(),
-                "groups": groups + len(results.groups),
-                "totals": results.totals,
-            }
-            if summary["engine"] == "ray":
-                summary["read_on"] = handle.read_on  # the cluster, or the driver
-        sink.finish(columns, results)
-        summary["seconds"] = time.perf_counter() - started
-        if pdf_path:
-            if not quiet:
-                stderr.print(f"Compiling {pdf_path} with Typst…")
-            compile_pdf(pdf_path, sink, columns, report.output.template, every_row)
-            written.append(str(pdf_path))
-            if report.output.template and not every_row and sink.rows > preview:
-                summary["warnings"].append(
-                    f"the template read the first {preview:,} of {sink.rows:,} rows "
-                    "(output.pdf_max_rows); output.template_rows: all gives it every row"
-                )
-        sink.commit()  # last: a failure or Ctrl-C before this leaves no module behind
-        written.append(str(module_path))
-    except BaseException:
-        sink.abort()
-        raise
-    summary["rows_per_s"] = summary["rows"] / summary["seconds"] if summary["seconds"] else 0.0
-    summary["outputs"] = {"typst": str(module_path), "pdf": str(pdf_path) if pdf_path else None}
-    return summary
-
-
-def _check_outputs(report, module_path: Path, pdf_path: str | None) -> None:
-    """Refuse outputs that would overwrite each other or an input, before anything runs
-    (a run would replace the source it reads, or write the PDF and then fail)."""
-    inputs = {report.path: "the report file", report.output.template: "the template"}
-    inputs.update(dict.fromkeys(report.source.parquet, "a source file"))
-    inputs[report.source.database] = "the source database"
-    outputs = {"the Typst module": module_path, "the PDF": pdf_path}
-    seen: dict[str, str] = {}
-    for what, path in outputs.items():
-        if path is None:
-            continue
-        entry = _entry(path)
-        for other, description in inputs.items():
-            if other and (entry == os.path.realpath(other) or _same_inode(path, other)):
-                raise SettingsError(
-                    f"{path}: {what} would overwrite {description}; give another output path"
-                )
-        if entry in seen:
-            raise SettingsError(
-                f"{path}: {what} would overwrite {seen[entry]}; give another output path"
-            )
-        seen[entry] = what
-
-
-def _entry(path: str | os.PathLike) -> str:
-    """The directory entry an output's rename replaces: its folder resolved, its own
-    name not (a link there is replaced, not written through)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(os.path.realpath(folder), name)
-
-
-def _same_inode(output: str | os.PathLike, other: str | os.PathLike) -> bool:
-    """Whether an output that is a file (not a link) is ``other`` by another name."""
-    try:
-        mine, theirs = os.lstat(output), os.stat(other)
-    except OSError:
-        return False
-    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
-
-
-@contextmanager
-def _engine(report, chunk_size, engine, ray_address, workers, memray_dir, inline_rows):
-    """The report's stream and the pool running it, or None for a source small enough
-    to run in this process (``--inline-rows``): starting a pool costs a third of a second
-    or more, and small reports do not win it back."""
-    if engine == "ray":
-        try:
-            from ashstream.engines.ray import RayPool
-        except ImportError as exc:
-            raise PipelineError(
-                f"the Ray engine needs Ray ({exc}); install it with: pip install 'ashstream[ray]'"
-            ) from None
-        with RayPool(ray_address) as pool:
-            yield pool.start(report, chunk_size), pool
-        return
-    if runs_inline(report, inline_rows):
-        yield InlineStream(report, chunk_size), None
-        return
-    from ashstream.engines.local.pool import StreamPool  # loaded only when a pool is needed
-
-    with StreamPool(workers, profile_dir=memray_dir) as pool:
-        yield pool.start(report, chunk_size), pool
 
 
 def _print_summary(summary: dict) -> None:
@@ -716,58 +571,88 @@ def _pool_processes(pool_pid: int) -> list[dict]:
     return found
 
 
-def _status_line(pool: StreamPool | None, rows: int, started: float) -> str:
-    elapsed = time.perf_counter() - started
-    rate = rows / elapsed if elapsed > 0 else 0.0
-    if pool is None:
+def _status_line(step: RunProgress) -> str:
+    rate = step.rows / step.elapsed_s if step.elapsed_s > 0 else 0.0
+    if step.engine == "inline":
         return f"{rate:,.0f} rows/s · in this process"
-    if pool.engine == "ray":
-        return f"{rate:,.0f} rows/s · Ray, {pool.workers} CPUs"
+    if step.engine == "ray":
+        return f"{rate:,.0f} rows/s · Ray, {step.workers} CPUs"
     return (
-        f"{rate:,.0f} rows/s · {pool.memory_bytes / 2**20:,.0f} MiB · "
-        f"{pool.busy_transformers()}/{pool.workers} transformers busy"
+        f"{rate:,.0f} rows/s · {step.memory_bytes / 2**20:,.0f} MiB · "
+        f"{step.busy_workers}/{step.workers} transformers busy"
     )
 
 
-@contextmanager
-def _progress(enabled: bool, description: str) -> Iterator[Callable[[int, int | None, str], None]]:
-    """Yields ``show(rows, total_rows, status)``, which updates the live progress display;
-    when the display is off, a no-op, and rich.progress (~8 ms to import) is not loaded."""
-    if not enabled:
-        yield lambda rows, total, status: None
-        return
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+class _Display:
+    """What ``ashstream run`` shows of :func:`run_report`'s progress, and the outputs it
+    has put in place (``written``, for the message of an interrupt). The live display
+    runs from the engine's start to the stream's end; rich.progress is imported only
+    when it is ``enabled``, as its import is felt in a small run."""
 
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.completed:,} rows"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=stderr,
-        transient=False,
-    )
-    with progress:
-        task = progress.add_task(description, total=None, status="starting")
-        yield lambda rows, total, status: progress.update(
-            task, completed=rows, total=total, status=status
+    def __init__(self, enabled: bool, quiet: bool, description: str, written: list[str]) -> None:
+        self.enabled = enabled
+        self.quiet = quiet  # no "Compiling…" line either
+        self.description = description  # the bar's label: the report's name
+        self.written = written
+        self._progress: Any = None  # the rich Progress while it is drawn
+        self._task: Any = None  # its one task
+
+    def __call__(self, step: RunProgress) -> None:
+        if step.stage is RunStage.STARTED and self.enabled:
+            self._start()
+        elif step.stage is RunStage.CHUNK_WRITTEN and self._progress is not None:
+            self._progress.update(
+                self._task, completed=step.rows, total=step.total_rows, status=_status_line(step)
+            )
+        elif step.stage is RunStage.STREAM_ENDED:
+            self.close()
+        elif step.stage is RunStage.COMPILING_PDF and not self.quiet:
+            stderr.print(f"Compiling {step.path} with Typst…")
+        elif step.stage is RunStage.OUTPUT_WRITTEN:
+            self.written.append(step.path)
+
+    def _start(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
         )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.completed:,} rows"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=stderr,
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(self.description, total=None, status="starting")
+
+    def close(self) -> None:
+        """Stop the live display, if it runs; again is a no-op."""
+        if self._progress is not None:
+            progress, self._progress = self._progress, None
+            progress.stop()
+
+    def __enter__(self) -> _Display:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def entry_point() -> None:
     """The ``ashstream`` command: :func:`main`, then an exit that skips the interpreter's
     teardown. Everything of ours is closed by then (pools, files, DuckDB, Ray); what is
-    left is freeing every module's objects one by one, ~45 ms of a 0.45 s small report.
-    Output is flushed first; a closed pipe has nothing more to take."""
+    left is freeing every module's objects one by one, a felt part of a small report's
+    run. Output is flushed first; a closed pipe has nothing more to take."""
     code: int = 0
     if sys.stdout is None:
         sys.stdout = _ClosedOutput()

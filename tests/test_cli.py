@@ -413,8 +413,8 @@ def test_bad_command_line_values():
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("signum", "code"), [(2, 130), (15, 143)], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_run_exits_cleanly_and_writes_nothing(tmp_path, signum, code):
-    import time
-
+    """The signal comes once the first batch is done (the pool's own telemetry, read from
+    the debug log): every process is up and the stream runs."""
     import psutil
 
     from ashstream.engines.local.shm import our_segments
@@ -423,25 +423,29 @@ def test_an_interrupted_run_exits_cleanly_and_writes_nothing(tmp_path, signum, c
     report = write_report(tmp_path, {"name": "long", "source": {"duckdb": {"query": query}}})
     process = subprocess.Popen(
         command(
-            "run", str(report), "-o", str(tmp_path / "o.typ"), "--no-progress", "--workers", "2"
+            *("run", str(report), "-o", str(tmp_path / "o.typ"), "--no-progress"),
+            *("--workers", "2", "--log-level", "debug", "--log-format", "json"),
         ),
         stderr=subprocess.PIPE,
         text=True,
     )
-    parent = psutil.Process(process.pid)
-    deadline = time.monotonic() + 30
-    while len(parent.children(recursive=True)) < 4 and time.monotonic() < deadline:
-        time.sleep(0.1)  # the pool's processes are up: the stream is running
-    time.sleep(1.0)
-    children = parent.children(recursive=True)
+    before = []
+    for line in process.stderr:
+        before.append(line)
+        if '"event": "batch.done"' in line:
+            break
+    assert before and '"event": "batch.done"' in before[-1], "".join(before)
+    children = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signum)
     # 100M rows take minutes: exiting within the timeout, with the signal's code and no
     # summary, is the signal's doing, not the run's end (a wall-clock bound would flake).
-    stderr = process.communicate(timeout=30)[1]
-    assert process.returncode == code, stderr
-    assert "rows in" not in stderr
-    assert "nothing was written" in stderr
-    assert "Traceback" not in stderr
+    after = process.communicate(timeout=30)[1]
+    # What the command itself printed: every line but the JSON log's.
+    said = "".join(line for line in before + after.splitlines(True) if not line.startswith("{"))
+    assert process.returncode == code, said
+    assert "rows in" not in said
+    assert "nothing was written" in said
+    assert "Traceback" not in said
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.yaml"]
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive

@@ -1,0 +1,116 @@
+"""``run_report``, the run a library caller shares with ``ashstream run``: the same
+module and summary, its progress steps, and nothing left behind when it stops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+from click.testing import CliRunner
+
+from ashstream import RunProgress, RunStage, SettingsError, run_report
+from ashstream.cli import main
+from tests.conftest import write_report
+
+ROWS = 3000
+
+
+@pytest.fixture
+def report(tmp_path: Path) -> Path:
+    """A small Parquet source with a group and a total: runs in this process."""
+    query = f"SELECT i, (i % 7)::DECIMAL(6, 2) AS d FROM range({ROWS}) t(i)"
+    duckdb.sql(f"COPY ({query}) TO '{tmp_path / 'data.parquet'}' (FORMAT parquet)")
+    spec = {
+        "name": "small",
+        "source": {"parquet": "data.parquet", "sorted": True},
+        "groups": [{"name": "block", "expr": "i // 1000"}],
+        "variables": [{"name": "total", "function": "sum", "field": "d"}],
+    }
+    return write_report(tmp_path, spec)
+
+
+# What changes from one run to the next.
+UNSTEADY = ("seconds", "rows_per_s", "peak_memory_bytes", "outputs")
+
+
+def test_the_same_module_and_summary_as_the_command(report, tmp_path):
+    summary = run_report(report, output=tmp_path / "lib.typ", chunk_size=500)
+    result = CliRunner().invoke(
+        main, ["run", str(report), "-o", str(tmp_path / "cli.typ"), "--chunk-size", "500", "--json"]
+    )
+    assert result.exit_code == 0, result.stderr
+    printed = json.loads(result.stdout)
+    mine = json.loads(json.dumps(summary.to_dict(), default=str))
+    assert list(mine) == list(printed)
+    assert {k: v for k, v in mine.items() if k not in UNSTEADY} == {
+        k: v for k, v in printed.items() if k not in UNSTEADY
+    }
+    assert (summary.engine, summary.rows, summary.chunks, summary.groups) == ("inline", ROWS, 6, 3)
+    assert summary.typst_path == str(tmp_path / "lib.typ") and summary.pdf_path is None
+    assert (tmp_path / "lib.typ").read_bytes() == (tmp_path / "cli.typ").read_bytes()
+
+
+@pytest.mark.process
+@pytest.mark.parametrize(
+    ("settings", "engine", "workers"),
+    [({}, "inline", 0), ({"workers": 1}, "local", 1)],
+    ids=["inline", "local"],
+)
+def test_progress_steps(report, tmp_path, settings, engine, workers):
+    steps: list[RunProgress] = []
+    typst, pdf = tmp_path / "r.typ", tmp_path / "r.pdf"
+    run_report(report, output=typst, pdf=pdf, chunk_size=1000, progress=steps.append, **settings)
+    stages = [step.stage for step in steps]
+    assert stages == [
+        RunStage.STARTED,
+        *[RunStage.CHUNK_WRITTEN] * 3,
+        RunStage.STREAM_ENDED,
+        RunStage.COMPILING_PDF,
+        RunStage.OUTPUT_WRITTEN,
+        RunStage.OUTPUT_WRITTEN,
+    ]
+    chunks = [step for step in steps if step.stage is RunStage.CHUNK_WRITTEN]
+    assert [step.rows for step in chunks] == [1000, 2000, 3000]
+    assert {(step.engine, step.workers, step.total_rows) for step in chunks} == {
+        (engine, workers, ROWS)
+    }
+    local = engine == "local"
+    assert all((step.memory_bytes is not None) == local for step in chunks)
+    assert all((step.busy_workers is not None) == local for step in chunks)
+    assert [step.path for step in steps[-2:]] == [str(pdf), str(typst)]  # the module last
+    assert typst.is_file() and pdf.read_bytes().startswith(b"%PDF")
+
+
+@pytest.mark.parametrize("stage", [RunStage.CHUNK_WRITTEN, RunStage.STREAM_ENDED])
+def test_an_interrupt_leaves_no_output(report, tmp_path, stage):
+    """Ctrl-C as a chunk is written, or once the stream ended: no module, no temporary
+    file, and the KeyboardInterrupt reaches the caller as it is."""
+
+    def interrupt(step: RunProgress) -> None:
+        if step.stage is stage:
+            raise KeyboardInterrupt
+
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(KeyboardInterrupt):
+        run_report(report, output=tmp_path / "r.typ", chunk_size=500, progress=interrupt)
+    assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        ({"engine": "spark"}, "engine 'spark' is none of local, ray"),
+        ({"engine": "local", "ray_address": "auto"}, "a Ray address needs the Ray engine"),
+        ({"engine": "ray", "workers": 2}, "workers: the local engine's, not Ray's"),
+        ({"ray_address": "auto", "inline_rows": 0}, "inline_rows: the local engine's"),
+        ({"engine": "ray", "profile_dir": "p", "workers": 1}, "workers, profile_dir: the"),
+    ],
+    ids=["unknown engine", "address on local", "workers", "inline rows", "two at once"],
+)
+def test_settings_that_do_not_fit_the_engine_are_refused(tmp_path, settings, refused):
+    with pytest.raises(SettingsError, match=refused) as raised:
+        run_report(tmp_path / "never-read.yaml", output=tmp_path / "r.typ", **settings)
+    assert raised.value.exit_code == 2
+    assert list(tmp_path.iterdir()) == []
