@@ -70,6 +70,12 @@ class RayPool(Pool):
         self._recorded_at = 0.0
 
     def open(self) -> None:
+        """Join the cluster (or start a local Ray) and count its CPUs; again is a no-op.
+
+        Raises:
+            PipelineError: in one line, when Ray cannot be reached, joined or started,
+                or has no CPU for tasks.
+        """
         if self._open:
             return
         if not ray.is_initialized():
@@ -115,6 +121,7 @@ class RayPool(Pool):
                 ray.shutdown()
 
     def max_tasks_in_flight(self) -> int:
+        """Encode tasks a stream keeps in flight: ``TASKS_PER_CPU`` per cluster CPU."""
         return TASKS_PER_CPU * max(1, self.workers)
 
     def record(self, stream: RayStream, status: str, every_s: float = 0.0) -> None:
