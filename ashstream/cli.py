@@ -33,6 +33,7 @@ from ashstream.encode import (
     encode_array,
     encode_rows,
     encode_rows_text,
+    encoder_name,
     typst_type,
 )
 from ashstream.engines.inline import INLINE_MAX_ROWS
@@ -111,11 +112,30 @@ def _fail(exc: BaseException, ctx: click.Context) -> None:
     sys.exit(code)
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    try:
+        encoder = encoder_name()
+    except AshstreamError as exc:
+        _fail(exc, ctx)
+    click.echo(f"ashstream, version {__version__} (encoder: {encoder})")
+    ctx.exit()
+
+
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="ashstream")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version and the encoder that runs (native or reference), then exit.",
+)
 def main() -> None:
     """Stream DuckDB queries and Parquet files into Typst values for reports."""
     skip_pandas_probe()
+    encoder_name()  # a bad ASHSTREAM_ENCODER fails here, in one line, before any work
 
 
 # Every command that opens the source takes it: the SQL may read these too.

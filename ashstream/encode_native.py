@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ashstream import encode as reference
-from ashstream.errors import EncodeError
+from ashstream.errors import SettingsError
 
 try:
     from ashstream import _encoder
@@ -43,13 +43,15 @@ def chosen() -> str:
         return choice
     if choice == "native":
         if not available():
-            raise EncodeError(
+            raise SettingsError(
                 f"{ENCODER_VARIABLE}=native, but this installation has no compiled encoder "
                 "(it was installed without a C compiler): reinstall with gcc present, or "
                 f"unset {ENCODER_VARIABLE}"
             )
         return choice
-    raise EncodeError(f"{ENCODER_VARIABLE} must be 'native', 'reference' or unset, not {choice!r}")
+    raise SettingsError(
+        f"{ENCODER_VARIABLE} must be 'native', 'reference' or unset, not {choice!r}"
+    )
 
 
 def rows(

@@ -22,10 +22,11 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ashstream.encode import encoder_name
 from ashstream.engines.inline import InlineStream, inline_max_rows, runs_inline
 from ashstream.errors import PipelineError, SettingsError
 from ashstream.report import Report, with_params
@@ -82,6 +83,8 @@ class RunSummary:
     typst_path: str
     pdf_path: str | None
     read_on: str | None = None  # Ray: "cluster" or "driver"
+    # this installation's: "native" or "reference" (a Ray node runs its own)
+    encoder: str = field(default_factory=encoder_name)
 
     @property
     def rows_per_s(self) -> float:
@@ -94,6 +97,7 @@ class RunSummary:
             "rows": self.rows,
             "chunks": self.chunks,
             "engine": self.engine,
+            "encoder": self.encoder,
             "workers": self.workers,
             "peak_memory_bytes": self.peak_memory_bytes,
             "restarts": self.restarts,

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import ashstream
+from ashstream import encode
 from ashstream.cli import main
 from tests.conftest import assert_one_line, mixed_sql, mixed_table, write_report
 from tests.reference import assert_same, to_model
@@ -29,7 +30,25 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_version():
     result = run_cli("--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"ashstream, version {ashstream.__version__}"
+    assert result.stdout.strip() == (
+        f"ashstream, version {ashstream.__version__} (encoder: {encode.encoder_name()})"
+    )
+    chosen = subprocess.run(
+        command("--version"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "ASHSTREAM_ENCODER": "reference"},
+    )
+    assert chosen.stdout.strip().endswith("(encoder: reference)")
+
+
+def test_a_bad_encoder_setting_is_one_line_before_any_work(tmp_path):
+    env = {**os.environ, "ASHSTREAM_ENCODER": "turbo"}
+    for args in (["--version"], ["validate", str(tmp_path / "missing.yaml")]):
+        result = subprocess.run(command(*args), capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 2, result
+        assert_one_line(result.stderr, "ASHSTREAM_ENCODER must be 'native', 'reference' or unset")
 
 
 def test_help():
