@@ -220,8 +220,7 @@ class ChildSet:
             WorkerCrashed: past the restart budget.
             PipelineError: not every child was ready within START_TIMEOUT_S.
         """
-        if self.ctx.get_start_method() == "forkserver":
-            _preload_in_forkserver()
+        self.preload()
         for role in (TRANSFORMER, PRODUCER):  # one by one: stop() stops those started
             for index in range(self.counts[role]):
                 self.slots[role].append(self._start(role, index, 0))
@@ -243,6 +242,13 @@ class ChildSet:
                     relay(message)
                 elif message is None:
                     self._died_while_starting(child, budget)
+
+    def preload(self) -> None:
+        """Have the fork server import what the children need, once: call it before
+        this process starts its first process of any kind (the registry's too), as
+        that starts the fork server."""
+        if self.ctx.get_start_method() == "forkserver":
+            _preload_in_forkserver()
 
     def _died_while_starting(self, child: Child, budget: RestartBudget) -> None:
         code = self.reap(child)

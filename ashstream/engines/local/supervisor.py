@@ -137,6 +137,7 @@ class Supervisor:
             )
         sweep_stale_segments()
         sweep_stale_spill_dirs()
+        self.children.preload()
         self.registry = Registry(self.children.ctx, self.children.lifeline_r, self.pool_id)
         try:
             self.children.start(self.budget, self._deferred.log)
