@@ -132,7 +132,3 @@ def _result(seq: int, first_row: int, rows: int, encoding: Future[EncodedBatch])
         if not isinstance(exc, AshstreamError):
             logger.debug("batch %d failed", seq, exc_info=True)
         raise batch_failure(exc, first_row, rows, seq) from None
-
-
-# The Ray engine's name for it (engines/ray.py imports it from here).
-unshared_rss = unshared_memory_bytes
