@@ -78,6 +78,7 @@ class OrderedMerge:
         self.collector = Collector(analysis) if analysis is not None else None
         self.lossy = EncodeStats()
         self.rows = 0  # rows taken so far; the next batch's first row
+        self.bytes = 0  # of Typst text taken so far
         self.final_groups: list[ClosedGroup] = []
         self._next_chunk = 0
         self._finished = False
@@ -100,8 +101,14 @@ class OrderedMerge:
             closed,
         )
         self.rows += done.rows
+        self.bytes += len(text)
         self._next_chunk += len(done.chunk_ends)
         return chunks
+
+    @property
+    def chunks(self) -> int:
+        """Chunks cut so far (a skipped batch's numbers included)."""
+        return self._next_chunk
 
     def skip(self, rows: int) -> None:
         """Leave out the next batch, of ``rows`` rows (a batch the local engine skips

@@ -520,8 +520,9 @@ def _first_values(sample) -> dict[str, str]:
 @click.option("--all", "show_all", is_flag=True, help="Also show finished streams.")
 def status(as_json, show_all) -> None:
     """List the ashstream runs of this user in progress on this machine."""
-    from ashstream.engines.local.registry import ACTIVE, running_pools
+    from ashstream.engines.local.registry import running_pools
     from ashstream.status_files import runtime_dir_path
+    from ashstream.stream_record import ACTIVE
 
     try:
         pools = running_pools()
@@ -531,7 +532,7 @@ def status(as_json, show_all) -> None:
     for pool in pools:
         pool["processes"] = _pool_processes(pool["pid"])
         if not show_all:
-            pool["streams"] = [s for s in pool["streams"] if s.get("status") in ACTIVE]
+            pool["streams"] = [s for s in pool["streams"] if s["status"] in ACTIVE]
     if as_json:
         click.echo(json.dumps(pools))
         return
@@ -553,16 +554,16 @@ def status(as_json, show_all) -> None:
     table = Table("pid", "stream", "report", "status", "rows", "rows/s", "memory", "restarts")
     for pool in pools:
         for s in pool["streams"]:
-            memory = s.get("memory_bytes")
+            memory = s["memory_bytes"]
             cells = (
                 str(pool["pid"]) + ("" if pool["engine"] == "local" else f" ({pool['engine']})"),
                 s["id"],
                 s["report"],
                 s["status"],
-                f"{s['rows']:,}" + (f" / {s['total_rows']:,}" if s.get("total_rows") else ""),
-                f"{s.get('rows_per_s', 0):,.0f}",
+                f"{s['rows']:,}" + (f" / {s['total_rows']:,}" if s["total_rows"] else ""),
+                f"{s['rows_per_s']:,.0f}",
                 f"{memory / 2**20:,.0f} MiB" if memory else "",
-                str(s.get("restarts", 0)),
+                str(s["restarts"]),
             )
             table.add_row(*(Text(cell) for cell in cells))
     out.print(table)

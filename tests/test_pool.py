@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 
@@ -22,6 +23,7 @@ from ashstream import (
     load_report,
 )
 from ashstream.engines.local.shm import our_segments
+from ashstream.stream_record import StreamRecord
 from tests.conftest import mixed_sql, mixed_table, write_report
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
@@ -246,6 +248,7 @@ def test_registry_records_each_stream(pools, tmp_path):
     assert entry["rows_per_s"] > 0
     assert entry["memory_pss_bytes"] > 0 and entry["memory_bytes"] > 0
     assert entry["restarts"] == 0 and entry["error"] is None
+    assert set(entry) == {f.name for f in dataclasses.fields(StreamRecord)} | {"rows_per_s"}
     assert handle.id in {e["id"] for e in pool.list(status="completed")}
 
 

@@ -3,6 +3,7 @@ byte for byte, as the local engine; faults of workers and nodes; cancel; the CLI
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from ray.cluster_utils import Cluster
 from ashstream import PipelineError, ResourceError, SourceError, load_report
 from ashstream.engines.ray import RayPool
 from ashstream.sinks import TypstModuleSink
+from ashstream.stream_record import StreamRecord
 from tests.conftest import assert_one_line, write_report
 
 pytestmark = [pytest.mark.process, pytest.mark.slow]
@@ -499,6 +501,9 @@ def test_the_local_engine_never_imports_ray():
     assert result.stdout.strip() == "[]"
 
 
+RECORD_KEYS = {f.name for f in dataclasses.fields(StreamRecord)} | {"rows_per_s"}
+
+
 def test_status_lists_a_running_ray_stream(cluster, source_dir):
     from ashstream.engines.local.registry import running_pools
 
@@ -509,6 +514,8 @@ def test_status_lists_a_running_ray_stream(cluster, source_dir):
         [mine] = [p for p in running_pools() if p["pid"] == os.getpid() and p["engine"] == "ray"]
         [entry] = mine["streams"]
         assert entry["id"] == stream.id and entry["status"] == "running"
+        assert set(entry) == RECORD_KEYS  # the local pool's record, field for field
+        assert entry["memory_bytes"] > 0 and entry["pids"] == {"driver": os.getpid()}
         stream.cancel()
     assert [p for p in running_pools() if p["pid"] == os.getpid() and p["engine"] == "ray"] == []
 

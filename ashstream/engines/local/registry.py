@@ -38,8 +38,6 @@ from ashstream.status_files import new_status_file, read_status_files, remove_st
 
 logger = logging.getLogger(__name__)
 
-STATUSES = ("queued", "starting", "running", "paused", "completed", "failed", "cancelled")
-ACTIVE = STATUSES[:4]  # a stream in one of these is in progress
 
 _streams: dict[str, dict[str, Any]] = {}  # lives in the Manager's server process
 

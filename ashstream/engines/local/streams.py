@@ -22,6 +22,7 @@ from ashstream.engines.local.comms import ArenaRef, BatchProduced, TaskDone
 from ashstream.engines.local.shm import Arena
 from ashstream.errors import AshstreamError
 from ashstream.report import Report
+from ashstream.stream_record import StreamRecord
 
 
 class ResultOrder:
@@ -106,23 +107,24 @@ class StreamState:
         """Whether its caller has something to take now: chunks, a batch or the end."""
         return bool(self.pending) or self.results.has_next() or self.results.finished()
 
-    def registry_entry(self, pids: dict[str, Any]) -> dict[str, Any]:
-        """Its record for ``ashstream status``; ``pids``: of the processes serving it."""
-        return {
-            "id": self.id,
-            "report": self.report.name,
-            "status": self.status,
-            "rows": self.rows,
-            "chunks": self.chunks,
-            "bytes": self.bytes,
-            "total_rows": self.total_rows,
-            "rows_per_s": self.rows
-            / max((self.finished_at or time.time()) - self.started_at, 1e-9),
-            "restarts": self.restarts,
-            "redispatched": self.redispatched,
-            "skipped": list(self.skipped),
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "pids": pids,
-            "error": str(self.error) if self.error else None,
-        }
+    def record(self, pids: dict[str, Any], memory: tuple[int | None, int | None]) -> StreamRecord:
+        """Its record for ``ashstream status``; ``pids``: of the processes serving it;
+        ``memory``: the pool tree's unshared and PSS bytes at the last health check."""
+        return StreamRecord(
+            id=self.id,
+            report=self.report.name,
+            status=self.status,
+            rows=self.rows,
+            total_rows=self.total_rows,
+            chunks=self.chunks,
+            bytes=self.bytes,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            memory_bytes=memory[0],
+            memory_pss_bytes=memory[1],
+            restarts=self.restarts,
+            redispatched=self.redispatched,
+            skipped=list(self.skipped),
+            pids=pids,
+            error=str(self.error) if self.error else None,
+        )

@@ -324,9 +324,7 @@ class Supervisor:
             "producer": producer.process.pid if producer is not None else None,
             "transformers": self.children.pids(TRANSFORMER),
         }
-        entry = stream.registry_entry(pids)
-        entry["memory_bytes"], entry["memory_pss_bytes"] = self.memory
-        return entry
+        return stream.record(pids, self.memory).to_dict()
 
     def streams(self) -> list[StreamState]:
         with self.dispatcher.lock:

@@ -125,7 +125,7 @@ class RayStream(MergedStream):
         self.read_on = "cluster" if reads_on_cluster(report) else "driver"
 
     def _chunks(self) -> Iterator[Chunk]:
-        status = "cancelled"  # unless it ends otherwise
+        status, error = "cancelled", None  # unless it ends otherwise
         try:
             yield from self._run()
             status = "completed"
@@ -134,15 +134,15 @@ class RayStream(MergedStream):
             # code surfaces as a SystemError caused by its exception: raise that one.
             if isinstance(exc.__cause__, KeyboardInterrupt | Cancelled):
                 raise exc.__cause__ from None
-            status = "failed"
+            status, error = "failed", str(exc)
             raise
         except (KeyboardInterrupt, GeneratorExit):
             raise
-        except BaseException:
-            status = "failed"
+        except BaseException as exc:
+            status, error = "failed", str(exc)
             raise
         finally:
-            self._pool.record(self, status)
+            self._pool.record(self, status, error=error)
 
     def _run(self) -> Iterator[Chunk]:
         pool, merge = self._pool, self._merge

@@ -20,6 +20,7 @@ from ashstream.engines.ray.driver import TASKS_PER_CPU, RayStream
 from ashstream.errors import PipelineError
 from ashstream.report import Report, with_params
 from ashstream.status_files import new_status_file, remove_status_file, rewrite_status_file
+from ashstream.stream_record import FINISHED, StreamRecord
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,9 @@ class RayPool(Pool):
         """Encode tasks a stream keeps in flight: ``TASKS_PER_CPU`` per cluster CPU."""
         return TASKS_PER_CPU * max(1, self.workers)
 
-    def record(self, stream: RayStream, status: str, every_s: float = 0.0) -> None:
+    def record(
+        self, stream: RayStream, status: str, every_s: float = 0.0, error: str | None = None
+    ) -> None:
         """Note the driver's memory and the stream's progress; rewrite the status file
         for ``ashstream status`` (at most every ``every_s`` seconds)."""
         self.peak_memory_bytes = max(self.peak_memory_bytes, unshared_memory_bytes())
@@ -132,18 +135,21 @@ class RayPool(Pool):
         if now - self._recorded_at < every_s or self._status_file is None:
             return
         self._recorded_at = now
-        rows = stream._merge.rows
-        elapsed = time.time() - stream.started_at
-        self._streams[stream.id] = {
-            "id": stream.id,
-            "report": stream.report.name,
-            "status": status,
-            "rows": rows,
-            "total_rows": stream.total_rows,
-            "rows_per_s": rows / elapsed if elapsed > 0 else 0.0,
-            "memory_bytes": self.peak_memory_bytes,
-            "started_at": stream.started_at,
-        }
+        merge = stream._merge
+        self._streams[stream.id] = StreamRecord(
+            id=stream.id,
+            report=stream.report.name,
+            status=status,
+            rows=merge.rows,
+            total_rows=stream.total_rows,
+            chunks=merge.chunks,
+            bytes=merge.bytes,
+            started_at=stream.started_at,
+            finished_at=time.time() if status in FINISHED else None,
+            memory_bytes=self.peak_memory_bytes,
+            pids={"driver": os.getpid()},
+            error=error,
+        ).to_dict()
         try:
             rewrite_status_file(self._status_file, self._status_info())
         except OSError as exc:  # status is best-effort; the stream runs on
