@@ -238,7 +238,7 @@ def _reference_rows_text(
     if not len(rows) or rows.buffers()[2] is None:
         return pa.py_buffer(b""), np.zeros(0, np.int64)
     text = rows.buffers()[2].slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
-    return text, offsets[1:] - offsets[0]
+    return text, (offsets[1:] - offsets[0]).astype(np.int64)
 
 
 def _encode_rows(

@@ -96,9 +96,15 @@ def _prepare(encoder: reference._ArrowEncoder, arr: pa.Array, path: str) -> tupl
     """The array the C join reads for one column, and whether it is text to copy."""
     t = arr.type
     if pa.types.is_dictionary(t):
-        arr.validate(full=True)
+        # The reference's order and errors: the values first (invalid UTF-8 named by
+        # row), then the gather (an index out of range); the C join checks indices too.
         values = _values_text(encoder, arr.dictionary, path)
-        return pa.DictionaryArray.from_arrays(arr.indices, values), True
+        indices = arr.indices
+        if indices.null_count < len(indices):
+            low, high = (m.as_py() for m in pc.min_max(indices).values())
+            if low < 0 or high >= len(values):
+                encoder.encode(arr, path)  # raises pyarrow's error, as the reference does
+        return pa.DictionaryArray.from_arrays(indices, values), True
     if pa.types.is_string_view(t) or pa.types.is_string(t) or pa.types.is_large_string(t):
         if pa.types.is_string_view(t):
             arr = arr.cast(pa.string())

@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,8 +83,7 @@ class RunSummary:
     typst_path: str
     pdf_path: str | None
     read_on: str | None = None  # Ray: "cluster" or "driver"
-    # this installation's: "native" or "reference" (a Ray node runs its own)
-    encoder: str = field(default_factory=encoder_name)
+    encoder: str = "native"  # this installation's, or "reference" (a Ray node runs its own)
 
     @property
     def rows_per_s(self) -> float:
@@ -155,6 +154,7 @@ def run_report(
         AshstreamError: whose ``exit_code`` is the command's; nothing is left behind.
     """
     engine = _engine_name(engine, ray_address, workers, inline_rows, profile_dir)
+    encoder = encoder_name()  # a bad ASHSTREAM_ENCODER fails before anything is written
     report = with_params(report, params)
     if inline_rows is None:  # asking for workers asks for a pool
         inline_rows = 0 if workers else inline_max_rows(len(os.sched_getaffinity(0)))
@@ -199,6 +199,7 @@ def run_report(
                 "groups": groups + len(results.groups),
                 "totals": results.totals,
                 "read_on": handle.read_on if name == "ray" else None,
+                "encoder": encoder,
             }
         sink.finish(columns, results)
         seconds = time.perf_counter() - started

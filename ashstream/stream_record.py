@@ -41,3 +41,20 @@ class StreamRecord:
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for the registry, the status file and ``--json``."""
         return {**dataclasses.asdict(self), "rows_per_s": self.rows_per_s}
+
+
+_EMPTY = {"int": 0, "float": 0.0, "str": "?"}  # a required field missing from a record
+
+
+def completed(entry: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` with every field of a record, those it lacks empty: a run of another
+    version of ashstream (started before an upgrade) may still be writing its own."""
+    full: dict[str, Any] = {"rows_per_s": 0.0}
+    for f in dataclasses.fields(StreamRecord):
+        if f.default is not dataclasses.MISSING:
+            full[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            full[f.name] = f.default_factory()
+        else:
+            full[f.name] = _EMPTY.get(str(f.type))
+    return {**full, **entry}

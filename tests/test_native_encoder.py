@@ -192,6 +192,22 @@ def test_invalid_utf8_gives_the_reference_error():
     assert result[0] == "error" and "invalid UTF-8" in result[2]
 
 
+def test_a_dictionary_of_invalid_utf8_or_bad_indices_gives_the_reference_error():
+    bad = pa.StringArray.from_buffers(
+        2, pa.py_buffer(np.array([0, 2, 4], np.int32)), pa.py_buffer(b"ok\xff\xfe")
+    )
+    invalid = pa.DictionaryArray.from_arrays(pa.array([0, 1, 0], pa.int32()), bad)
+    result = same_from_both(rows_text(pa.record_batch([invalid], names=["c"]), EncodeOptions()))
+    assert result[0] == "error" and "invalid UTF-8" in result[2]
+    out_of_range = pa.DictionaryArray.from_arrays(
+        pa.array([0, 5, None], pa.int32()), pa.array(["a", "b"]), safe=False
+    )
+    result = same_from_both(
+        rows_text(pa.record_batch([out_of_range], names=["c"]), EncodeOptions())
+    )
+    assert result[0] == "error"
+
+
 def test_big_strings_and_many_rows():
     rng = np.random.default_rng(3)
     words = ["plain", 'q"uote', "back\\slash", "new\nline", "\x00nul", "ünï", "x" * 300]

@@ -797,7 +797,8 @@ static size_t spare_capacity = 0;
 
 static char *take_block(size_t size, size_t *capacity)
 {
-    if (spare_block != NULL && spare_capacity >= size) {
+    /* not for a result far smaller (a dictionary's text), which would hold it */
+    if (spare_block != NULL && spare_capacity >= size && spare_capacity / 4 <= size) {
         char *block = spare_block;
         *capacity = spare_capacity;
         spare_block = NULL;

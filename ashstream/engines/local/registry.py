@@ -35,6 +35,7 @@ from typing import Any
 from ashstream.engines.local.child import Faults, become_child
 from ashstream.procs import pid_alive
 from ashstream.status_files import new_status_file, read_status_files, remove_status_file
+from ashstream.stream_record import completed
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def running_pools() -> list[dict[str, Any]]:
         except (KeyError, TypeError, ValueError):
             continue  # not a status file of this version
         if "streams" in info:  # an engine that writes its streams into the file
-            pool["streams"] = [s for s in info["streams"] if isinstance(s, dict)]
+            pool["streams"] = [completed(s) for s in info["streams"] if isinstance(s, dict)]
             pools.append(pool)
             continue
         try:
@@ -197,7 +198,7 @@ def running_pools() -> list[dict[str, Any]]:
         try:
             manager = RegistryManager(address=address, authkey=authkey, serializer=OWN_SERIALIZER)
             manager.connect()
-            pool["streams"] = [dict(e) for e in manager.streams().values()]
+            pool["streams"] = [completed(dict(e)) for e in manager.streams().values()]
         except (OSError, EOFError, AuthenticationError, managers.RemoteError) as exc:
             logger.debug("registry of pool %s unreachable: %s", info["pid"], exc)
             if not pid_alive(info["pid"]):

@@ -23,6 +23,7 @@ import logging
 import mmap
 import os
 import secrets
+import threading
 import warnings
 from multiprocessing import resource_tracker
 
@@ -50,12 +51,17 @@ def _tracker() -> psutil.Process | None:
         return None
 
 
+_REGISTERING = threading.Lock()
+
+
 def _register(name: str) -> psutil.Process | None:
     """Register a segment with the resource tracker, which unlinks it should this
     process be killed; returns the tracker it went to. A tracker that was killed is
     replaced (multiprocessing warns that resources might leak: ours do not, as the
     owner unlinks each segment itself and children unlink them if the owner dies)."""
-    with warnings.catch_warnings(record=True) as caught:
+    # catch_warnings swaps process-wide state: streams started from several threads at
+    # once must not interleave it (one would leave "always" installed).
+    with _REGISTERING, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         resource_tracker.register("/" + name, "shared_memory")
     if caught:
@@ -237,11 +243,10 @@ class Arena:
         Raises:
             ValueError: the arena is closed.
         """
-        if self._buffer is None:
+        buffer = self._buffer  # read once: a cancel may close the arena meanwhile
+        if buffer is None:
             raise ValueError(f"the arena {self.name} is closed")
-        return self._buffer.slice(
-            slot * self.slot_bytes, self.slot_bytes if nbytes is None else nbytes
-        )
+        return buffer.slice(slot * self.slot_bytes, self.slot_bytes if nbytes is None else nbytes)
 
     # ---- batches (producer writes, transformer reads)
 

@@ -130,7 +130,8 @@ class RayPool(Pool):
     ) -> None:
         """Note the driver's memory and the stream's progress; rewrite the status file
         for ``ashstream status`` (at most every ``every_s`` seconds)."""
-        self.peak_memory_bytes = max(self.peak_memory_bytes, unshared_memory_bytes())
+        memory = unshared_memory_bytes()
+        self.peak_memory_bytes = max(self.peak_memory_bytes, memory)
         now = time.monotonic()
         if now - self._recorded_at < every_s or self._status_file is None:
             return
@@ -146,7 +147,7 @@ class RayPool(Pool):
             bytes=merge.bytes,
             started_at=stream.started_at,
             finished_at=time.time() if status in FINISHED else None,
-            memory_bytes=self.peak_memory_bytes,
+            memory_bytes=memory,  # now, as the local pool's; the peak is the summary's
             pids={"driver": os.getpid()},
             error=error,
         ).to_dict()
