@@ -18,8 +18,8 @@ def test_readme_examples(monkeypatch):
 
 def test_readme_names_the_test_command_that_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text()
-    assert "pip install '.[test]' && pytest" in README.read_text()
-    assert "pip install --quiet '.[test]'" in ci and "\npytest\n" in ci
+    assert "pip install -e '.[test]' && pytest" in README.read_text()
+    assert "pip install --quiet -e '.[test]'" in ci and "\npytest\n" in ci
 
 
 def test_readme_is_valid_restructuredtext():
