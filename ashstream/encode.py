@@ -884,9 +884,7 @@ class _ArrowEncoder:
     def _timestamps(self, arr: pa.Array, path: str) -> pa.Array:
         unit, tz = arr.type.unit, arr.type.tz
         per_day = SECONDS_PER_DAY * UNITS_PER_SECOND[unit]
-        lo = max(MIN_EPOCH_DAY * per_day, I64_MIN)
-        hi = min((MAX_EPOCH_DAY + 1) * per_day - 1, I64_MAX)
-        arr = self._out_of_range(arr, arr.view(pa.int64()), lo, hi, path)
+        arr = self._out_of_range(arr, arr.view(pa.int64()), *tick_range(unit), path)
         if tz is not None:  # wall-clock time in the display zone, as a naive timestamp
             arr = pc.local_timestamp(arr.cast(pa.timestamp(unit, self.options.timezone)))
         ticks = arr.view(pa.int64())
@@ -992,6 +990,12 @@ class _ArrowEncoder:
                 f"{repeated['key'][0].as_py()!r} appears twice in one map, and Typst "
                 "dictionaries need unique keys. Deduplicate the map in SQL."
             )
+
+
+def tick_range(unit: str) -> tuple[int, int]:
+    """The int64 timestamps of ``unit`` inside Typst's years -9999..9999."""
+    per_day = SECONDS_PER_DAY * UNITS_PER_SECOND[unit]
+    return max(MIN_EPOCH_DAY * per_day, I64_MIN), min((MAX_EPOCH_DAY + 1) * per_day - 1, I64_MAX)
 
 
 def _unscaled_decimal_text(arr: pa.Array) -> pa.Array:

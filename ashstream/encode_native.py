@@ -71,7 +71,7 @@ def rows(
         array, raw = _prepare(encoder, column, name)
         keep.append(array)
         schema_capsule, array_capsule = array.__arrow_c_array__()
-        specs.append((schema_capsule, array_capsule, raw, prefix.encode()))
+        specs.append((schema_capsule, array_capsule, raw, prefix.encode(), *_sizes(array)))
     policy = options.decimal_overflow
     text, ends, counts = _encoder.encode_rows(
         specs, close.encode(), batch.num_rows, _POLICIES.get(policy, 0)
@@ -81,6 +81,17 @@ def rows(
         stats.add(name, reference.OUT_OF_RANGE, out_of_range)
         stats.add(name, lossy, decimals_over)
     return pa.py_buffer(text), np.frombuffer(ends, np.int64)
+
+
+def _sizes(array: pa.Array) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """The byte sizes of ``array``'s buffers and of its dictionary's, which the C join
+    checks every offset and index against (the C data interface gives pointers only)."""
+
+    def of(arr: pa.Array | None) -> tuple[int, int, int]:
+        found = [] if arr is None else [0 if b is None else b.size for b in arr.buffers()]
+        return (*found, 0, 0, 0)[:3]
+
+    return of(array), of(array.dictionary if pa.types.is_dictionary(array.type) else None)
 
 
 def text_array(text: pa.Buffer, ends: np.ndarray) -> pa.Array:
@@ -167,9 +178,6 @@ def _local_time(encoder: reference._ArrowEncoder, arr: pa.Array, path: str) -> p
     """A zoned timestamp column as naive wall-clock time in the display zone: the
     reference's own steps, so that out-of-range values are counted alike."""
     unit = arr.type.unit
-    per_day = reference.SECONDS_PER_DAY * reference.UNITS_PER_SECOND[unit]
-    lo = max(reference.MIN_EPOCH_DAY * per_day, reference.I64_MIN)
-    hi = min((reference.MAX_EPOCH_DAY + 1) * per_day - 1, reference.I64_MAX)
-    arr = encoder._out_of_range(arr, arr.view(pa.int64()), lo, hi, path)
+    arr = encoder._out_of_range(arr, arr.view(pa.int64()), *reference.tick_range(unit), path)
     zoned = arr.cast(pa.timestamp(unit, encoder.options.timezone))
     return pc.local_timestamp(zoned)

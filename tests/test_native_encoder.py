@@ -295,3 +295,35 @@ def test_whole_runs_write_the_same_module_with_either_encoder(tmp_path):
     first = modules[("reference", "inline")]
     assert b"datetime(" in first and b"groups" in first
     assert all(module == first for module in modules.values())
+
+
+def test_the_c_join_refuses_buffers_shorter_than_the_array_needs():
+    """Python validates first; the C code checks again every offset, index and length
+    against the buffers' sizes, so a malformed array is refused, never read past."""
+
+    def spec(array, sizes=None):
+        sizes = sizes or encode_native._sizes(array)
+        return (*array.__arrow_c_array__(), False, b"", *sizes)
+
+    none = (0, 0, 0)
+    with_nulls = pa.array([1, None] * 10, pa.int8())
+    bad = [  # (array, the buffer sizes the C code is told, when not the real ones)
+        (pa.array([1, 2, 3, 4]), ((0, 8, 0), none)),  # 4 int64 need 32 bytes
+        (with_nulls, ((1, 20, 0), none)),  # 20 validity bits need 3 bytes
+        (pa.array(["ab", "c"]), ((0, 8, 3), none)),  # 3 offsets need 12 bytes
+        (pa.array(["ab", "c"]), ((0, 12, 2), none)),  # the last offset is past the data
+        (
+            pa.Array.from_buffers(
+                pa.string(),
+                2,
+                [None, pa.py_buffer(np.array([0, 2, 1], np.int32)), pa.py_buffer(b"ab")],
+            ),
+            None,
+        ),  # offsets going down
+    ]
+    for array, sizes in bad:
+        with pytest.raises(ValueError, match="native encoder"):
+            _encoder.encode_rows([spec(array, sizes)], b"", len(array), 0)
+    good = pa.array(["ab", None])
+    text, ends, _ = _encoder.encode_rows([spec(good)], b"", 2, 0)
+    assert bytes(text) == b'"ab"none' and list(np.frombuffer(ends, np.int64)) == [0, 4, 8]

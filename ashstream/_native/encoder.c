@@ -8,8 +8,10 @@
  * the differential tests hold the two to the same bytes.
  *
  * Safety: Python validates every array before it comes here (Arrow's own full
- * validation for strings, binaries and dictionaries, the cheap one for the rest), and
- * this file checks the layout it reads (format, buffer count, length, dictionary indices).
+ * validation for strings and binaries, the cheap one for the rest), and this file checks
+ * again everything it reads against the buffers' sizes, which Python passes (the C data
+ * interface gives pointers only): format, buffer count, length, every offset, index and
+ * bitmap (check_layout, check_indices).
  * The output buffer is sized first with an upper bound per column, so writing needs no
  * checks; the bound is checked once more at the end.
  */
@@ -695,6 +697,7 @@ static int describe(Column *c, const struct ArrowSchema *s, const struct ArrowAr
         return 0;
     }
     int is_signed;
+    if (s->dictionary != NULL) return fail("a dictionary must come as text", f);
     if (f[0] == 'n' && !f[1]) {
         c->kind = K_NULL;
         return 0;
@@ -713,6 +716,7 @@ static int describe(Column *c, const struct ArrowSchema *s, const struct ArrowAr
     }
     if (!strcmp(f, "g")) {
         c->kind = K_FLOAT64;
+        c->width = 8;
         if (need_buffers(a, 2, f)) return -1;
         c->values = a->buffers[1];
         return 0;
@@ -748,6 +752,7 @@ static int describe(Column *c, const struct ArrowSchema *s, const struct ArrowAr
     }
     if (!strcmp(f, "tdD") || !strcmp(f, "tdm")) {
         c->kind = f[2] == 'D' ? K_DATE32 : K_DATE64;
+        c->width = f[2] == 'D' ? 4 : 8;
         if (need_buffers(a, 2, f)) return -1;
         c->values = a->buffers[1];
         return 0;
@@ -755,6 +760,7 @@ static int describe(Column *c, const struct ArrowSchema *s, const struct ArrowAr
     if (f[0] == 't' && f[1] == 's' && f[2] && f[3] == ':') {
         if (f[4]) return fail("zoned timestamps come here as local time", f);
         c->kind = K_TIMESTAMP;
+        c->width = 8;
         c->per_second = unit_per_second(f[2]);
         if (!c->per_second) return fail("bad unit", f);
         const __int128 per_day = (__int128)SECONDS_PER_DAY * c->per_second;
@@ -777,6 +783,7 @@ static int describe(Column *c, const struct ArrowSchema *s, const struct ArrowAr
     }
     if (f[0] == 't' && f[1] == 'D' && f[2] && !f[3]) {
         c->kind = K_DURATION;
+        c->width = 8;
         c->per_second = unit_per_second(f[2]);
         if (!c->per_second) return fail("bad unit", f);
         if (need_buffers(a, 2, f)) return -1;
@@ -784,6 +791,79 @@ static int describe(Column *c, const struct ArrowSchema *s, const struct ArrowAr
         return 0;
     }
     return fail("type the native encoder does not take", f);
+}
+
+/* ------------------------------------------------------- checking against the buffers */
+
+/* The byte sizes of an array's buffers (and of its dictionary's), from Python: the C
+   data interface gives pointers only. */
+#define MAX_BUFFERS 3
+typedef struct {
+    int64_t array[MAX_BUFFERS];
+    int64_t dictionary[MAX_BUFFERS];
+} BufferSizes;
+
+/* Whether count elements of width bytes fit size bytes (no overflow on the way). */
+static inline int fits(int64_t count, int64_t width, int64_t size)
+{
+    int64_t bytes;
+    return count >= 0 && !__builtin_mul_overflow(count, width, &bytes) && bytes <= size;
+}
+
+static int too_small(const char *what)
+{
+    PyErr_Format(PyExc_ValueError, "native encoder: %s is shorter than the array needs", what);
+    return -1;
+}
+
+/* Offsets [first, first + count] must fit their buffer, start at 0 or more, never go
+   down, and end within the data buffer. */
+static int check_offsets(const void *offsets, int large, int64_t first, int64_t count,
+                         int64_t offsets_size, int64_t data_size)
+{
+    const int64_t width = large ? 8 : 4;
+    if (first > INT64_MAX - count - 1 || !fits(first + count + 1, width, offsets_size))
+        return too_small("an offsets buffer");
+    int64_t previous = offset_at(offsets, large, first);
+    if (previous < 0) {
+        PyErr_SetString(PyExc_ValueError, "native encoder: a negative offset");
+        return -1;
+    }
+    for (int64_t i = first + 1; i <= first + count; i++) {
+        const int64_t next = offset_at(offsets, large, i);
+        if (next < previous) {
+            PyErr_SetString(PyExc_ValueError, "native encoder: offsets go down");
+            return -1;
+        }
+        previous = next;
+    }
+    return previous > data_size ? too_small("a data buffer") : 0;
+}
+
+/* Every offset, length and index column c reads for rows [0, n) lies in its buffers. */
+static int check_layout(const Column *c, int64_t n, const BufferSizes *sizes)
+{
+    if (c->offset < 0 || n < 0 || c->offset > INT64_MAX - n - 8) return too_small("an array");
+    const int64_t end = c->offset + n; /* elements of the array the rows reach */
+    if (c->kind == K_NULL) return 0;
+    if (c->validity != NULL && (end + 7) / 8 > sizes->array[0]) return too_small("a validity bitmap");
+    switch (c->kind) {
+    case K_BOOL: return (end + 7) / 8 > sizes->array[1] ? too_small("a bitmap") : 0;
+    case K_STRING:
+    case K_BINARY:
+    case K_TEXT: return check_offsets(c->values, c->large, c->offset, n, sizes->array[1], sizes->array[2]);
+    case K_DICT_TEXT: {
+        if (!fits(end, c->width, sizes->array[1])) return too_small("an indices buffer");
+        if (c->dict_offset < 0 || c->dict_length < 0 || c->dict_offset > INT64_MAX - c->dict_length - 8)
+            return too_small("a dictionary");
+        if (c->dict_validity != NULL && (c->dict_offset + c->dict_length + 7) / 8 > sizes->dictionary[0])
+            return too_small("a dictionary's validity bitmap");
+        return check_offsets(c->dict_offsets, c->dict_large, c->dict_offset, c->dict_length,
+                             sizes->dictionary[1], sizes->dictionary[2]);
+    }
+    default: /* fixed width: integers, floats, decimals, binaries, dates and times */
+        return fits(end, c->width, sizes->array[1]) ? 0 : too_small("a values buffer");
+    }
 }
 
 /* ---------------------------------------------------------------- the output buffer */
@@ -931,7 +1011,8 @@ static int check_indices(const Column *c, int64_t n)
 
 PyDoc_STRVAR(encode_rows_doc,
              "encode_rows(columns, close, length, decimal_policy) -> (text, ends, counts)\n\n"
-             "columns: a list of (schema capsule, array capsule, raw, prefix bytes). Each row is\n"
+             "columns: a list of (schema capsule, array capsule, raw, prefix bytes, the byte sizes\n"
+             "of the array's 3 buffers, of its dictionary's 3). Each row is\n"
              "written as prefix_1 value_1 ... close. ends: int64 row ends (length + 1, from 0).\n"
              "counts: (out_of_range, decimals_over) per column. decimal_policy: 0 writes a\n"
              "decimal beyond Typst's range as float(\"...\"), 1 as a string.");
@@ -958,7 +1039,11 @@ static PyObject *encode_rows(PyObject *self, PyObject *args)
         int raw;
         const char *prefix;
         Py_ssize_t prefix_len;
-        if (!PyArg_ParseTuple(spec, "OOpy#", &schema_capsule, &array_capsule, &raw, &prefix, &prefix_len)) goto done;
+        BufferSizes sizes = {{0, 0, 0}, {0, 0, 0}};
+        if (!PyArg_ParseTuple(spec, "OOpy#(LLL)(LLL)", &schema_capsule, &array_capsule, &raw, &prefix,
+                              &prefix_len, &sizes.array[0], &sizes.array[1], &sizes.array[2],
+                              &sizes.dictionary[0], &sizes.dictionary[1], &sizes.dictionary[2]))
+            goto done;
         const struct ArrowSchema *s = PyCapsule_GetPointer(schema_capsule, "arrow_schema");
         const struct ArrowArray *a = PyCapsule_GetPointer(array_capsule, "arrow_array");
         if (s == NULL || a == NULL) goto done;
@@ -972,7 +1057,7 @@ static PyObject *encode_rows(PyObject *self, PyObject *args)
             goto done;
         }
         Column *c = &cols[k];
-        if (describe(c, s, a, raw)) goto done;
+        if (describe(c, s, a, raw) || check_layout(c, length, &sizes)) goto done;
         if (c->kind == K_DICT_TEXT && check_indices(c, length)) goto done;
         c->prefix = prefix;
         c->prefix_len = (size_t)prefix_len;
