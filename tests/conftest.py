@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from ashstream import StreamPool
-from ashstream.engines.local.shm import our_segments
+from tests.watch import segments_of_this_run
 
 # One mixed table for the pipeline tests: escapes, nulls, dates, decimals, nested values.
 MIXED_SQL = """
@@ -34,9 +34,9 @@ FROM range({rows}) t(i)
 @pytest.fixture(autouse=True)
 def no_segment_leaks():
     """Every test leaves /dev/shm as it found it."""
-    before = set(our_segments())
+    before = set(segments_of_this_run())
     yield
-    leaked = set(our_segments()) - before
+    leaked = set(segments_of_this_run()) - before
     assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
 
 

@@ -436,7 +436,7 @@ def test_an_interrupted_run_exits_cleanly_and_writes_nothing(tmp_path, signum, c
     the debug log): every process is up and the stream runs."""
     import psutil
 
-    from ashstream.engines.local.shm import our_segments
+    from tests.watch import segments_of_this_run
 
     query = "SELECT i, repeat('x', 200) AS s FROM range(100000000) t(i)"
     report = write_report(tmp_path, {"name": "long", "source": {"duckdb": {"query": query}}})
@@ -468,7 +468,7 @@ def test_an_interrupted_run_exits_cleanly_and_writes_nothing(tmp_path, signum, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.yaml"]
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive
-    assert our_segments() == []
+    assert segments_of_this_run() == []
 
 
 @pytest.mark.process

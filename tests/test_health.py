@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from ashstream import PipelineError, StreamPool, load_report, telemetry
-from ashstream.engines.local.shm import our_segments
 from tests.conftest import write_report
-from tests.watch import HealthChecks
+from tests.watch import HealthChecks, segments_of_this_run
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
@@ -141,7 +140,7 @@ def test_memory_that_stays_critical_fails_the_stream_with_advice(tmp_path):
             ResourceError, match=r"over 95% of the 16 MiB limit, for 0.5 s .* Raise memory_limit"
         ):
             list(handle)
-    assert our_segments() == []
+    assert segments_of_this_run() == []
 
 
 def test_a_report_limit_below_the_idle_pool_fails_at_once(tmp_path):
@@ -157,7 +156,7 @@ def test_a_report_limit_below_the_idle_pool_fails_at_once(tmp_path):
         with pytest.raises(ResourceError, match=r"memory_limit: 16 MiB is less than this pool"):
             pool.start(report)
         assert pool.list() == []  # nothing was opened
-    assert our_segments() == []
+    assert segments_of_this_run() == []
 
 
 def test_a_stalled_stream_fails_instead_of_hanging(tmp_path):
@@ -179,7 +178,7 @@ def test_a_stalled_stream_fails_instead_of_hanging(tmp_path):
                 os.kill(producer, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-    assert our_segments() == []
+    assert segments_of_this_run() == []
 
 
 def test_health_checks_keep_running_while_the_caller_is_busy(tmp_path, health_checks):

@@ -22,9 +22,9 @@ from ashstream import (
     encode_rows,
     load_report,
 )
-from ashstream.engines.local.shm import our_segments
 from ashstream.stream_record import StreamRecord
 from tests.conftest import mixed_sql, mixed_table, write_report
+from tests.watch import segments_of_this_run
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
@@ -190,13 +190,13 @@ def test_breaking_out_early_leaves_nothing_behind(tmp_path):
         for chunk in pool.stream(report, chunk_size=1000):
             assert chunk.seq == 0
             break
-        assert our_segments() == []
+        assert segments_of_this_run() == []
         assert [s for s in pool.list() if s["status"] == "cancelled"]
         pids = pool.transformer_pids()
     import psutil
 
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
-    assert our_segments() == []
+    assert segments_of_this_run() == []
 
 
 def test_five_concurrent_streams_on_one_pool(pools, tmp_path):
@@ -306,9 +306,9 @@ def test_stale_segments_of_dead_processes_are_swept_at_start(tmp_path):
         f.write(b"left by a process that was killed")
     try:
         with StreamPool(1):
-            assert name not in our_segments()
+            assert name not in segments_of_this_run()
     finally:
-        if name in our_segments():
+        if name in segments_of_this_run():
             os.unlink(path)
 
 
@@ -429,14 +429,14 @@ def test_cancel_from_another_thread_stops_the_stream(running_stream):
         for _ in stream:
             pass
     assert pool.status(handle.id)["status"] == "cancelled"
-    assert our_segments() == []
+    assert segments_of_this_run() == []
 
 
 def test_closing_the_iterator_cancels_the_stream(running_stream):
     pool, handle, stream = running_stream
     stream.close()
     assert pool.status(handle.id)["status"] == "cancelled"
-    assert our_segments() == []
+    assert segments_of_this_run() == []
 
 
 @pytest.fixture(scope="module")
@@ -526,7 +526,7 @@ def test_a_pool_closes_with_streams_queued(one_reader, tmp_path):
         assert [pool.status(q.id)["status"] for q in queued] == ["queued"] * 3
     with pytest.raises(Cancelled):  # with the pool
         list(queued[0])
-    assert our_segments() == []
+    assert segments_of_this_run() == []
 
 
 def test_inline_stream_encodes_on_threads_in_order_and_stops_them(tmp_path):

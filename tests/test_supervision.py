@@ -12,9 +12,8 @@ import pytest
 
 from ashstream import PipelineError, StreamPool, WorkerCrashed, encode_rows
 from ashstream.engines.local.child import CRASH_AT_ROW_ENV
-from ashstream.engines.local.shm import our_segments
 from tests.conftest import mixed_sql, mixed_table, write_report
-from tests.watch import HealthChecks
+from tests.watch import HealthChecks, segments_of_this_run
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
@@ -147,7 +146,7 @@ def test_a_killed_producer_fails_the_stream_cleanly_and_says_why(
     assert hint in str(failure.value)
     assert ("out of memory" in str(failure.value)) == (signum == signal.SIGKILL)
     assert tolerant_pool.status(handle.id)["status"] == "failed"
-    assert our_segments() == []
+    assert segments_of_this_run() == []
 
 
 def test_twenty_concurrent_streams_on_one_pool(tmp_path):

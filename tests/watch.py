@@ -41,3 +41,22 @@ class HealthChecks:
     def reset_peak(self) -> None:
         with self._done:
             self.peak_memory_bytes = 0
+
+
+def segments_of_this_run() -> list[str]:
+    """Our prefix's segments in /dev/shm, less those of another live process tree (a
+    second test run on the machine): a segment named for a process that is gone, or for
+    this process or one of its children, is this run's."""
+    import os
+
+    import psutil
+
+    from ashstream.engines.local.shm import SEGMENT_PREFIX, our_segments
+
+    ours = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
+    kept = []
+    for name in our_segments():
+        owner = name[len(SEGMENT_PREFIX) :].split("_")[0]
+        if not owner.isdigit() or int(owner) in ours or not psutil.pid_exists(int(owner)):
+            kept.append(name)
+    return kept
