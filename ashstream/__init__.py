@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from ashstream import telemetry
 from ashstream.analysis.aggregate import ClosedGroup, Summary
+from ashstream.analysis.protocol import Aggregate
 from ashstream.chunks import Chunk
 from ashstream.encode import (
     EncodeOptions,
@@ -33,6 +34,7 @@ from ashstream.report import Report, load_report
 __version__ = "0.1.0"
 
 __all__ = [
+    "Aggregate",
     "AshstreamError",
     "Cancelled",
     "Chunk",

@@ -45,7 +45,13 @@ from ashstream.errors import (
     SinkError,
     StatusError,
 )
-from ashstream.report import MAX_CHUNK_SIZE, MAX_WORKERS, load_report, with_allowed_paths
+from ashstream.report import (
+    MAX_CHUNK_SIZE,
+    MAX_WORKERS,
+    load_report,
+    option_items,
+    with_allowed_paths,
+)
 from ashstream.runner import RunProgress, RunStage, run_report
 from ashstream.sources import sample_source
 from ashstream.startup import skip_pandas_probe
@@ -354,10 +360,20 @@ def _print_summary(summary: dict) -> None:
     if summary["groups"]:
         stderr.print(f"{summary['groups']:,} groups")
     if summary["totals"]:
-        totals = "; ".join(f"{name} {value}" for name, value in summary["totals"].items())
+        totals = "; ".join(f"{name} {_total(value)}" for name, value in summary["totals"].items())
         stderr.print(f"Totals: {totals}", markup=False, soft_wrap=True)
     outputs = summary["outputs"]
     stderr.print(f"Wrote {outputs['typst']}" + (f" and {outputs['pdf']}" if outputs["pdf"] else ""))
+
+
+def _total(value: object) -> str:
+    """A total as the summary line shows it: lists (quantiles, top values) plainly."""
+    if isinstance(value, list):
+        return ", ".join(
+            f"{_total(v['value'])} ({v['count']:,})" if isinstance(v, dict) else _total(v)
+            for v in value
+        )
+    return str(value)
 
 
 def _engine_words(summary: dict) -> str:
@@ -483,20 +499,27 @@ def _analysis_lines(report) -> list[str]:
         lines.append("Groups: " + " > ".join(levels))
     if report.variables:
         described = [
-            f"{v.name} = {v.function}({v.field or ''}) per {v.reset}"
-            + (", running" if v.running else "")
+            f"{v.name} = {v.function}({_arguments(v.field or ', '.join(v.fields), v)}) "
+            f"per {v.reset}" + (", running" if v.running else "")
             for v in report.variables
         ]
         lines.append("Variables: " + "; ".join(described))
     if report.charts:
         described = [
             f"{c.name}: {c.y or 'rows'} by {c.x} "
-            + ("downsampled" if c.agg == "none" else f"({c.agg} per {c.bucket})")
+            + ("downsampled" if c.agg == "none" else f"({_arguments(c.agg, c)} per {c.bucket})")
             + f", at most {c.points} points"
             for c in report.charts
         ]
         lines.append("Charts: " + "; ".join(described))
     return lines
+
+
+def _arguments(first: str, spec) -> str:
+    """``first`` and the options of a variable's function or a chart's agg."""
+    function = getattr(spec, "function", None) or spec.agg
+    options = [f"{k}={v}" for k, v in option_items(function, spec.options).items()]
+    return ", ".join([first, *options] if first else options)
 
 
 def _sample(report_path: str, params: tuple[str, ...], allow_paths: tuple[str, ...]):

@@ -1,8 +1,11 @@
-"""Facts about other processes, needed by several modules; imports nothing of ashstream."""
+"""Facts about other processes and the machine, needed by several modules; imports
+nothing of ashstream."""
 
 from __future__ import annotations
 
 import os
+
+import psutil
 
 
 def pid_alive(pid: int) -> bool:
@@ -15,3 +18,17 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def default_memory_limit() -> int:
+    """The cgroup's memory limit when there is one (containers), else the machine's RAM."""
+    candidates = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+    for path in candidates:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max" or a huge number: no limit
+            return int(text)
+    return psutil.virtual_memory().total

@@ -26,12 +26,14 @@ from zoneinfo import ZoneInfo
 
 import yaml
 
+from ashstream.analysis.protocol import installed_aggregates, load_factory
 from ashstream.errors import ReportError
 
 __all__ = [
     "BUCKET_UNITS",
     "MAX_CHUNK_SIZE",
     "MAX_WORKERS",
+    "AggregateOptions",
     "Chart",
     "Field",
     "Group",
@@ -42,6 +44,7 @@ __all__ = [
     "Source",
     "Variable",
     "load_report",
+    "option_items",
     "parse_size",
 ]
 
@@ -57,10 +60,21 @@ FUNCTIONS = (
     "last",
     "stddev",
     "variance",
+    "median",
+    "quantile",
+    "top",
+    "mode",
 )
+QUANTILE_FUNCTIONS = ("median", "quantile")
+QUANTILE_METHODS = ("exact", "sketch")
+DEFAULT_RELATIVE_ERROR = 0.01
+RELATIVE_ERROR_RANGE = (0.001, 0.5)  # finer needs ~10x the buckets per digit
+DEFAULT_TOP_N = 5
+MAX_TOP_N = 10_000
+MAX_QUANTILES = 1000
 # A running value is a prefix aggregate per row; these have one that is cheap and exact.
 RUNNING_FUNCTIONS = ("count", "sum", "avg", "min", "max", "first", "last")
-CHART_AGGS = ("sum", "count", "avg", "min", "max", "none")
+CHART_AGGS = ("sum", "count", "avg", "min", "max", "median", "quantile", "none")
 BUCKET_UNITS = ("hour", "day", "week", "month", "quarter", "year")
 DEFAULT_CHART_POINTS = 500
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -154,6 +168,18 @@ class Group:
 
 
 @dataclass(frozen=True)
+class AggregateOptions:
+    """What a function takes besides its field; each applies to the functions named."""
+
+    q: float | tuple[float, ...] | None = None  # quantile; a tuple gives a list of results
+    method: str = "exact"  # median, quantile: "exact" or "sketch"
+    relative_error: float = DEFAULT_RELATIVE_ERROR  # method sketch
+    interpolate: bool | None = None  # method exact; None: for floats only, as DuckDB
+    n: int = DEFAULT_TOP_N  # top
+    custom: tuple[tuple[str, Any], ...] = ()  # an installed aggregate's ``options``
+
+
+@dataclass(frozen=True)
 class Variable:
     """An aggregate over the rows of each group at ``reset`` (or of the whole report)."""
 
@@ -162,6 +188,11 @@ class Variable:
     field: str | None = None  # None only for count: rows
     reset: str = "report"  # "report" or a group's name
     running: bool = False  # also add the running value to every row
+    options: AggregateOptions = AggregateOptions()
+    fields: tuple[str, ...] = ()  # an aggregate over several fields (a struct per row)
+    # A function not built in: the factory of its Aggregate (installed, or passed from
+    # Python), called with ``options.custom``.
+    factory: Any = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +207,7 @@ class Chart:
     bucket: str | float = "auto"  # a unit of BUCKET_UNITS, "auto", or a numeric bin width
     points: int = DEFAULT_CHART_POINTS
     series: str | None = None  # a field: one set of points per value
+    options: AggregateOptions = AggregateOptions()  # agg median or quantile
 
 
 @dataclass(frozen=True)
@@ -222,20 +254,26 @@ class Report:
         return bool(self.groups or self.variables or self.charts)
 
 
-def load_report(path: str | os.PathLike, params: Mapping[str, Any] | None = None) -> Report:
+def load_report(
+    path: str | os.PathLike,
+    params: Mapping[str, Any] | None = None,
+    aggregates: Mapping[str, Any] | None = None,
+) -> Report:
     """Read and validate a report definition.
 
     Args:
         path: the YAML file; paths inside it are relative to its folder.
         params: values for the report's ``params``; strings are parsed by the declared
             type (so command-line ``k=v`` pairs can be passed as they are).
+        aggregates: factories of aggregates (:class:`ashstream.Aggregate`) by the name
+            a variable's ``function`` gives, besides the installed ones.
 
     Raises:
         ReportError: naming the file, the key and what is expected.
     """
     file = Path(path)
     data = _read_yaml(file)
-    return report_from_mapping(data, str(file), file.resolve().parent, params)
+    return report_from_mapping(data, str(file), file.resolve().parent, params, aggregates)
 
 
 def _read_yaml(file: Path) -> object:
@@ -367,9 +405,10 @@ def report_from_mapping(
     where: str = "<dict>",
     base_dir: Path | None = None,
     params: Mapping[str, Any] | None = None,
+    aggregates: Mapping[str, Any] | None = None,
 ) -> Report:
     """Validate an already parsed definition; ``base_dir`` anchors relative paths."""
-    return _Parser(where, base_dir or Path.cwd()).report(data, params or {})
+    return _Parser(where, base_dir or Path.cwd(), aggregates).report(data, params or {})
 
 
 def parse_size(value: object, where: str = "value") -> int:
@@ -433,9 +472,12 @@ def parse_param(param: Param, value: Any, where: str) -> Any:
 
 
 class _Parser:
-    def __init__(self, file: str, base_dir: Path) -> None:
+    def __init__(
+        self, file: str, base_dir: Path, aggregates: Mapping[str, Any] | None = None
+    ) -> None:
         self.file = file
         self.base_dir = base_dir
+        self.aggregates = aggregates
 
     def fail(self, key: str, message: str) -> ReportError:
         return ReportError(f"{self.file}: {key}: {message}")
@@ -742,13 +784,26 @@ class _Parser:
     def variables(self, value: object, groups: tuple[Group, ...]) -> tuple[Variable, ...]:
         variables = []
         scopes = {"report", *(g.name for g in groups)}
+        allowed = {"name", "function", "field", "fields", "reset", "running", "options"}
+        allowed |= set(_OPTION_KEYS)
         for i, item in enumerate(self.items(value, "variables")):
             key = f"variables[{i}]"
-            spec = self.mapping(item, key, {"name", "function", "field", "reset", "running"})
+            spec = self.mapping(item, key, allowed)
             name = self.identifier(spec, key)
-            function = self.choice(spec, "function", key, FUNCTIONS, None)
+            if "function" not in spec:
+                raise self.fail(f"{key}.function", f"missing; expected one of {_functions()}")
+            function = self.string(spec["function"], f"{key}.function")
+            factory = None if function in FUNCTIONS else self.factory(function, key)
             field_name = self.optional_string(spec, "field", key)
-            if field_name is None and function != "count":
+            fields = self.string_list(spec["fields"], f"{key}.fields") if "fields" in spec else ()
+            if fields and (factory is None or field_name is not None):
+                raise self.fail(
+                    f"{key}.fields",
+                    "several fields are for an installed aggregate; give field instead"
+                    if factory is None
+                    else "give field or fields, not both",
+                )
+            if field_name is None and not fields and function != "count":
                 raise self.fail(f"{key}.field", f"missing; {function} needs a field")
             reset = spec.get("reset", "report")
             if not isinstance(reset, str) or reset not in scopes:
@@ -764,12 +819,125 @@ class _Parser:
                     f"a running {function} is not supported; running works with "
                     f"{', '.join(RUNNING_FUNCTIONS)}",
                 )
-            variables.append(Variable(name, function, field_name, reset, running))
+            options = self.aggregate_options(spec, key, function, factory)
+            variables.append(
+                Variable(name, function, field_name, reset, running, options, fields, factory)
+            )
         return tuple(variables)
+
+    def factory(self, function: str, key: str) -> Any:
+        """The factory of a function that is not built in: passed from Python, else an
+        installed entry point; a YAML report cannot name code any other way."""
+        try:
+            factory = load_factory(function, self.aggregates)
+        except Exception as e:  # the plugin's own import failed
+            raise self.fail(
+                f"{key}.function",
+                f"the installed aggregate {_show(function)} failed to load: "
+                f"{type(e).__name__}: {_clip(str(e))}",
+            ) from None
+        if factory is None:
+            installed = sorted(installed_aggregates())
+            raise self.fail(
+                f"{key}.function",
+                f"unknown function {_show(function)}; expected one of {_functions()}, or an "
+                "aggregate installed under the entry point group ashstream.aggregates ("
+                + (f"installed: {_names(installed)}" if installed else "none is installed")
+                + ")",
+            )
+        return factory
+
+    def aggregate_options(
+        self, spec: dict, key: str, function: str, factory: Any, chart: bool = False
+    ) -> AggregateOptions:
+        """The options of ``function``; a key another function takes is an error that says
+        which functions take it."""
+        where = "agg" if chart else "function"
+        for option, takers in _OPTION_KEYS.items():
+            if option in spec and function not in takers:
+                raise self.fail(
+                    f"{key}.{option}",
+                    f"{where} {function} takes no {option}; {option} is for "
+                    + " and ".join(takers),
+                )
+        if "options" in spec and factory is None:
+            raise self.fail(
+                f"{key}.options", f"{function} is built in and takes no options mapping"
+            )
+        method = self.choice(spec, "method", key, QUANTILE_METHODS, "exact")
+        if function == "quantile" and "q" not in spec:
+            raise self.fail(f"{key}.q", "missing; give the quantile (0 to 1), or a list of them")
+        q: float | tuple[float, ...] | None = 0.5 if function == "median" else None
+        if "q" in spec:
+            q = self.quantiles(spec["q"], f"{key}.q", single=chart)
+        if "relative_error" in spec and method != "sketch":
+            raise self.fail(f"{key}.relative_error", "is for method: sketch")
+        relative_error = spec.get("relative_error", DEFAULT_RELATIVE_ERROR)
+        low, high = RELATIVE_ERROR_RANGE
+        if not _number(relative_error) or not low <= relative_error <= high:
+            raise self.fail(
+                f"{key}.relative_error",
+                f"expected a number from {low} to {high}, got {_show(relative_error)}",
+            )
+        if "interpolate" in spec and method != "exact":
+            raise self.fail(f"{key}.interpolate", "is for method: exact (a sketch never does)")
+        interpolate = self.flag(spec, "interpolate", key) if "interpolate" in spec else None
+        n = self.whole_number(spec.get("n", DEFAULT_TOP_N), f"{key}.n", 1, MAX_TOP_N)
+        custom = self.custom_options(spec.get("options"), f"{key}.options", function, factory)
+        return AggregateOptions(q, method, float(relative_error), interpolate, n, custom)
+
+    def quantiles(self, value: object, key: str, single: bool) -> float | tuple[float, ...]:
+        def one(q: object, where: str) -> float:
+            if not _number(q) or not 0 <= q <= 1:
+                raise self.fail(where, f"expected a number from 0 to 1, got {_show(q)}")
+            return float(q)
+
+        if not isinstance(value, list):
+            return one(value, key)
+        if single:
+            raise self.fail(key, f"a chart's point is one value: give one q, got {_show(value)}")
+        if not value or len(value) > MAX_QUANTILES:
+            raise self.fail(key, f"expected 1 to {MAX_QUANTILES} quantiles, got {len(value):,}")
+        return tuple(one(q, f"{key}[{j}]") for j, q in enumerate(value))
+
+    def custom_options(
+        self, value: object, key: str, function: str, factory: Any
+    ) -> tuple[tuple[str, Any], ...]:
+        """An installed aggregate's options: scalars and lists of them (kept hashable, as
+        tuples), checked by making the aggregate once."""
+        if factory is None:
+            return ()
+        options = {} if value is None else value
+        if not isinstance(options, dict):
+            raise self.fail(key, f"expected a mapping of option names, got {_kind(options)}")
+        custom = []
+        for name, option in options.items():
+            plain = option if isinstance(option, list) else [option]
+            if not all(o is None or isinstance(o, str | int | float | bool) for o in plain):
+                raise self.fail(
+                    f"{key}.{_segment(name)}",
+                    f"expected a number, string, true/false or a list of them, got {_kind(option)}",
+                )
+            custom.append((str(name), tuple(option) if isinstance(option, list) else option))
+        try:
+            aggregate = factory(**dict(custom))
+        except Exception as e:
+            raise self.fail(
+                key, f"the aggregate {_show(function)} refused them: {type(e).__name__}: {e}"
+            ) from None
+        missing = [m for m in _PROTOCOL if not callable(getattr(aggregate, m, None))]
+        if missing:
+            raise self.fail(
+                key.rsplit(".", 1)[0] + ".function",
+                f"{_show(function)} gave an object without {', '.join(missing)}; an aggregate "
+                "implements ashstream.Aggregate",
+            )
+        return tuple(custom)
 
     def charts(self, value: object) -> tuple[Chart, ...]:
         charts = []
         allowed = {"name", "x", "y", "agg", "bucket", "points", "series"}
+        allowed |= {"q", "method", "relative_error", "interpolate"}
         for i, item in enumerate(self.items(value, "charts")):
             key = f"charts[{i}]"
             spec = self.mapping(item, key, allowed)
@@ -794,7 +962,8 @@ class _Parser:
             points = spec.get("points", DEFAULT_CHART_POINTS)
             points = self.whole_number(points, f"{key}.points", 3, MAX_CHART_POINTS)
             series = self.optional_string(spec, "series", key)
-            charts.append(Chart(name, x, y, agg, bucket, points, series))
+            options = self.aggregate_options(spec, key, agg, None, chart=True)
+            charts.append(Chart(name, x, y, agg, bucket, points, series, options))
         return tuple(charts)
 
     def check_names(self, fields, groups, variables, charts) -> None:
@@ -813,6 +982,11 @@ class _Parser:
             return  # the source's columns are checked when it is opened
         references = [(f"groups[{i}].field", g.field) for i, g in enumerate(groups)]
         references += [(f"variables[{i}].field", v.field) for i, v in enumerate(variables)]
+        references += [
+            (f"variables[{i}].fields[{j}]", name)
+            for i, v in enumerate(variables)
+            for j, name in enumerate(v.fields)
+        ]
         for i, c in enumerate(charts):
             references += [(f"charts[{i}].{a}", getattr(c, a)) for a in ("x", "y", "series")]
         for key, name in references:
@@ -919,6 +1093,43 @@ def _clip(text: str, limit: int = MAX_SHOWN) -> str:
 def _segment(key: object) -> str:
     """A mapping's key as a step of a key path (``params.<key>``)."""
     return _clip(key) if isinstance(key, str) else _show(key)
+
+
+# Which functions take each option key.
+_OPTION_KEYS = {
+    "q": ("quantile",),
+    "method": QUANTILE_FUNCTIONS,
+    "relative_error": QUANTILE_FUNCTIONS,
+    "interpolate": QUANTILE_FUNCTIONS,
+    "n": ("top",),
+}
+_PROTOCOL = ("init", "update", "merge", "finalize")
+
+
+def option_items(function: str, options: AggregateOptions) -> dict[str, Any]:
+    """The options ``function`` was given, by their YAML keys (for ``inspect`` and the
+    module's ``meta``)."""
+    if function in QUANTILE_FUNCTIONS:
+        items: dict[str, Any] = {}
+        if function == "quantile":
+            items["q"] = list(options.q) if isinstance(options.q, tuple) else options.q
+        items["method"] = options.method
+        if options.method == "sketch":
+            items["relative_error"] = options.relative_error
+        elif options.interpolate is not None:
+            items["interpolate"] = options.interpolate
+        return items
+    if function == "top":
+        return {"n": options.n}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.custom}
+
+
+def _functions() -> str:
+    return ", ".join(FUNCTIONS)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
 def _names(names: Sequence[str], shown: int = 10) -> str:

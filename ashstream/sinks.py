@@ -31,7 +31,7 @@ from ashstream.chunks import Chunk
 from ashstream.encode import EncodeOptions, encode_value
 from ashstream.errors import SinkError
 from ashstream.procs import pid_alive
-from ashstream.report import Report
+from ashstream.report import Report, option_items
 from ashstream.templates import default_template
 
 PDF_TIMESTAMP = 0  # a fixed creation date makes the PDF reproducible byte for byte
@@ -168,7 +168,13 @@ def module_meta(report: Report, columns: tuple[str, ...], row_count: int, rows_s
         "detail": report.output.detail,
         "groups": [g.name for g in report.groups],
         "variables": [
-            {"name": v.name, "function": v.function, "field": v.field, "reset": v.reset}
+            {
+                "name": v.name,
+                "function": v.function,
+                "field": v.field if not v.fields else list(v.fields),
+                "reset": v.reset,
+                **option_items(v.function, v.options),
+            }
             for v in report.variables
         ],
         "ashstream_version": __version__,

@@ -11,8 +11,10 @@ the cases interleaved round by round):
 plain encoding; the same rows ordered as the groups need (DuckDB sorts in the
 producer); 2 group levels, 4 variables (one of them running, so the rows gain a
 column) and a chart on those ordered rows; the same without the running variable;
-and, on a copy of the file written in group order, plain encoding and the analysis
-with ``source.sorted: true`` (no sort).
+the same plus an exact median per month, a sketched p95 per month or a top-5 per
+region, each beside DuckDB computing just those per-group values in one query (2
+threads, in this process); and, on a copy of the file written in group order, plain
+encoding and the analysis with ``source.sorted: true`` (no sort).
 It writes benchmarks/results/bench_analysis.json.
 
 Other modes, each with a results file of its own: ``--small`` and ``--whole`` (whole
@@ -238,6 +240,22 @@ charts:
   - {name: daily_revenue, x: day, y: amount, agg: sum, bucket: auto, points: 500}
 """
 SORTED = "  sorted: true\n"
+MEDIAN = "  - {name: median_price, function: median, field: price, reset: month}\n"
+P95 = (
+    "  - {name: p95_price, function: quantile, q: 0.95, method: sketch, field: price, "
+    "reset: month}\n"
+)
+TOP = "  - {name: top_qty, function: top, n: 5, field: qty, reset: region}\n"
+# DuckDB computing what each added variable adds, per group, in one query (2 threads).
+MONTHS = "SELECT region, date_trunc('month', day) AS month, {} FROM '{}' GROUP BY ALL"
+DUCKDB_ANALYSIS = {
+    "DuckDB: quantile_cont per month": MONTHS.format("quantile_cont(price, 0.5)", "{}"),
+    "DuckDB: approx_quantile per month": MONTHS.format("approx_quantile(price, 0.95)", "{}"),
+    "DuckDB: top-5 per region": (
+        "SELECT region, list(qty ORDER BY n DESC, qty)[1:5] FROM "
+        "(SELECT region, qty, count(*) AS n FROM '{}' GROUP BY ALL) GROUP BY region"
+    ),
+}
 # case -> (the file: as generated, or written in group order; what the report adds)
 ANALYSIS_CASES = {
     "plain encoding": ("", ""),
@@ -247,6 +265,9 @@ ANALYSIS_CASES = {
         "",
         GROUPS + VARIABLES.replace("running: true", "running: false"),
     ),
+    "+ exact median per month": ("", GROUPS + VARIABLES + MEDIAN),
+    "+ sketched p95 per month": ("", GROUPS + VARIABLES + P95),
+    "+ top-5 per region": ("", GROUPS + VARIABLES + TOP),
     "plain encoding, file in group order": ("-sorted", ""),
     "2 groups, 4 variables, 1 chart, sorted: true": ("-sorted", SORTED + GROUPS + VARIABLES),
 }
@@ -282,8 +303,16 @@ def measure_analysis(rows: int, workdir: Path, repeats: int) -> dict:
                 if round_:
                     runs[name].append((seconds, sampler.peak_bytes, os.path.getsize(target)))
     target.unlink()
-    parquet.unlink()
     in_order.unlink()
+    for name, sql in DUCKDB_ANALYSIS.items():
+        con = duckdb.connect(config={"threads": 2})
+        query = sql.format(parquet)
+        con.execute(query).fetchall()  # warm: the file in the page cache
+        for _ in range(repeats):
+            start = time.perf_counter()
+            con.execute(query).fetchall()
+            runs.setdefault(name, []).append((time.perf_counter() - start, 0, 0))
+    parquet.unlink()
     measured = {}
     for name, results in runs.items():
         wall = statistics.median(r[0] for r in results)
@@ -301,11 +330,16 @@ def report_analysis(results: dict) -> None:
     for rows, entry in results["sizes"].items():
         cases = entry["cases"]
         ordered = cases["ordered as the groups"]["wall_s"]
+        analysed = cases["2 groups, 4 variables, 1 chart"]["wall_s"]
         print(f"\n{int(rows):,} rows from Parquet, 2 workers; median of {entry['repeats']} run(s)")
         table = []
         for name, c in cases.items():
+            if name in DUCKDB_ANALYSIS:
+                table.append([name, f"{c['wall_s']:.2f}", "", "", "", "", ""])
+                continue
             in_order = ANALYSIS_CASES[name][0] == "-sorted"
             plain = cases["plain encoding, file in group order" if in_order else "plain encoding"]
+            added = name.startswith("+ ")
             table.append(
                 [
                     name,
@@ -313,11 +347,20 @@ def report_analysis(results: dict) -> None:
                     f"{c['rows_per_s']:,.0f}",
                     "" if in_order else f"{c['wall_s'] / ordered - 1:+.0%}",
                     f"{c['wall_s'] / plain['wall_s'] - 1:+.0%}",
+                    f"{c['wall_s'] / analysed - 1:+.0%}" if added else "",
                     f"{c['peak_pss_bytes'] / 2**20:,.0f}",
                 ]
             )
         print_table(
-            ["case", "median s", "rows/s", "vs ordered", "vs plain, same file", "peak PSS MiB"],
+            [
+                "case",
+                "median s",
+                "rows/s",
+                "vs ordered",
+                "vs plain, same file",
+                "vs the 4 variables",
+                "peak PSS MiB",
+            ],
             table,
         )
     path = write_results("bench_analysis", results)

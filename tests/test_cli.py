@@ -244,8 +244,8 @@ BAD_REPORTS = [
         id="reset-on-unknown-group",
     ),
     pytest.param(
-        SMALL + "variables: [{name: t, function: median, field: amount}]\n",
-        "variables[0].function: expected one of count, count_distinct, sum",
+        SMALL + "variables: [{name: t, function: p99, field: amount}]\n",
+        "variables[0].function: unknown function 'p99'; expected one of count, count_distinct",
         id="unknown-function",
     ),
     pytest.param(
@@ -400,6 +400,97 @@ BAD_REPORTS = [
         "name: x\nsource: {duckdb: {query: 'SELECT 1 AS a'}, where: 'a >'}\n",
         "source.where: expected one SQL expression, got 'a >' (DuckDB: syntax error at or near",
         id="bad-where",
+    ),
+    # ---- median, quantile, top, mode
+    pytest.param(
+        SMALL + "variables: [{name: t, function: quantile, field: amount}]\n",
+        "variables[0].q: missing; give the quantile (0 to 1), or a list of them",
+        id="quantile-without-q",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: quantile, q: [0.5, 1.5], field: amount}]\n",
+        "variables[0].q[1]: expected a number from 0 to 1, got 1.5",
+        id="q-out-of-range",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: median, q: 0.4, field: amount}]\n",
+        "variables[0].q: function median takes no q; q is for quantile",
+        id="median-with-q",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: sum, method: sketch, field: amount}]\n",
+        "variables[0].method: function sum takes no method; method is for median and quantile",
+        id="method-on-sum",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: median, method: fast, field: amount}]\n",
+        "variables[0].method: expected one of exact, sketch, got 'fast'",
+        id="unknown-method",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: median, relative_error: 0.1, field: amount}]\n",
+        "variables[0].relative_error: is for method: sketch",
+        id="relative-error-on-exact",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: median, method: sketch, relative_error: 0.9, "
+        "field: amount}]\n",
+        "variables[0].relative_error: expected a number from 0.001 to 0.5, got 0.9",
+        id="relative-error-out-of-range",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: median, method: sketch, interpolate: true, "
+        "field: amount}]\n",
+        "variables[0].interpolate: is for method: exact (a sketch never does)",
+        id="interpolate-on-sketch",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: median, running: true, field: amount}]\n",
+        "variables[0].running: a running median is not supported",
+        id="running-median",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: top, n: 0, field: region}]\n",
+        "variables[0].n: expected a whole number >= 1, got 0",
+        id="top-n-zero",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: median, field: region}]\n",
+        "variables[0].field: median needs a number, date or timestamp, and this is string",
+        id="median-of-strings",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: median, method: sketch, field: day}]\n",
+        "variables[0].field: median method: sketch needs numbers, and this is date32[day]; "
+        "use method: exact",
+        id="sketch-of-dates",
+    ),
+    pytest.param(
+        'name: x\nsource: {duckdb: {query: "SELECT 1.5::DECIMAL(4, 1) AS d"}}\n'
+        "variables: [{name: t, function: median, interpolate: true, field: d}]\n",
+        "variables[0].field: median interpolate: true needs integers or floats",
+        id="interpolated-decimal",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: median, field: amount, options: {a: 1}}]\n",
+        "variables[0].options: median is built in and takes no options mapping",
+        id="options-on-built-in",
+    ),
+    pytest.param(
+        SMALL + "variables: [{name: t, function: 'tests.example_aggregates:WeightedMean', "
+        "field: amount}]\n",
+        "variables[0].function: unknown function 'tests.example_aggregates:WeightedMean'",
+        id="yaml-cannot-name-code",
+    ),
+    pytest.param(
+        SMALL + "charts: [{name: c, x: day, y: amount, agg: quantile, q: [0.5, 0.9]}]\n",
+        "charts[0].q: a chart's point is one value: give one q",
+        id="chart-with-several-q",
+    ),
+    pytest.param(
+        SMALL + "charts: [{name: c, x: day, y: amount, agg: sum, q: 0.5}]\n",
+        "charts[0].q: agg sum takes no q; q is for quantile",
+        id="q-on-a-sum-chart",
     ),
 ]
 

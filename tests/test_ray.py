@@ -85,6 +85,22 @@ CLUSTER_REPORT = {
         {"name": "week_total", "function": "sum", "field": "amount", "reset": "week"},
         {"name": "block_rows", "function": "count", "reset": "block"},
         {"name": "mean_ratio", "function": "avg", "field": "ratio", "reset": "week"},
+        {"name": "median_amount", "function": "median", "field": "amount", "reset": "week"},
+        {"name": "ratio_q", "function": "quantile", "q": [0.1, 0.9], "field": "ratio"},
+        {
+            "name": "p95_ratio",
+            "function": "quantile",
+            "q": 0.95,
+            "method": "sketch",
+            "field": "ratio",
+            "reset": "block",
+        },
+        {"name": "top_weeks", "function": "top", "n": 3, "field": "week"},
+        {"name": "mode_area", "function": "mode", "field": "area", "reset": "week"},
+    ],
+    "charts": [
+        *FULL_REPORT["charts"],
+        {"name": "median_by_day", "x": "at", "y": "ratio", "agg": "median", "bucket": "day"},
     ],
 }
 
@@ -167,6 +183,7 @@ def test_parquet_read_on_the_cluster_gives_the_same_module(
         got = module_of(stream, report, tmp_path / "ray.typ")
     assert got == want
     assert b"week_total" in got and b"by_day" in got
+    assert b'"median_amount": ' in got and b'"top_weeks": ((' in got
 
 
 def test_a_file_gone_on_a_node_is_one_clear_error(cluster, source_dir, tmp_path):

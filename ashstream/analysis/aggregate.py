@@ -20,8 +20,11 @@ no second pass is needed. Float running sums accumulate in float64 in row order 
 spreadsheet would), and so are identical for every chunk size; they may differ from the
 exact group total in the last digit.
 
-Memory: one state per open group and variable. ``count_distinct`` keeps the set of
-distinct values of its open group (for ``reset: report``, of the whole report).
+Memory: one state per open group and variable. ``count_distinct``, ``top`` and
+``mode`` keep the distinct values of the open group (for ``reset: report``, of the whole
+report), an exact ``median`` or ``quantile`` all its values; the collector stops the run
+with a clear error when those hold more than half the memory limit
+(:data:`HELD_FRACTION`), rather than let the machine swap or the OOM killer end it.
 """
 
 from __future__ import annotations
@@ -35,21 +38,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ashstream.analysis.charts import ChartCollector, chart_partial
-from ashstream.analysis.functions import (
-    WIDE,
+from ashstream.analysis.catalog import (
+    aggregate_of,
     empty_states,
-    magnitude,
+    held_bytes,
     merge_states,
-    nested,
-    plain,
     reduce_states,
     results,
-    unscaled,
-    valid_mask,
 )
-from ashstream.errors import EncodeError, ReportError, SourceError
+from ashstream.analysis.charts import ChartCollector, chart_partial
+from ashstream.analysis.functions import WIDE, magnitude, nested, plain, unscaled, valid_mask
+from ashstream.errors import EncodeError, ReportError, ResourceError, SourceError
+from ashstream.procs import default_memory_limit
 from ashstream.report import BUCKET_UNITS, Report, Variable
+
+# The share of the memory limit the open groups' values may hold in the parent.
+HELD_FRACTION = 0.5
+CHART_CHECK_EVERY = 64  # batches between checks of the charts' states (many buckets)
 
 __all__ = ["Analysis", "ClosedGroup", "Collector", "RunningColumns", "Summary", "analyse_batch"]
 
@@ -69,6 +74,7 @@ class Analysis:
     timezone: str  # calendar buckets of time-zone-aware timestamps use its wall clock
     descending: tuple[bool, ...] = ()  # per level
     check_order: bool = False  # source.sorted: the keys' order is checked, not made
+    memory_limit: int | None = None  # pipeline.memory_limit; None: the machine's
 
     @classmethod
     def of(cls, report: Report) -> Analysis | None:
@@ -83,6 +89,7 @@ class Analysis:
             report.pipeline.timezone,
             tuple(g.descending for g in report.groups),
             report.source.sorted,
+            report.pipeline.memory_limit,
         )
 
     def level(self, variable: Variable) -> int:
@@ -130,9 +137,19 @@ def check_analysis(report: Report, schema: pa.Schema) -> None:
                 f"{report.path}: variables[{i}].name: a running variable adds a column to "
                 f"every row, and the source already has a column {v.name!r}"
             )
+        if v.fields:
+            t = pa.struct(
+                [
+                    pa.field(name, column(f"variables[{i}].fields[{j}]", name))
+                    for j, name in enumerate(v.fields)
+                ]
+            )
+            _check_aggregate(report, f"variables[{i}].fields", v, t)
+            continue
         if v.field is None:
             continue
         t = column(f"variables[{i}].field", v.field)
+        _check_aggregate(report, f"variables[{i}].field", v, t)
         if v.function in ("min", "max") and nested(t):
             raise ReportError(
                 f"{report.path}: variables[{i}].field: {v.function} needs values that "
@@ -154,6 +171,7 @@ def check_analysis(report: Report, schema: pa.Schema) -> None:
             y = column(f"charts[{i}].y", c.y)
             if not _numeric(y) and c.agg != "count":
                 raise ReportError(f"{key}.y: a chart's y must be a number, and {c.y!r} is {y}")
+            _check_aggregate(report, f"charts[{i}].y", c, y)
         if c.series is not None:
             column(f"charts[{i}].series", c.series)
         if c.agg == "none":
@@ -174,6 +192,17 @@ def check_analysis(report: Report, schema: pa.Schema) -> None:
             raise ReportError(
                 f"{key}.bucket: a numeric bin width needs a numeric x, and {c.x!r} is {x}"
             )
+
+
+def _check_aggregate(report: Report, key: str, spec: Variable | Any, t: pa.DataType) -> None:
+    """The check an aggregate makes of its values' type (the first functions' are made
+    above, with their own messages)."""
+    function = spec.function if isinstance(spec, Variable) else spec.agg
+    if function == "none":
+        return
+    reason = aggregate_of(spec).check(t)
+    if reason:
+        raise ReportError(f"{report.path}: {key}: {function} {reason}")
 
 
 # ----------------------------------------------------------------------- groups
@@ -323,6 +352,9 @@ class Collector:
         self.totals = empty_states(self.level_vars[0])
         self.charts = [ChartCollector(c) for c in analysis.charts]
         self.rows = 0
+        self.batches = 0
+        self._budget: int | None = None
+        self._chart_held: dict[str, int] = {}
 
     def add(self, partial: BatchPartial, first_row: int) -> list[ClosedGroup]:
         """Merge the partials of the next batch, which starts at ``first_row``; return the
@@ -346,8 +378,40 @@ class Collector:
         for chart, points in zip(self.charts, partial.charts, strict=True):
             chart.add(points)
         self.rows = first_row + partial.rows
+        self.batches += 1
+        self._check_held()
         closed.sort(key=lambda g: (g.last_row, -g.level))
         return closed
+
+    def _check_held(self) -> None:
+        """Stop before the open groups' values outgrow memory (see the module's
+        docstring), naming what holds the most."""
+        held: dict[str, int] = {}
+        for level, variables in enumerate(self.level_vars):
+            group = self.open[level - 1] if level else None
+            states = self.totals if not level else group.states if group else None
+            if states is not None and variables:
+                for v, state in zip(variables, states, strict=True):
+                    label = f"variable {v.name!r}"
+                    held[label] = held.get(label, 0) + held_bytes([v], [state])
+        if self.batches % CHART_CHECK_EVERY == 0:
+            self._chart_held = {f"chart {c.chart.name!r}": c.held_bytes() for c in self.charts}
+        held.update(self._chart_held)
+        total = sum(held.values())
+        if not total:
+            return
+        if self._budget is None:
+            limit = self.analysis.memory_limit or default_memory_limit()
+            self._budget = int(limit * HELD_FRACTION)
+        if total > self._budget:
+            largest = max(held, key=held.__getitem__)
+            raise ResourceError(
+                f"{largest} holds {held[largest] / 2**20:,.0f} MiB of its open group's "
+                f"values, and the open groups may hold {self._budget / 2**20:,.0f} MiB (half "
+                "the memory limit): an exact median or quantile keeps every value, top, mode "
+                "and count_distinct every distinct one; use method: sketch for quantiles "
+                "(bounded memory), group more finely, or raise pipeline.memory_limit"
+            )
 
     def _check_order(self, level: int, before: tuple, after: tuple, row: int) -> None:
         """With ``source.sorted``, a key must sort after the one before it (among the

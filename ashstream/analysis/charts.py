@@ -29,7 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ashstream.analysis.functions import FUNCTIONS, plain, valid_mask
+from ashstream.analysis.catalog import aggregate_of
+from ashstream.analysis.functions import plain, valid_mask
 from ashstream.report import Chart
 
 __all__ = ["ChartCollector", "chart_partial", "lttb"]
@@ -100,7 +101,7 @@ def chart_partial(batch: pa.RecordBatch, chart: Chart, first_row: int, timezone:
     if chart.agg == "count" and chart.y is None:
         states = np.bincount(ids, minlength=n).tolist()
     else:
-        states = FUNCTIONS[chart.agg].reduce(plain(batch.column(chart.y)), ids, n)
+        states = aggregate_of(chart).reduce(plain(batch.column(chart.y)), ids, n)
     names = series[0] if series else [None]
     out = {}
     for j in range(n):
@@ -313,7 +314,7 @@ class ChartCollector:
 
     def __init__(self, chart: Chart) -> None:
         self.chart = chart
-        self.function = FUNCTIONS.get("count" if chart.y is None else chart.agg)
+        self.function = aggregate_of(chart) if chart.agg != "none" else None
         self.units: dict[str, dict] | None = None  # aggregated: unit -> {(series, key): state}
         self.series: dict[Any, _Bins] = {}  # raw series: series -> bins
 
@@ -331,6 +332,7 @@ class ChartCollector:
             return
         if self.units is None:
             self.units = {unit: {} for unit in self._candidates(finest)}
+        # The units share states: a chart's functions never change a state they merge.
         for unit, buckets in list(self.units.items()):
             for (name, key), state in states.items():
                 if unit == "hour" or unit == finest:
@@ -343,6 +345,13 @@ class ChartCollector:
                 )
             if self.chart.bucket == "auto" and len(buckets) > self.chart.points and unit != "year":
                 del self.units[unit]  # more buckets than points: never again fewer
+
+    def held_bytes(self) -> int:
+        """What the buckets' states hold that grows with the rows."""
+        if self.function is None or not self.units:
+            return 0
+        held = self.function.held_bytes
+        return sum(held(state) for buckets in self.units.values() for state in buckets.values())
 
     def _candidates(self, finest: str) -> list[str]:
         bucket = self.chart.bucket
@@ -370,7 +379,7 @@ class ChartCollector:
                 buckets.items(), key=lambda item: (_order(item[0][0]), item[0][1])
             ):
                 x = key * chart.bucket if unit == "width" else _bucket_start(unit, key)
-                series.setdefault(name, []).append({"x": x, "y": self.function.result(state)})
+                series.setdefault(name, []).append({"x": x, "y": self.function.finalize(state)})
         ordered = sorted(series.items(), key=lambda item: _order(item[0]))
         out["series"] = [{"key": name, "points": points} for name, points in ordered]
         out["points"] = ordered[0][1] if chart.series is None and ordered else []

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import decimal
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -17,12 +15,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ashstream.report import Variable
+from ashstream.analysis.protocol import BatchAggregate
 
 WIDE = decimal.Context(prec=200)  # decimal sums merge without rounding
 _LIMB_BITS = 21
 _LIMB_MASK = (1 << _LIMB_BITS) - 1
 _CLASS_BITS = 8  # exponent values per class: mantissa << 7 still fits int64
+_SET_ENTRY_BYTES = 100  # a set entry with a small value
 
 
 # ------------------------------------------------------------------ exact sums
@@ -239,14 +238,30 @@ def _max(a: Any, b: Any) -> Any:
     return b if a is None else a if b is None else max(a, b)
 
 
-@dataclass(frozen=True)
-class Function:
-    """How one aggregate function reduces, merges and reports its state."""
+class Function(BatchAggregate):
+    """A built-in function given by its parts: how it reduces a batch to per-group
+    states, merges two states (left before right in row order, without changing either:
+    a chart's rollup shares states) and gives the result."""
 
-    reduce: Any  # (array, ids, n) -> list of states
-    merge: Any  # (state, state) -> state, left before right in row order
-    result: Any  # state -> value
-    empty: Any  # the state of no rows
+    def __init__(self, reduce: Any, merge: Any, finalize: Any, empty: Any, held: Any = None):
+        self._reduce, self._merge, self._finalize = reduce, merge, finalize
+        self.empty = empty  # the state of no rows, immutable
+        self._held = held  # state -> bytes, for a state that grows with the rows
+
+    def init(self) -> Any:
+        return self.empty
+
+    def reduce(self, values: pa.Array, ids: np.ndarray, n: int) -> list:
+        return self._reduce(values, ids, n)
+
+    def merge(self, left: Any, right: Any) -> Any:
+        return self._merge(left, right)
+
+    def finalize(self, state: Any) -> Any:
+        return self._finalize(state)
+
+    def held_bytes(self, state: Any) -> int:
+        return 0 if self._held is None else self._held(state)
 
 
 def _hash(aggregation: str):
@@ -265,6 +280,7 @@ FUNCTIONS: dict[str, Function] = {
         lambda a, b: a | b,
         len,
         frozenset(),
+        lambda s: _SET_ENTRY_BYTES * len(s),
     ),
     "sum": Function(
         _sum_state,
@@ -285,31 +301,3 @@ FUNCTIONS: dict[str, Function] = {
         (0, 0, 0),
     ),
 }
-
-
-def reduce_states(
-    batch: pa.RecordBatch, variables: Sequence[Variable], ids: np.ndarray, n: int
-) -> list[list]:
-    """Per id 0..n-1, the state of every variable: ``states[id][variable]``."""
-    columns = []
-    for v in variables:
-        function = FUNCTIONS[v.function]
-        if v.field is None:  # count of rows
-            columns.append(np.bincount(ids, minlength=n).tolist())
-        else:
-            columns.append(function.reduce(plain(batch.column(v.field)), ids, n))
-    return [list(states) for states in zip(*columns, strict=True)] if columns else [[]] * n
-
-
-def merge_states(variables: Sequence[Variable], left: list, right: list) -> list:
-    return [
-        FUNCTIONS[v.function].merge(a, b) for v, a, b in zip(variables, left, right, strict=True)
-    ]
-
-
-def results(variables: Sequence[Variable], states: list) -> dict[str, Any]:
-    return {v.name: FUNCTIONS[v.function].result(s) for v, s in zip(variables, states, strict=True)}
-
-
-def empty_states(variables: Sequence[Variable]) -> list:
-    return [FUNCTIONS[v.function].empty for v in variables]

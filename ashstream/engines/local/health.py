@@ -31,6 +31,7 @@ from ashstream.engines.local.scheduling import (
 )
 from ashstream.engines.local.supervisor import Supervisor
 from ashstream.errors import PipelineError, ResourceError
+from ashstream.procs import default_memory_limit
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +52,6 @@ def tree_pss_bytes() -> int:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return total
-
-
-def default_memory_limit() -> int:
-    """The cgroup's memory limit when there is one (containers), else the machine's RAM."""
-    candidates = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
-    for path in candidates:
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 2**60:  # "max" or a huge number: no limit
-            return int(text)
-    return psutil.virtual_memory().total
 
 
 class HealthLoop:
