@@ -439,6 +439,8 @@ def validate(report_path, params, allow_paths) -> None:
         f"OK: report {report.name!r} ({report_path}): {len(sample.schema)} fields, {total}",
         soft_wrap=True,
     )
+    for line in _analysis_lines(report):
+        stderr.print(line, markup=False, soft_wrap=True)
 
 
 @main.command()

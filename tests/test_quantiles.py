@@ -555,3 +555,19 @@ def test_the_built_in_template_prints_quantiles_and_top_values(stream_dir, tmp_p
     module = (tmp_path / "q.typ").read_text()
     shown = evaluate_module(module, "groups.first().variables.top_qty")
     assert shown[0] == "array" and shown[1][0][0] == "dict"
+
+
+def test_validate_and_inspect_show_the_functions_and_their_options(stream_dir):
+    from click.testing import CliRunner
+
+    from ashstream.cli import main
+
+    path = str(stream_dir / "report.yaml")
+    validated = CliRunner().invoke(main, ["validate", path], catch_exceptions=False)
+    inspected = CliRunner().invoke(main, ["inspect", path], catch_exceptions=False)
+    assert validated.exit_code == inspected.exit_code == 0, validated.output
+    for shown in (validated.stderr, " ".join(inspected.stdout.split())):
+        assert "price_q = quantile(price, q=[0.1, 0.5, 0.95], method=exact) per region" in shown
+        assert "p95_sketch = quantile(price, q=0.95, method=sketch, relative_error=0.01)" in shown
+        assert "top_qty = top(qty, n=3) per region; mode_day = mode(day) per block" in shown
+        assert "median_by_day: price by day (median, method=exact per auto)" in shown
