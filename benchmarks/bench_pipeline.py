@@ -265,9 +265,9 @@ ANALYSIS_CASES = {
         "",
         GROUPS + VARIABLES.replace("running: true", "running: false"),
     ),
-    "+ exact median per month": ("", GROUPS + VARIABLES + MEDIAN),
-    "+ sketched p95 per month": ("", GROUPS + VARIABLES + P95),
-    "+ top-5 per region": ("", GROUPS + VARIABLES + TOP),
+    "+ exact median per month": ("", GROUPS + VARIABLES.replace("charts:", MEDIAN + "charts:")),
+    "+ sketched p95 per month": ("", GROUPS + VARIABLES.replace("charts:", P95 + "charts:")),
+    "+ top-5 per region": ("", GROUPS + VARIABLES.replace("charts:", TOP + "charts:")),
     "plain encoding, file in group order": ("-sorted", ""),
     "2 groups, 4 variables, 1 chart, sorted: true": ("-sorted", SORTED + GROUPS + VARIABLES),
 }

@@ -253,9 +253,7 @@ class QuantileSketch(BatchAggregate):
             ceiling = int(keys[negative].min()) + self.buckets - 1
             keys = np.where(negative & (keys > ceiling), ceiling, keys)
         distinct, inverse = np.unique(keys, return_inverse=True)
-        summed = np.zeros(len(distinct), dtype=np.int64)
-        np.add.at(summed, inverse.reshape(-1), counts)
-        return distinct, summed
+        return distinct, np.bincount(inverse.reshape(-1), weights=counts).astype(np.int64)
 
     def reduce(self, values: pa.Array, ids: np.ndarray, n: int) -> list:
         values = plain(values)
@@ -263,27 +261,42 @@ class QuantileSketch(BatchAggregate):
         x = pc.filter(values, pa.array(valid)) if not valid.all() else values
         keys = self.keys(x.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False))
         ids = ids[valid]
-        order = np.lexsort((keys, ids))
-        keys, ids = keys[order], ids[order]
-        new = np.ones(len(keys), dtype=bool)
-        new[1:] = (keys[1:] != keys[:-1]) | (ids[1:] != ids[:-1])
-        starts = np.flatnonzero(new)
-        counts = np.diff(np.append(starts, len(keys)))
-        keys, ids = keys[starts], ids[starts]
+        if n < 1 << 20:  # one sort of (id, key) packed in an int64: keys are within ±2**42
+            packed, counts = np.unique((ids << 43) + (keys + (1 << 42)), return_counts=True)
+            ids, keys = packed >> 43, (packed & ((1 << 43) - 1)) - (1 << 42)
+        else:
+            order = np.lexsort((keys, ids))
+            keys, ids = keys[order], ids[order]
+            new = np.ones(len(keys), dtype=bool)
+            new[1:] = (keys[1:] != keys[:-1]) | (ids[1:] != ids[:-1])
+            starts = np.flatnonzero(new)
+            counts = np.diff(np.append(starts, len(keys)))
+            keys, ids = keys[starts], ids[starts]
+        whole = self._spans_fit(keys)  # then no group's buckets collapse
         bounds = np.cumsum(np.bincount(ids, minlength=n)).tolist()
         out = []
         for a, b in zip([0, *bounds[:-1]], bounds, strict=True):
-            out.append(self._collapse(keys[a:b], counts[a:b]) if b > a else self.init())
+            if b == a:
+                out.append(self.init())
+            else:
+                state = (keys[a:b], counts[a:b])
+                out.append(state if whole else self._collapse(*state))
         return out
+
+    def _spans_fit(self, keys: np.ndarray) -> bool:
+        """Whether each sign's buckets among ``keys`` span fewer than the kept number."""
+        for sign in (keys[(keys > 0) & (keys < _INF)], keys[(keys < 0) & (keys > -_INF)]):
+            if len(sign) and int(sign.max()) - int(sign.min()) >= self.buckets:
+                return False
+        return True
 
     def merge(self, left: tuple, right: tuple) -> tuple:
         if not len(right[0]):
             return left
         if not len(left[0]):
             return right
-        return self._collapse(
-            np.concatenate([left[0], right[0]]), np.concatenate([left[1], right[1]])
-        )
+        keys = np.concatenate([left[0], right[0]])
+        return self._collapse(keys, np.concatenate([left[1], right[1]]))
 
     def finalize(self, state: tuple) -> Any:
         keys, counts = state
