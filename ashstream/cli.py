@@ -48,6 +48,8 @@ from ashstream.errors import (
 from ashstream.report import (
     MAX_CHUNK_SIZE,
     MAX_WORKERS,
+    Chart,
+    Variable,
     load_report,
     option_items,
     with_allowed_paths,
@@ -370,7 +372,9 @@ def _total(value: object) -> str:
     """A total as the summary line shows it: lists (quantiles, top values) plainly."""
     if isinstance(value, list):
         return ", ".join(
-            f"{_total(v['value'])} ({v['count']:,})" if isinstance(v, dict) else _total(v)
+            f"{_total(v['value'])} ({v['count']:,})"
+            if isinstance(v, dict) and v.keys() == {"value", "count"}
+            else _total(v)
             for v in value
         )
     return str(value)
@@ -517,7 +521,7 @@ def _analysis_lines(report) -> list[str]:
     return lines
 
 
-def _arguments(first: str, spec) -> str:
+def _arguments(first: str, spec: Variable | Chart) -> str:
     """``first`` and the options of a variable's function or a chart's agg."""
     function = getattr(spec, "function", None) or spec.agg
     options = [f"{k}={v}" for k, v in option_items(function, spec.options).items()]

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 
-import psutil
-
 
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists (signal 0 checks without sending anything); another
@@ -31,4 +29,6 @@ def default_memory_limit() -> int:
             continue
         if text.isdigit() and int(text) < 2**60:  # "max" or a huge number: no limit
             return int(text)
+    import psutil  # here: the sinks import this module, and need no psutil
+
     return psutil.virtual_memory().total

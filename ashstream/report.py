@@ -16,6 +16,7 @@ import dataclasses
 import datetime as dt
 import glob
 import os
+import pickle
 import re
 import reprlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,7 +27,7 @@ from zoneinfo import ZoneInfo
 
 import yaml
 
-from ashstream.analysis.protocol import installed_aggregates, load_factory
+from ashstream.analysis.protocol import Aggregate, installed_aggregates, load_factory
 from ashstream.errors import ReportError
 
 __all__ = [
@@ -799,7 +800,7 @@ class _Parser:
             if fields and (factory is None or field_name is not None):
                 raise self.fail(
                     f"{key}.fields",
-                    "several fields are for an installed aggregate; give field instead"
+                    "several fields are for an aggregate you write; give field instead"
                     if factory is None
                     else "give field or fields, not both",
                 )
@@ -925,13 +926,21 @@ class _Parser:
             raise self.fail(
                 key, f"the aggregate {_show(function)} refused them: {type(e).__name__}: {e}"
             ) from None
-        missing = [m for m in _PROTOCOL if not callable(getattr(aggregate, m, None))]
-        if missing:
+        where = key.rsplit(".", 1)[0] + ".function"
+        if not isinstance(aggregate, Aggregate):
             raise self.fail(
-                key.rsplit(".", 1)[0] + ".function",
-                f"{_show(function)} gave an object without {', '.join(missing)}; an aggregate "
-                "implements ashstream.Aggregate",
+                where,
+                f"{_show(function)} gave a {type(aggregate).__name__}, not an "
+                "ashstream.Aggregate; subclass it (it supplies check, held_bytes and reduce)",
             )
+        try:
+            pickle.dumps(factory)
+        except Exception as e:  # a lambda or a local class: the worker processes need it
+            raise self.fail(
+                where,
+                f"the aggregate {_show(function)} cannot be sent to the worker processes "
+                f"({type(e).__name__}: {_clip(str(e))}); define it at the top level of a module",
+            ) from None
         return tuple(custom)
 
     def charts(self, value: object) -> tuple[Chart, ...]:
@@ -1103,7 +1112,6 @@ _OPTION_KEYS = {
     "interpolate": QUANTILE_FUNCTIONS,
     "n": ("top",),
 }
-_PROTOCOL = ("init", "update", "merge", "finalize")
 
 
 def option_items(function: str, options: AggregateOptions) -> dict[str, Any]:

@@ -173,7 +173,8 @@ def module_meta(report: Report, columns: tuple[str, ...], row_count: int, rows_s
                 "function": v.function,
                 "field": v.field if not v.fields else list(v.fields),
                 "reset": v.reset,
-                **option_items(v.function, v.options),
+                **({"options": option_items(v.function, v.options)} if v.factory else {}),
+                **({} if v.factory else option_items(v.function, v.options)),
             }
             for v in report.variables
         ],

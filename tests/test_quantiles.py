@@ -221,6 +221,7 @@ SELECT
     i // 250 AS block,
     CASE WHEN i % 11 = 0 THEN NULL ELSE ((i * 7919) % 10007 / 100.0)::DECIMAL(12, 2) END AS amount,
     CASE WHEN i % 31 = 0 THEN 'NaN'::DOUBLE WHEN i % 17 = 0 THEN NULL
+         WHEN i % 19 = 0 THEN -0.0 WHEN i % 23 = 0 THEN 0.0
          ELSE ((i * 104729) % 1000) / 7.0 - 40 END AS price,
     (i % 7)::INTEGER AS qty,
     DATE '2020-01-01' + (i % 40)::INTEGER AS day,
@@ -493,6 +494,27 @@ def test_an_aggregate_passed_from_python(stream_dir, tmp_path):
     assert (tmp_path / "geo.typ").read_bytes() == (tmp_path / "geo2.typ").read_bytes()
 
 
+class NotAnAggregate:
+    def init(self):
+        return 0
+
+
+def test_a_factory_must_give_an_aggregate_the_workers_can_import(stream_dir, tmp_path):
+    spec = {
+        "name": "geo",
+        "source": {"parquet": str(stream_dir / "data.parquet")},
+        "variables": [{"name": "g", "function": "geo", "field": "qty"}],
+    }
+    path = write_report(tmp_path, spec)
+    with pytest.raises(ReportError, match=r"variables\[0\].function: 'geo' gave a NotAnAggregate"):
+        load_report(path, aggregates={"geo": NotAnAggregate})
+    from tests.example_aggregates import GeometricMean
+
+    local = type("LocalMean", (GeometricMean,), {})
+    with pytest.raises(ReportError, match=r"'geo' cannot be sent to the worker processes"):
+        load_report(path, aggregates={"geo": local})
+
+
 def test_an_aggregate_that_refuses_its_options_or_its_field(stream_dir, installed, tmp_path):
     spec = {**CUSTOM_SPEC, "source": {"parquet": str(stream_dir / "data.parquet")}}
     spec["variables"] = [{**CUSTOM_SPEC["variables"][0], "options": {"weight": 1}}]
@@ -531,14 +553,14 @@ def test_a_group_too_large_to_hold_exactly_stops_the_run_and_names_the_variable(
     out = tmp_path / "big.typ"
     result = ashstream_cli(tmp_path, "run", str(path), "-o", str(out), "--no-progress")
     assert result.returncode == 1, result.stderr
-    assert_one_line(result.stderr, "variable 'typical' holds 2 MiB", "use method: sketch")
+    assert_one_line(result.stderr, "the most: variable 'typical', 2 MiB", "use method: sketch")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.parquet", "report.yaml"]
     # the collector's own check, whatever the engine: 1 MiB of exact values is too much
     report = load_report(path)
     analysis = Analysis.of(report)
     collector = Collector(analysis)
     batch = pq.read_table(tmp_path / "big.parquet").combine_chunks().to_batches()[0]
-    with pytest.raises(ResourceError, match="variable 'typical' holds 2 MiB"):
+    with pytest.raises(ResourceError, match="the most: variable 'typical', 2 MiB"):
         collector.add(analyse_batch(batch, analysis, 0), 0)
 
 

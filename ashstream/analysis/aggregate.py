@@ -41,7 +41,6 @@ import pyarrow.compute as pc
 from ashstream.analysis.catalog import (
     aggregate_of,
     empty_states,
-    held_bytes,
     merge_states,
     reduce_states,
     results,
@@ -50,7 +49,7 @@ from ashstream.analysis.charts import ChartCollector, chart_partial
 from ashstream.analysis.functions import WIDE, magnitude, nested, plain, unscaled, valid_mask
 from ashstream.errors import EncodeError, ReportError, ResourceError, SourceError
 from ashstream.procs import default_memory_limit
-from ashstream.report import BUCKET_UNITS, Report, Variable
+from ashstream.report import BUCKET_UNITS, Chart, Report, Variable
 
 # The share of the memory limit the open groups' values may hold in the parent.
 HELD_FRACTION = 0.5
@@ -194,7 +193,7 @@ def check_analysis(report: Report, schema: pa.Schema) -> None:
             )
 
 
-def _check_aggregate(report: Report, key: str, spec: Variable | Any, t: pa.DataType) -> None:
+def _check_aggregate(report: Report, key: str, spec: Variable | Chart, t: pa.DataType) -> None:
     """The check an aggregate makes of its values' type (the first functions' are made
     above, with their own messages)."""
     function = spec.function if isinstance(spec, Variable) else spec.agg
@@ -393,7 +392,7 @@ class Collector:
             if states is not None and variables:
                 for v, state in zip(variables, states, strict=True):
                     label = f"variable {v.name!r}"
-                    held[label] = held.get(label, 0) + held_bytes([v], [state])
+                    held[label] = held.get(label, 0) + aggregate_of(v).held_bytes(state)
         if self.batches % CHART_CHECK_EVERY == 0:
             self._chart_held = {f"chart {c.chart.name!r}": c.held_bytes() for c in self.charts}
         held.update(self._chart_held)
@@ -406,11 +405,12 @@ class Collector:
         if total > self._budget:
             largest = max(held, key=held.__getitem__)
             raise ResourceError(
-                f"{largest} holds {held[largest] / 2**20:,.0f} MiB of its open group's "
-                f"values, and the open groups may hold {self._budget / 2**20:,.0f} MiB (half "
-                "the memory limit): an exact median or quantile keeps every value, top, mode "
-                "and count_distinct every distinct one; use method: sketch for quantiles "
-                "(bounded memory), group more finely, or raise pipeline.memory_limit"
+                f"the open groups and charts hold {total / 2**20:,.0f} MiB of values, over "
+                f"the {self._budget / 2**20:,.0f} MiB allowed (half the memory limit); the "
+                f"most: {largest}, {held[largest] / 2**20:,.0f} MiB. An exact median or "
+                "quantile keeps every value, top, mode and count_distinct every distinct one: "
+                "use method: sketch for quantiles (bounded memory), or raise "
+                "pipeline.memory_limit"
             )
 
     def _check_order(self, level: int, before: tuple, after: tuple, row: int) -> None:

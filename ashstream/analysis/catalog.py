@@ -16,7 +16,14 @@ from ashstream.analysis.protocol import Aggregate
 from ashstream.analysis.quantiles import ExactQuantile, QuantileSketch
 from ashstream.report import AggregateOptions, Chart, Variable
 
-__all__ = ["aggregate_of", "empty_states", "merge_states", "reduce_states", "results"]
+__all__ = [
+    "aggregate_of",
+    "empty_states",
+    "merge_states",
+    "reduce_states",
+    "results",
+    "values_of",
+]
 
 
 def aggregate_of(spec: Variable | Chart) -> Aggregate:
@@ -73,7 +80,3 @@ def results(variables: Sequence[Variable], states: list) -> dict[str, Any]:
 def empty_states(variables: Sequence[Variable]) -> list:
     return [aggregate_of(v).init() for v in variables]
 
-
-def held_bytes(variables: Sequence[Variable], states: list) -> int:
-    """What the states hold that grows with their group's rows."""
-    return sum(aggregate_of(v).held_bytes(s) for v, s in zip(variables, states, strict=True))

@@ -350,8 +350,8 @@ class ChartCollector:
         """What the buckets' states hold that grows with the rows."""
         if self.function is None or not self.units:
             return 0
-        held = self.function.held_bytes
-        return sum(held(state) for buckets in self.units.values() for state in buckets.values())
+        states = {id(s): s for buckets in self.units.values() for s in buckets.values()}
+        return sum(self.function.held_bytes(s) for s in states.values())  # units share some
 
     def _candidates(self, finest: str) -> list[str]:
         bucket = self.chart.bucket

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import decimal
 import math
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -243,7 +244,14 @@ class Function(BatchAggregate):
     states, merges two states (left before right in row order, without changing either:
     a chart's rollup shares states) and gives the result."""
 
-    def __init__(self, reduce: Any, merge: Any, finalize: Any, empty: Any, held: Any = None):
+    def __init__(
+        self,
+        reduce: Callable[[pa.Array, np.ndarray, int], list],
+        merge: Callable[[Any, Any], Any],
+        finalize: Callable[[Any], Any],
+        empty: Any,
+        held: Callable[[Any], int] | None = None,
+    ) -> None:
         self._reduce, self._merge, self._finalize = reduce, merge, finalize
         self.empty = empty  # the state of no rows, immutable
         self._held = held  # state -> bytes, for a state that grows with the rows

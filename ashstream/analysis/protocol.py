@@ -57,7 +57,8 @@ class Aggregate:
         raise NotImplementedError
 
     def merge(self, left: Any, right: Any) -> Any:
-        """The state of ``left``'s rows followed by ``right``'s."""
+        """The state of ``left``'s rows followed by ``right``'s. It may update ``left`` in
+        place and return it (the parent owns it); it must not change ``right``."""
         raise NotImplementedError
 
     def finalize(self, state: Any) -> Any:

@@ -77,7 +77,11 @@ def as_numbers(array: pa.Array, valid: np.ndarray) -> np.ndarray:
         return unscaled(array)[valid]
     values = array.filter(pa.array(valid)) if not valid.all() else array
     if pa.types.is_floating(t):
-        return values.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        x = values.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        # Equal values must be equal bits: a chart's buckets merge out of row order, and
+        # -0.0 against 0.0 (or two NaN payloads) at the quantile's rank would then
+        # depend on the batch bounds. DuckDB's own choice between the zeros is arbitrary.
+        return np.where(x == 0, 0.0, np.where(np.isnan(x), np.nan, x))
     if pa.types.is_date(t):
         return (
             values.cast(pa.date32())
