@@ -79,4 +79,3 @@ def results(variables: Sequence[Variable], states: list) -> dict[str, Any]:
 
 def empty_states(variables: Sequence[Variable]) -> list:
     return [aggregate_of(v).init() for v in variables]
-
