@@ -25,10 +25,11 @@ from ashstream.analysis.aggregate import (
     analyse_batch,
     row_columns,
 )
+from ashstream.cache_codec import CodecError, dumps
 from ashstream.encode import EncodeOptions, EncodeStats, encode_rows_text
 from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError, PipelineError
 from ashstream.report import Report
-from ashstream.sources import open_source
+from ashstream.sources import UNIT_KEY, open_source
 
 # Rows read and encoded together at least, whatever the chunk size: encoding a batch
 # costs about 1 ms of fixed overhead, so 1000-row chunks encoded one by one would run at
@@ -39,6 +40,8 @@ DEFAULT_SLOT_BYTES = 8 * 2**20
 # An input batch may fill this share of a slot (1/4): Typst text is usually 2-4x the Arrow
 # size, and the result must fit a slot of the same size to avoid the slow inline path.
 INPUT_SHARE_OF_SLOT = 4
+MARK_KEY = b"ashstream.mark"  # a batch's schema metadata: (unit, running state), codec
+UNCACHEABLE = "uncacheable"  # a mark's running state the codec could not write
 
 
 def input_bytes(slot_bytes: int) -> int:
@@ -68,14 +71,18 @@ def read_batches(
     ``on_connect`` and ``connection`` as for :func:`ashstream.sources.open_source`."""
     source = open_source(report, max(chunk_size, min_batch_rows), on_connect, connection)
     analysis = Analysis.of(report)
-    batches = source.batches
-    if analysis is not None:
-        batches = map(RunningColumns(analysis).add, batches)
-    parts = (
-        part
-        for batch in _first_chunk_alone(batches, chunk_size)
-        for part in split_to_fit(batch, max_batch_bytes)
-    )
+    running = RunningColumns(analysis) if analysis is not None else None
+    if running is not None:
+        running.carry = dict(report.source.running_carry)
+    if report.source.units:
+        parts = _marked_parts(source.batches, running, chunk_size, max_batch_bytes)
+    else:
+        batches = source.batches if running is None else map(running.add, source.batches)
+        parts = (
+            part
+            for batch in _first_chunk_alone(batches, chunk_size)
+            for part in split_to_fit(batch, max_batch_bytes)
+        )
     columns = row_columns(report, source.schema)
     return BatchSource(columns, source.schema, source.total_rows, parts, source.close)
 
@@ -113,6 +120,34 @@ def _first_chunk_alone(
         yield batch
 
 
+def _marked_parts(
+    batches: Iterator[pa.RecordBatch],
+    running: RunningColumns | None,
+    chunk_size: int,
+    max_bytes: int,
+) -> Iterator[pa.RecordBatch]:
+    """A source of units (``Source.units``, for the cache) cut as any other, each part
+    marked (:data:`MARK_KEY`) with its unit and, on a batch's last part, the running
+    state after it: what the cache's merge needs to write each unit's entry."""
+    for i, batch in enumerate(batches):
+        unit = int(batch.schema.metadata[UNIT_KEY])
+        batch = batch.replace_schema_metadata(None)
+        if running is not None:
+            batch = running.add(batch)
+        pieces = [batch]
+        if i == 0 and batch.num_rows > chunk_size:  # as _first_chunk_alone
+            pieces = [batch.slice(0, chunk_size), batch.slice(chunk_size)]
+        parts = [part for piece in pieces for part in split_to_fit(piece, max_bytes)]
+        carry = dict(running.carry) if running is not None else {}
+        try:
+            last = dumps((unit, carry))
+        except CodecError:  # a running value the cache cannot hold: no entries from here
+            last = dumps((unit, UNCACHEABLE))
+        for j, part in enumerate(parts):
+            mark = last if j == len(parts) - 1 else dumps((unit, None))
+            yield part.replace_schema_metadata({MARK_KEY: mark})
+
+
 @dataclass
 class EncodedBatch:
     text: pa.Buffer  # each row's dictionary literal followed by ",\n"
@@ -120,6 +155,7 @@ class EncodedBatch:
     chunk_ends: tuple[int, ...]  # byte offset in the text where each chunk ends
     lossy: tuple[tuple[str, str, int], ...]  # (column, reason, count) from EncodeStats
     partial: BatchPartial | None  # groups, variables and charts of the batch
+    mark: bytes | None = None  # the cache's: the batch's unit and running state after it
 
 
 def encode_batch(
@@ -131,6 +167,8 @@ def encode_batch(
 ) -> EncodedBatch:
     """One batch → its Typst text, cut into chunks of at most ``chunk_size`` rows, and
     its analysis partials. ``first_row`` counts from the source's first row."""
+    metadata = batch.schema.metadata
+    mark = metadata.get(MARK_KEY) if metadata else None
     partial = None
     if analysis is not None:
         partial = analyse_batch(batch, analysis, first_row)
@@ -144,7 +182,7 @@ def encode_batch(
         for end in range(chunk_size, rows + chunk_size, chunk_size)
     )
     lossy = tuple((column, reason, n) for (column, reason), n in stats.counts.items())
-    return EncodedBatch(text, rows, chunk_ends, lossy, partial)
+    return EncodedBatch(text, rows, chunk_ends, lossy, partial, mark)
 
 
 def batch_rows(first_row: int, rows: int, seq: int | str) -> str:

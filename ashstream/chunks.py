@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import psutil
 
@@ -37,6 +37,22 @@ class Chunk:
     def rows(self) -> list[str]:
         """One Typst dictionary literal per row (literals never hold a raw newline)."""
         return self.text.decode("utf-8").split(",\n")[:-1]
+
+
+@dataclass
+class FileChunk(Chunk):
+    """Rows whose text lies in a file (a cache entry's): ``length`` bytes at ``offset``
+    of ``file``, which the module sink copies in the kernel (``text`` is empty)."""
+
+    file: BinaryIO | None = None
+    offset: int = 0
+    length: int = 0
+
+    def read_text(self) -> bytes:
+        return os.pread(self.file.fileno(), self.length, self.offset)
+
+    def rows(self) -> list[str]:
+        return self.read_text().decode("utf-8").split(",\n")[:-1]
 
 
 def cut_into_chunks(
@@ -196,6 +212,10 @@ class MergedStream:
     @property
     def summary(self) -> Summary:
         return self._merge.summary
+
+    def use_merge(self, merge: OrderedMerge) -> None:
+        """Merge the stream's batches with ``merge`` (the cache's); before iterating."""
+        self._merge = merge
 
     def __iter__(self) -> Iterator[Chunk]:
         if self._iterator is not None:

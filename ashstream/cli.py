@@ -221,6 +221,21 @@ def _sigterm_cancels():
     help="The Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: RAY_ADDRESS, else "
     "a local Ray started for the run). Implies --engine ray.",
 )
+@click.option(
+    "--cache",
+    "cache_dir",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[DIR]",
+    help="Reuse what earlier runs computed of the unchanged parts of the source, and keep "
+    "what this one computes, in DIR (default: $XDG_CACHE_HOME/ashstream).",
+)
+@click.option(
+    "--cache-max-size",
+    metavar="SIZE",
+    help="The most the cache may hold, such as 20GiB; least recently used entries go first.",
+)
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 @click.option(
@@ -257,6 +272,8 @@ def run(
     inline_rows,
     engine,
     ray_address,
+    cache_dir,
+    cache_max_size,
     no_progress,
     quiet,
     as_json,
@@ -303,6 +320,8 @@ def run(
                 ray_address=ray_address,
                 profile_dir=memray_dir,
                 progress=display,
+                cache=(cache_dir or True) if cache_dir is not None else None,
+                cache_max_size=cache_max_size,
             ).to_dict()
     if memray_dir:
         summary["profiles"] = _profiles(memray_dir, quiet)
@@ -364,6 +383,12 @@ def _print_summary(summary: dict) -> None:
     if summary["totals"]:
         totals = "; ".join(f"{name} {_total(value)}" for name, value in summary["totals"].items())
         stderr.print(f"Totals: {totals}", markup=False, soft_wrap=True)
+    cache = summary.get("cache")
+    if cache is not None:
+        stderr.print(
+            f"Cache: {cache['reused_rows']:,} rows reused, {cache['computed_rows']:,} computed "
+            + ("(by units of the source)" if cache["mode"] == "units" else "(the whole result)")
+        )
     outputs = summary["outputs"]
     stderr.print(f"Wrote {outputs['typst']}" + (f" and {outputs['pdf']}" if outputs["pdf"] else ""))
 
@@ -600,6 +625,52 @@ def status(as_json, show_all) -> None:
         if (pool["streams"] or pool["registry"] == "unreachable") and pool["processes"]:
             named = ", ".join(f"{p['title']} (pid {p['pid']})" for p in pool["processes"])
             out.print(f"Pool {pool['pid']} processes: {named}", markup=False, soft_wrap=True)
+
+
+@main.group(cls=_Commands)
+def cache() -> None:
+    """Show or empty the cache of ``run --cache``."""
+
+
+CACHE_DIR = click.option(
+    "--dir",
+    "cache_dir",
+    type=click.Path(file_okay=False),
+    help="The cache folder (default: $XDG_CACHE_HOME/ashstream).",
+)
+
+
+@cache.command("list")
+@CACHE_DIR
+@click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON on stdout.")
+def cache_list(cache_dir, as_json) -> None:
+    """List the cache's entries, least recently used first, and their total size."""
+    import datetime as dt
+
+    from ashstream.cache import CacheStore
+
+    store = CacheStore(cache_dir).open()
+    entries = store.listing()
+    if as_json:
+        rows = [{"entry": n, "bytes": b, "last_used": t} for n, b, t in entries]
+        click.echo(json.dumps({"folder": str(store.root), "entries": rows}))
+        return
+    out = Console(highlight=False)
+    for name, size, used in entries:
+        when = dt.datetime.fromtimestamp(used).isoformat(sep=" ", timespec="seconds")
+        out.print(f"{name[:16]}  {size / 2**20:>10,.1f} MiB  last used {when}", markup=False)
+    total = sum(size for _, size, _ in entries)
+    out.print(f"{len(entries):,} entries, {total / 2**20:,.1f} MiB in {store.root}", markup=False)
+
+
+@cache.command("clear")
+@CACHE_DIR
+def cache_clear(cache_dir) -> None:
+    """Remove every entry of the cache."""
+    from ashstream.cache import CacheStore
+
+    count, size = CacheStore(cache_dir).open().clear()
+    stderr.print(f"Removed {count:,} entries ({size / 2**20:,.1f} MiB)", markup=False)
 
 
 def _pool_processes(pool_pid: int) -> list[dict]:

@@ -129,6 +129,12 @@ class Source:
     allow_paths: tuple[str, ...] = ()
     # Set by an engine, never by YAML: read only rows [first, last) of the one file.
     row_range: tuple[int, int] | None = None
+    # Set by the cache (ashstream.cache), never by YAML: read these (file, row range or
+    # None) one after another, each batch tagged with its unit; and the running
+    # variables' state to start from, as (name, (key path, state)) pairs.
+    units: tuple[tuple[str, tuple[int, int] | None], ...] = ()
+    running_carry: tuple = ()
+    first_row: int = 0  # the row number of the units' first row, in the whole source
 
     @property
     def kind(self) -> str:
@@ -230,6 +236,8 @@ class PipelineSettings:
     memory_limit: int | None = None  # bytes; None: what the machine or cgroup allows
     timezone: str = "UTC"
     source_memory: int = DEFAULT_SOURCE_MEMORY  # bytes DuckDB may use for the query
+    cache: str | bool | None = None  # a folder, True: the default one (ashstream.cache)
+    cache_max_size: int | None = None  # bytes; None: no bound
 
 
 @dataclass(frozen=True)
@@ -1038,7 +1046,15 @@ class _Parser:
         spec = self.mapping(
             value,
             "pipeline",
-            {"chunk_size", "workers", "memory_limit", "timezone", "source_memory"},
+            {
+                "chunk_size",
+                "workers",
+                "memory_limit",
+                "timezone",
+                "source_memory",
+                "cache",
+                "cache_max_size",
+            },
         )
         chunk_size = self.whole_number(
             spec.get("chunk_size", DEFAULT_CHUNK_SIZE), "pipeline.chunk_size", 1, MAX_CHUNK_SIZE
@@ -1064,7 +1080,21 @@ class _Parser:
             source_memory = parse_size(
                 spec["source_memory"], f"{self.file}: pipeline.source_memory"
             )
-        return PipelineSettings(chunk_size, workers, memory_limit, timezone, source_memory)
+        cache = spec.get("cache")
+        if isinstance(cache, str) and cache.strip():
+            cache = str(self.path(cache, "pipeline.cache"))
+        elif cache is not None and not isinstance(cache, bool):
+            raise self.fail(
+                "pipeline.cache", f"expected true, false or a folder, got {_kind(cache)}"
+            )
+        cache_max_size = None
+        if spec.get("cache_max_size") is not None:
+            cache_max_size = parse_size(
+                spec["cache_max_size"], f"{self.file}: pipeline.cache_max_size"
+            )
+        return PipelineSettings(
+            chunk_size, workers, memory_limit, timezone, source_memory, cache, cache_max_size
+        )
 
     def whole_number(self, value: object, key: str, low: int, high: int, alt: str = "") -> int:
         """``value``, an int from ``low`` to ``high``; ``alt`` names another form allowed."""

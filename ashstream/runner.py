@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ashstream.cache import CachedStream, CacheMerge, CacheStore, plan_run
+from ashstream.chunks import check_chunk_size
 from ashstream.encode import encoder_name
 from ashstream.engines.inline import InlineStream, inline_max_rows, runs_inline
 from ashstream.errors import PipelineError, SettingsError
-from ashstream.report import Report, with_params
+from ashstream.report import Report, parse_size, with_params
 from ashstream.sinks import TypstModuleSink, compile_pdf
 
 if TYPE_CHECKING:
@@ -84,6 +86,7 @@ class RunSummary:
     pdf_path: str | None
     read_on: str | None = None  # Ray: "cluster" or "driver"
     encoder: str = "native"  # this installation's, or "reference" (a Ray node runs its own)
+    cache: dict[str, Any] | None = None  # reused_rows, computed_rows, mode; None: no cache
 
     @property
     def rows_per_s(self) -> float:
@@ -110,6 +113,8 @@ class RunSummary:
         summary["seconds"] = self.seconds
         summary["rows_per_s"] = self.rows_per_s
         summary["outputs"] = {"typst": self.typst_path, "pdf": self.pdf_path}
+        if self.cache is not None:
+            summary["cache"] = self.cache
         return summary
 
 
@@ -126,6 +131,8 @@ def run_report(
     ray_address: str | None = None,
     profile_dir: str | os.PathLike | None = None,
     progress: Callable[[RunProgress], None] | None = None,
+    cache: str | os.PathLike | bool | None = None,
+    cache_max_size: int | str | None = None,
 ) -> RunSummary:
     """Run ``report`` into its Typst module (and PDF); what ``ashstream run`` does.
 
@@ -146,6 +153,12 @@ def run_report(
         ray_address: the Ray cluster (default ``RAY_ADDRESS``, else a local Ray).
         profile_dir: record the pool's processes with memray into this folder.
         progress: called at each :class:`RunStage` of the run.
+        cache: reuse what an earlier run computed of the unchanged parts of the
+            source, and keep what this run computes (see :mod:`ashstream.cache`):
+            a folder, or True for the default one (``$XDG_CACHE_HOME/ashstream``);
+            None: the report's ``pipeline.cache``; False: no cache.
+        cache_max_size: bytes (or a size such as ``"20GiB"``) the cache may hold;
+            least recently used entries go first (default: the report's, else no bound).
 
     Returns:
         What the run did; the outputs are in place.
@@ -156,6 +169,7 @@ def run_report(
     engine = _engine_name(engine, ray_address, workers, inline_rows, profile_dir)
     encoder = encoder_name()  # a bad ASHSTREAM_ENCODER fails before anything is written
     report = with_params(report, params)
+    store = _cache_store(report, cache, cache_max_size, engine)
     if inline_rows is None:  # asking for workers asks for a pool
         inline_rows = 0 if workers else inline_max_rows(len(os.sched_getaffinity(0)))
     workers = workers or report.pipeline.workers
@@ -170,7 +184,7 @@ def run_report(
     started = time.perf_counter()
     try:
         engine_args = (engine, ray_address, workers, profile_dir, inline_rows)
-        with _open_engine(report, chunk_size, *engine_args) as (handle, pool):
+        with _open_stream(report, chunk_size, store, engine_args) as (handle, pool):
             name = "inline" if pool is None else pool.engine
             count = 0 if pool is None else pool.workers
             tell(RunProgress(RunStage.STARTED, engine=name, workers=count))
@@ -200,6 +214,7 @@ def run_report(
                 "totals": results.totals,
                 "read_on": handle.read_on if name == "ray" else None,
                 "encoder": encoder,
+                "cache": handle.cache_facts() if store is not None else None,
             }
         sink.finish(columns, results)
         seconds = time.perf_counter() - started
@@ -263,6 +278,59 @@ def _engine_name(
     if given:
         raise SettingsError(f"{', '.join(given)}: the local engine's, not Ray's")
     return "ray"
+
+
+def _cache_store(
+    report: Report,
+    cache: str | os.PathLike | bool | None,
+    max_size: int | str | None,
+    engine: str,
+) -> CacheStore | None:
+    """The cache the settings ask for, opened (its folder made); None: no cache.
+
+    Raises:
+        SettingsError: the Ray engine, or a folder that cannot be used safely.
+    """
+    if cache is None:
+        cache = report.pipeline.cache
+    if cache is None or cache is False:
+        return None
+    if engine == "ray":
+        raise SettingsError("the cache runs on the local engine; leave out --engine ray")
+    if max_size is None:
+        max_size = report.pipeline.cache_max_size
+    elif not isinstance(max_size, int):
+        max_size = parse_size(max_size, "--cache-max-size")
+    folder = None if cache is True else cache
+    return CacheStore(folder, max_size).open()
+
+
+@contextmanager
+def _open_stream(
+    report: Report, chunk_size: int | None, store: CacheStore | None, engine_args: tuple
+) -> Iterator[tuple[Any, Pool | None]]:
+    """The report's stream and its pool (see :func:`_open_engine`); with a cache, a
+    stream of the cached units and, on an engine, the others (None without any)."""
+    if store is None:
+        with _open_engine(report, chunk_size, *engine_args) as opened:
+            yield opened
+        return
+    size = check_chunk_size(chunk_size or report.pipeline.chunk_size)
+    plan = plan_run(report, store)
+    merge = CacheMerge(report, size, plan, store)
+    try:
+        if plan.report is None:
+            yield CachedStream(merge, None), None
+        else:
+            with _open_engine(plan.report, size, *engine_args) as (handle, pool):
+                handle.use_merge(merge)
+                yield CachedStream(merge, handle), pool
+        store.evict()
+    except BaseException:
+        merge.abort()
+        raise
+    finally:
+        plan.close()
 
 
 @contextmanager

@@ -15,6 +15,7 @@ memory does not grow with their number, and copied into the module at the end.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import re
@@ -27,7 +28,7 @@ from typing import Any, BinaryIO
 
 from ashstream import __version__
 from ashstream.analysis.aggregate import ClosedGroup, Summary
-from ashstream.chunks import Chunk
+from ashstream.chunks import Chunk, FileChunk
 from ashstream.encode import EncodeOptions, encode_value
 from ashstream.errors import SinkError
 from ashstream.procs import pid_alive
@@ -269,13 +270,19 @@ class TypstModuleSink:
 
     def write(self, chunk: Chunk) -> None:
         with self._writing():
-            self._file.write(chunk.text)
+            if isinstance(chunk, FileChunk):
+                self._file.flush()
+                _copy_range(chunk.file.fileno(), chunk.offset, chunk.length, self._file.fileno())
+                self._file.seek(0, os.SEEK_END)  # the buffer's idea of where it is
+            else:
+                self._file.write(chunk.text)
             for group in chunk.groups:
                 self._groups.write(group)
         self._rows += chunk.num_rows
         if self._preview_count < self.preview_rows:
             take = min(chunk.num_rows, self.preview_rows - self._preview_count)
-            text = chunk.text if take == chunk.num_rows else _first_rows(chunk.text, take)
+            full = chunk.read_text() if isinstance(chunk, FileChunk) else chunk.text
+            text = full if take == chunk.num_rows else _first_rows(full, take)
             self.preview.append(text)
             self._preview_count += take
 
@@ -344,6 +351,25 @@ class TypstModuleSink:
             + b"#let meta = "
             + (encode_value(meta).encode() + b"\n")
         )
+
+
+def _copy_range(source: int, offset: int, length: int, target: int) -> None:
+    """Append ``length`` bytes at ``offset`` of ``source`` to ``target``: in the kernel
+    where it can (no copy through this process), else read and written."""
+    end = offset + length
+    while offset < end:
+        try:
+            copied = os.copy_file_range(source, target, min(end - offset, 2**30), offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            copied = 0
+        if not copied:  # another file system, or none in this kernel: by hand
+            piece = os.pread(source, min(end - offset, 2**24), offset)
+            if not piece:
+                raise OSError(errno.EIO, "the cache entry ended early")
+            copied = os.write(target, piece)
+        offset += copied
 
 
 def _first_rows(text: bytes, n: int) -> bytes:

@@ -43,6 +43,7 @@ SPILL_PREFIX = "ashstream-duckdb-"
 PRODUCER_DUCKDB_THREADS = 1
 # What DuckDB says when sql_guard.lock_down keeps the report from a file.
 NOT_ALLOWED = "file system operations are disabled by configuration"
+UNIT_KEY = b"ashstream.unit"  # a batch's schema metadata: its unit (Source.units)
 
 
 def quote_identifier(name: str) -> str:
@@ -192,7 +193,7 @@ def _open(
     if on_connect is not None:
         on_connect(con)
     if src.parquet:
-        _check_parquet_files(report)
+        check_parquet_files(report)
     con.execute(f"SET threads = {PRODUCER_DUCKDB_THREADS}")
     con.execute("SET enable_progress_bar = false")  # it would draw on our terminal
     con.execute(f"SET memory_limit = '{report.pipeline.source_memory}B'")
@@ -219,7 +220,11 @@ def _open(
         con.close()
         shutil.rmtree(spill, ignore_errors=True)
 
-    return OpenSource(schema, total, _read(relation, rows_per_batch, report, close), close)
+    if src.units:
+        batches = _read_units(con, report, rows_per_batch, close)
+    else:
+        batches = _read(relation, rows_per_batch, report, close)
+    return OpenSource(schema, total, batches, close)
 
 
 def check_sql(con: Any, report: Report) -> None:
@@ -244,7 +249,7 @@ def check_sql(con: Any, report: Report) -> None:
             check_expression(con, g.expr, f"groups[{i}].expr", where)
 
 
-def _check_parquet_files(report: Report) -> None:
+def check_parquet_files(report: Report) -> None:
     """Every file must be readable Parquet with the first file's columns and types:
     DuckDB would otherwise cast a drifted column silently, or fail half-way through."""
     first_file, first = None, None
@@ -414,6 +419,32 @@ def _read(
         raise SourceError(
             f"{report.path}: source: reading failed after {rows} rows: {str(exc).strip()}"
         ) from None
+    finally:
+        close()
+
+
+def unit_report(report: Report, index: int) -> Report:
+    """The source restricted to its ``index``-th unit (``Source.units``)."""
+    path, row_range = report.source.units[index]
+    source = dataclasses.replace(
+        report.source, parquet=(path,), row_range=row_range, units=(), running_carry=(), first_row=0
+    )
+    return dataclasses.replace(report, source=source)
+
+
+def _read_units(
+    con: Any, report: Report, rows_per_batch: int, close: Callable[[], None]
+) -> Iterator[pa.RecordBatch]:
+    """The batches of ``source.units`` (set by the cache), one unit after another on
+    the one connection, each batch tagged with its unit's index (no batch spans two)."""
+    try:
+        for index in range(len(report.source.units)):
+            part = unit_report(report, index)
+            sql = source_sql(part)
+            relation = con.sql(sql, params=bound_params(sql, report.param_values))
+            tag = {UNIT_KEY: str(index).encode()}
+            for batch in _read(relation, rows_per_batch, part, lambda: None):
+                yield batch.replace_schema_metadata(tag)
     finally:
         close()
 

@@ -87,7 +87,7 @@ class InlineStream(MergedStream):
                 # thread has a batch waiting while the oldest is merged
                 in_flight: collections.deque[tuple[int, int, int, Future[EncodedBatch]]]
                 in_flight = collections.deque()
-                first_row = 0
+                first_row = self.report.source.first_row  # the cache's units: not 0
                 batches = enumerate(source.batches)
                 while True:
                     try:

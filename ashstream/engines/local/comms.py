@@ -123,6 +123,7 @@ class TaskDone:
     lossy: tuple[tuple[str, str, int], ...] = ()  # (column, reason, count) from EncodeStats
     inline: bytes | None = None  # the text, when it did not fit the result slot
     partial: object = None  # ashstream.analysis.aggregate.BatchPartial, when the stream analyses
+    mark: bytes | None = None  # EncodedBatch.mark: for the cache, the batch's unit
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import psutil
 
 from ashstream.analysis.aggregate import Summary
 from ashstream.batch_job import DEFAULT_SLOT_BYTES, MIN_BATCH_ROWS
-from ashstream.chunks import Chunk, check_chunk_size, unshared_memory_bytes
+from ashstream.chunks import Chunk, OrderedMerge, check_chunk_size, unshared_memory_bytes
 from ashstream.encode import EncodeStats
 from ashstream.engines import Pool
 from ashstream.engines.local.health import HEALTH_INTERVAL_S, STALL_TIMEOUT_S, HealthLoop
@@ -88,6 +88,10 @@ class StreamHandle:
                 "has been taken"
             )
         return state.merge.summary
+
+    def use_merge(self, merge: OrderedMerge) -> None:
+        """Merge the stream's batches with ``merge`` (the cache's); before iterating."""
+        self._state.merge = merge
 
     def __iter__(self) -> Iterator[Chunk]:
         return self._chunks()

@@ -118,7 +118,8 @@ class _Job:
         )
         try:
             self.send(SourceOpened(job.stream_id, source.columns, source.total_rows))
-            seq = first_row = first_chunk = 0
+            seq = first_chunk = 0
+            first_row = start = job.report.source.first_row  # the cache's units: not 0
             for part in source.batches:
                 while not free_slots:
                     free_slots.append(self._wait_for_credit())
@@ -146,7 +147,7 @@ class _Job:
                 first_row += part.num_rows
                 self.rows_sent = first_row
                 first_chunk += -(-part.num_rows // job.chunk_size)
-            self.send(SourceDone(job.stream_id, seq, first_row))
+            self.send(SourceDone(job.stream_id, seq, first_row - start))
         finally:
             source.close()  # also when the stream stopped before its first batch
         logger.debug("stream %s: %d rows in %d batches read", job.stream_id, first_row, seq)

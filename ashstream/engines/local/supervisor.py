@@ -270,6 +270,7 @@ class Supervisor:
             chunk_ends=result.chunk_ends,
             lossy=result.lossy,
             partial=result.partial,
+            mark=result.mark,
         )
 
     def close_stream(self, stream: StreamState, status: str) -> None:

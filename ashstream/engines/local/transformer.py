@@ -100,6 +100,7 @@ def _run_task(
             done.lossy,
             inline,
             done.partial,
+            done.mark,
         )
     except Exception as exc:
         if not isinstance(exc, AshstreamError):

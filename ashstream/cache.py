@@ -1,0 +1,835 @@
+"""The incremental cache: a re-run pays for what changed, and a killed run's successor
+for what was not done (``ashstream run --cache``, ``run_report(cache=...)``).
+
+::
+
+    plan_run ── units of the source, each looked up by its key ──► CachePlan
+        │ cached units: text + partials from their entries
+        │ the others: one stream over just them (Source.units), each batch marked
+        ▼    with its unit and the running state after it
+    CacheMerge (the engine's ordered merge) ── feeds both, in unit order, into one
+        Collector and the module; commits each computed unit's entry as it completes
+
+**Units.** Where rows come in the files' order (a Parquet source with no ORDER BY:
+no groups or order_by, or ``source.sorted: true``), each file is a unit, and a file of
+more than :data:`UNIT_ROWS` rows is cut at row groups into units of about that many.
+Elsewhere (the report sorts across files, or a DuckDB database) the whole result is
+one unit.
+
+**Keys.** A unit's key hashes the report's :func:`fingerprint` (everything that shapes
+a unit's text and partials, and nothing that does not, such as workers or chunk size)
+with the unit's identity: a file's real path, size, mtime and a hash of its footer,
+with its row range; a database's path, size and mtime with its WAL's; and, for a
+report whose raw-series charts record row numbers, the unit's first row. A running
+value continues across units, so an entry also records the running state it started
+from (only the part that reached its first group) and is used only with the same.
+
+**Entries** are one file each: a header with checksums, the unit's encoded text (copied
+into the module with ``os.copy_file_range``) and its metadata in
+:mod:`ashstream.cache_codec` (never pickle). Written to a temporary file and renamed;
+a bad one is logged once, removed and recomputed; the least recently used go first
+past ``max_size_bytes``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import logging
+import os
+import stat
+import struct
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ashstream import __version__
+from ashstream.analysis.aggregate import Analysis, ClosedGroup, same_keys
+from ashstream.batch_job import EncodedBatch
+from ashstream.cache_codec import CodecError, dumps, loads
+from ashstream.chunks import Chunk, FileChunk, OrderedMerge
+from ashstream.errors import PipelineError, SettingsError
+from ashstream.procs import pid_alive
+from ashstream.report import Report
+from ashstream.sources import has_order_by, parquet_footer
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MAGIC = b"ASHCACHE"
+# magic, version, text bytes, meta bytes, text crc, meta crc, key, header crc
+_HEADER = struct.Struct("<8sIQQII32sI")
+HEADER_BYTES = _HEADER.size
+# A file of more rows is cut into units of about this many (at row groups): a killed
+# run of one big file resumes from its last unit, and a unit's partials stay small.
+# Smaller units cost a DuckDB query each (~1 ms) and an entry each.
+UNIT_ROWS = 1_000_000
+COPY_BYTES = 2**26  # bytes per copy_file_range call: a killed run stops within one
+VERIFY_THREADS = 2  # zlib.crc32 releases the GIL: entries are checked in parallel
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/ashstream``, else ``~/.cache/ashstream``."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    return root / "ashstream"
+
+
+# ------------------------------------------------------------------------- keys
+
+
+def fingerprint(report: Report) -> bytes:
+    """What shapes a unit's text and partials: the source's SQL pieces (not its files,
+    which are the units'), the parameters, groups, variables, charts, the display time
+    zone and ashstream's version. Not the outputs, workers, chunk size or memory, which
+    change neither (the module's own ``meta`` is written fresh each run)."""
+    src = report.source
+    shaping = (
+        FORMAT_VERSION,
+        __version__,
+        src.kind,
+        src.query,
+        src.where,
+        src.order_by,
+        src.sorted,
+        tuple(sorted(report.param_values.items())),
+        report.fields,
+        report.groups,
+        report.variables,
+        report.charts,
+        report.pipeline.timezone,
+    )
+    return hashlib.sha256(repr(shaping).encode()).digest()
+
+
+def _footer_hash(path: str) -> bytes:
+    """A hash of a Parquet file's footer (its metadata and its length)."""
+    with open(path, "rb") as file:
+        file.seek(-8, os.SEEK_END)
+        tail = file.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        file.seek(-8 - length, os.SEEK_END)
+        return hashlib.sha256(file.read(length) + tail).digest()
+
+
+def _file_identity(path: str) -> tuple:
+    info = os.stat(path)
+    return (os.path.realpath(path), info.st_size, info.st_mtime_ns, info.st_ino)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A part of the source read as one: a Parquet file's row range, or the whole."""
+
+    identity: tuple  # what the key hashes besides the fingerprint
+    path: str | None = None  # the Parquet file; None: the whole source
+    row_range: tuple[int, int] | None = None  # of ``path``; None: all of it
+    rows: int | None = None  # from the footer
+
+
+def parquet_units(report: Report) -> list[Unit]:
+    """The Parquet source's files, cut into units (see the module's docstring)."""
+    units = []
+    for path in report.source.parquet:
+        identity = (*_file_identity(path), _footer_hash(path))
+        metadata = parquet_footer(path)
+        if metadata.num_rows <= UNIT_ROWS:
+            units.append(Unit(identity, path, None, metadata.num_rows))
+            continue
+        first = rows = 0
+        for i in range(metadata.num_row_groups):
+            rows += metadata.row_group(i).num_rows
+            if rows - first >= UNIT_ROWS or i == metadata.num_row_groups - 1:
+                units.append(Unit((*identity, first, rows), path, (first, rows), rows - first))
+                first = rows
+    return units
+
+
+def whole_unit(report: Report) -> Unit:
+    """The whole result as one unit: keyed by every file it reads."""
+    src = report.source
+    if src.parquet:
+        files = tuple((*_file_identity(p), _footer_hash(p)) for p in src.parquet)
+        return Unit(("parquet", files))
+    identity: tuple = ("duckdb",)
+    if src.database:
+        identity += (_file_identity(src.database),)
+        wal = src.database + ".wal"
+        identity += (_file_identity(wal),) if os.path.exists(wal) else (None,)
+    return Unit(identity)
+
+
+def by_units(report: Report) -> bool:
+    """Whether the rows come in the files' order, so that units can be reused alone."""
+    return bool(report.source.parquet) and not has_order_by(report)
+
+
+def position_dependent(report: Report) -> bool:
+    """Whether a unit's text or partials depend on the rows before it: running values
+    carry a state into it, and a raw series records row numbers."""
+    return any(v.running for v in report.variables) or any(c.agg == "none" for c in report.charts)
+
+
+# ----------------------------------------------------------------------- entries
+
+
+@dataclass
+class Entry:
+    """A unit's entry, checked, ready to be fed: its file stays open while used."""
+
+    key: bytes
+    path: Path
+    file: BinaryIO
+    text_bytes: int
+    meta: dict  # rows, chunks, partials, lossy, columns, first_keys, carry_in, carry_out
+
+    @property
+    def rows(self) -> int:
+        return self.meta["rows"]
+
+
+class CorruptEntry(Exception):
+    """An entry file that is not a whole entry of this version (say why)."""
+
+
+def _read_entry(key: bytes, path: Path) -> Entry | None:
+    """The entry at ``path``, checked end to end; None when there is none.
+
+    Raises:
+        CorruptEntry: truncated, flipped, foreign or of another version.
+    """
+    try:
+        file = open(path, "rb")  # noqa: SIM115 (kept open in the Entry)
+    except FileNotFoundError:
+        return None
+    try:
+        head = file.read(HEADER_BYTES)
+        if len(head) < HEADER_BYTES:
+            raise CorruptEntry("truncated header")
+        magic, version, text_bytes, meta_bytes, text_crc, meta_crc, stored_key, head_crc = (
+            _HEADER.unpack(head)
+        )
+        if magic != MAGIC:
+            raise CorruptEntry("not an ashstream cache entry")
+        if zlib.crc32(head[:-4]) != head_crc:
+            raise CorruptEntry("header checksum mismatch")
+        if version != FORMAT_VERSION:
+            raise CorruptEntry(f"format version {version}, not {FORMAT_VERSION}")
+        if stored_key != key:
+            raise CorruptEntry("the entry of another key")
+        if os.fstat(file.fileno()).st_size != HEADER_BYTES + text_bytes + meta_bytes:
+            raise CorruptEntry("truncated or extended")
+        crc = 0
+        while True:  # the text, in pieces: zlib releases the GIL on each
+            piece = file.read(min(COPY_BYTES, text_bytes - file.tell() + HEADER_BYTES))
+            if not piece:
+                break
+            crc = zlib.crc32(piece, crc)
+        if crc != text_crc:
+            raise CorruptEntry("text checksum mismatch")
+        raw = file.read(meta_bytes)
+        if zlib.crc32(raw) != meta_crc:
+            raise CorruptEntry("metadata checksum mismatch")
+        try:
+            meta = loads(raw)
+        except CodecError as exc:
+            raise CorruptEntry(f"metadata unreadable: {exc}") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("rows"), int):
+            raise CorruptEntry("metadata of another shape")
+        return Entry(key, path, file, text_bytes, meta)
+    except BaseException:
+        file.close()
+        raise
+
+
+class EntryWriter:
+    """A unit's entry being written under a temporary name: its text as it is taken,
+    then :meth:`commit` adds the metadata and renames it into place."""
+
+    def __init__(self, store: CacheStore, key: bytes) -> None:
+        self.store = store
+        self.key = key
+        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix=f"{os.getpid()}.", suffix=".tmp")
+        self.tmp = Path(name)
+        self.file = os.fdopen(fd, "wb")
+        self.file.write(b"\0" * HEADER_BYTES)
+        self.text_bytes = 0
+        self.text_crc = 0
+
+    def write_text(self, text: Any) -> None:
+        self.file.write(text)
+        self.text_bytes += len(text)
+        self.text_crc = zlib.crc32(text, self.text_crc)
+
+    def commit(self, meta: dict) -> int:
+        """Put the entry in place; its size in bytes."""
+        raw = dumps(meta)
+        self.file.write(raw)
+        head = _HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            self.text_bytes,
+            len(raw),
+            self.text_crc,
+            zlib.crc32(raw),
+            self.key,
+            0,
+        )[:-4]
+        self.file.seek(0)
+        self.file.write(head + struct.pack("<I", zlib.crc32(head)))
+        self.file.close()
+        os.replace(self.tmp, self.store.entry_path(self.key))
+        return HEADER_BYTES + self.text_bytes + len(raw)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
+class CacheStore:
+    """A cache folder: ``entries/`` (one file a key), ``tmp/`` (entries being written)
+    and a ``lock`` file that eviction holds. Entries never change once in place, so
+    two runs sharing the folder need no lock to read or write them: both may write one
+    key, and the second rename replaces the first with the same bytes.
+
+    Args:
+        root: the folder, created 0700 (it holds report data); one of another user, or
+            that others may write, is refused.
+        max_size_bytes: the least recently used entries are removed past it (at the
+            end of a run); None: no bound.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, max_size_bytes: int | None = None):
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.max_size_bytes = max_size_bytes
+        self.entries_dir = self.root / "entries"
+        self.tmp_dir = self.root / "tmp"
+        self._warned: set[bytes] = set()
+
+    def open(self) -> CacheStore:
+        """Create or check the folder; remove what killed runs left in ``tmp/``.
+
+        Raises:
+            SettingsError: the folder cannot be made or is not safely ours.
+        """
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = os.lstat(self.root)
+            if not stat.S_ISDIR(info.st_mode):
+                raise SettingsError(f"cache folder {self.root}: not a folder")
+            if info.st_uid != os.geteuid():
+                raise SettingsError(f"cache folder {self.root}: belongs to another user")
+            if info.st_mode & 0o022:
+                raise SettingsError(
+                    f"cache folder {self.root}: others may write to it; chmod 700 it"
+                )
+            for folder in (self.entries_dir, self.tmp_dir):
+                folder.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise SettingsError(
+                f"cache folder {self.root}: cannot be used: {exc.strerror or exc}"
+            ) from None
+        self._sweep_temps()
+        return self
+
+    def _sweep_temps(self) -> None:
+        for entry in os.scandir(self.tmp_dir):
+            pid = entry.name.split(".", 1)[0]
+            if pid.isdigit() and int(pid) < 2**31 and not pid_alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+    def entry_path(self, key: bytes) -> Path:
+        return self.entries_dir / key.hex()
+
+    def lookup(self, key: bytes) -> Entry | None:
+        """The key's entry, checked (see :func:`_read_entry`); a bad one is logged once,
+        removed, and reported as missing."""
+        path = self.entry_path(key)
+        try:
+            entry = _read_entry(key, path)
+        except (CorruptEntry, OSError) as exc:
+            if key not in self._warned:
+                self._warned.add(key)
+                logger.warning("cache entry %s is unusable (%s); recomputing it", path, exc)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        if entry is not None:
+            with contextlib.suppress(OSError):
+                os.utime(entry.file.fileno())  # its mtime is its last use, for eviction
+        return entry
+
+    def writer(self, key: bytes) -> EntryWriter:
+        return EntryWriter(self, key)
+
+    def listing(self) -> list[tuple[str, int, float]]:
+        """Every entry: (name, bytes, last use as a timestamp), oldest use first."""
+        found = []
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.entries_dir):
+                with contextlib.suppress(FileNotFoundError):
+                    info = entry.stat(follow_symlinks=False)
+                    if stat.S_ISREG(info.st_mode):
+                        found.append((entry.name, info.st_size, info.st_mtime))
+        return sorted(found, key=lambda item: item[2])
+
+    def size_bytes(self) -> int:
+        return sum(size for _, size, _ in self.listing())
+
+    def evict(self) -> int:
+        """Remove the least recently used entries until the rest fit
+        ``max_size_bytes``; the bytes removed. Holds the folder's lock meanwhile, so
+        two runs ending at once do not both remove for the same excess."""
+        if self.max_size_bytes is None:
+            return 0
+        removed = 0
+        with self._locked():
+            entries = self.listing()
+            total = sum(size for _, size, _ in entries)
+            for name, size, _ in entries:
+                if total <= self.max_size_bytes:
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.entries_dir / name)
+                total -= size
+                removed += size
+        return removed
+
+    def clear(self) -> tuple[int, int]:
+        """Remove every entry; (entries, bytes) removed."""
+        count = size = 0
+        with self._locked():
+            for name, nbytes, _ in self.listing():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.entries_dir / name)
+                    count, size = count + 1, size + nbytes
+        return count, size
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+# -------------------------------------------------------------------------- plan
+
+
+@dataclass
+class PlannedUnit:
+    unit: Unit
+    key: bytes
+    entry: Entry | None = None  # None: to compute
+    stream_index: int | None = None  # its place among the computed units
+
+
+@dataclass
+class CachePlan:
+    """Which units are reused and which computed; ``report`` reads only the latter."""
+
+    mode: str  # "units" or "whole"
+    units: list[PlannedUnit]
+    carry_in: dict  # the running state before the first computed unit
+    report: Report | None  # the source restricted to the computed units; None: none
+
+    @property
+    def reused_rows(self) -> int:
+        return sum(p.entry.rows for p in self.units if p.entry is not None)
+
+    def close(self) -> None:
+        for planned in self.units:
+            if planned.entry is not None:
+                planned.entry.file.close()
+
+
+def _running_levels(analysis: Analysis | None) -> dict[str, int]:
+    if analysis is None:
+        return {}
+    return {v.name: analysis.level(v) for v in analysis.variables if v.running}
+
+
+def effective_carry(carry: dict, first_keys: tuple | None, levels: dict[str, int]) -> bytes:
+    """The part of a running state a unit whose first row has key path ``first_keys``
+    uses: a variable's state only where its group continues into the unit (as
+    :class:`~ashstream.analysis.aggregate.RunningColumns` does), as bytes to compare."""
+    if first_keys is None:
+        return b""
+    used = {}
+    for name, level in sorted(levels.items()):
+        held = carry.get(name)
+        if held is not None and same_keys(held[0], tuple(first_keys[:level])):
+            used[name] = held[1]
+    return dumps(used)
+
+
+def _unit_key(base: bytes, unit: Unit, first_row: int | None) -> bytes:
+    identity = unit.identity if first_row is None else (*unit.identity, first_row)
+    return hashlib.sha256(base + repr(identity).encode()).digest()
+
+
+def plan_run(report: Report, store: CacheStore) -> CachePlan:
+    """Look the source's units up; the computed ones make one stream (see the module
+    docstring). A report whose units depend on the rows before them reuses the
+    unbroken run of units from the start: after the first unit computed, the rows and
+    running state the next ones start from are not known before they are read.
+
+    Raises:
+        SourceError: a Parquet file cannot be read, or the files' schemas differ.
+    """
+    from ashstream.errors import SourceError
+    from ashstream.sources import check_parquet_files
+
+    mode = "units" if by_units(report) else "whole"
+    try:
+        if report.source.parquet:
+            check_parquet_files(report)
+        units = parquet_units(report) if mode == "units" else [whole_unit(report)]
+    except OSError as exc:
+        raise SourceError(f"{report.path}: source: {exc}") from None
+    base = fingerprint(report)
+    row_numbers = any(c.agg == "none" for c in report.charts)
+    levels = _running_levels(Analysis.of(report))
+    planned: list[PlannedUnit] = []
+    carry: dict = {}
+    if not position_dependent(report):
+        planned = [PlannedUnit(u, _unit_key(base, u, None)) for u in units]
+        _lookup_parallel(store, planned)
+    else:  # one by one: each key (row numbers) and running state follows the one before
+        first_row, broken, carry_in = 0, False, {}
+        for unit in units:
+            if broken:  # its key is known once the rows before it are (CacheMerge._start)
+                planned.append(
+                    PlannedUnit(unit, b"" if row_numbers else _unit_key(base, unit, None))
+                )
+                continue
+            planned.append(
+                PlannedUnit(unit, _unit_key(base, unit, first_row if row_numbers else None))
+            )
+            entry = store.lookup(planned[-1].key)
+            meta = entry.meta if entry is not None else {}
+            if entry is not None and effective_carry(
+                carry, meta.get("first_keys"), levels
+            ) != meta.get("carry_used"):
+                entry.file.close()
+                entry = None
+            if entry is None:
+                broken, carry_in = True, carry
+                continue
+            planned[-1].entry = entry
+            first_row += entry.rows
+            if meta.get("first_keys") is not None:
+                carry = meta["carry_out"]
+        carry = carry_in if broken else carry
+    computed = [p for p in planned if p.entry is None]
+    for index, p in enumerate(computed):
+        p.stream_index = index
+    compute_report = None
+    if computed:
+        first_row = sum(p.entry.rows for p in planned[: planned.index(computed[0])])
+        compute_report = _restricted(report, mode, [p.unit for p in computed], carry, first_row)
+    return CachePlan(mode, planned, carry, compute_report)
+
+
+def _lookup_parallel(store: CacheStore, planned: list[PlannedUnit]) -> None:
+    """Look every unit up at once: checking an entry reads all its text."""
+    with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="ashstream-cache") as pool:
+        for p, entry in zip(planned, pool.map(store.lookup, [p.key for p in planned]), strict=True):
+            p.entry = entry
+
+
+def _restricted(
+    report: Report, mode: str, units: list[Unit], carry_in: dict, first_row: int
+) -> Report:
+    """The report reading only ``units`` (in units mode), from running state
+    ``carry_in``, its rows numbered from ``first_row`` (a raw series records them)."""
+    src = report.source
+    if mode == "whole":
+        return report
+    parts = tuple((u.path, u.row_range) for u in units)
+    files = tuple(dict.fromkeys(u.path for u in units))
+    source = dataclasses.replace(
+        src,
+        parquet=files,
+        units=parts,
+        running_carry=tuple(carry_in.items()),
+        first_row=first_row,
+        count_rows=False,
+    )
+    return dataclasses.replace(report, source=source)
+
+
+# ------------------------------------------------------------------------- merge
+
+
+@dataclass
+class _Computing:
+    """A unit of the stream being taken: its entry written as its batches come."""
+
+    planned: PlannedUnit
+    writer: EntryWriter | None  # None: this unit cannot be cached (a state the codec refuses)
+    carry_in: dict
+    first_row: int
+    rows: int = 0
+    chunks: int = 0
+    partials: list = field(default_factory=list)
+    lossy: list = field(default_factory=list)
+    first_keys: tuple | None = None
+    carry_out: dict | None = None
+
+
+class CacheMerge(OrderedMerge):
+    """The engine's ordered merge for a cached run: before each unit of the stream it
+    feeds the cached units that come first, and it writes each computed unit's entry
+    as its batches are taken, committed when the next unit starts (so a killed run's
+    successor finds every unit that was complete). The stream's end is not the run's:
+    :meth:`finish` feeds the cached units after it, and :meth:`close` the run."""
+
+    def __init__(
+        self,
+        report: Report,
+        chunk_size: int,
+        plan: CachePlan,
+        store: CacheStore,
+    ) -> None:
+        super().__init__(Analysis.of(report), chunk_size)
+        self.report = report
+        self.plan = plan
+        self.store = store
+        self.levels = _running_levels(self.collector.analysis if self.collector else None)
+        self.base = fingerprint(report)
+        self.row_numbers = any(c.agg == "none" for c in report.charts)
+        self.next_unit = 0  # in plan.units: the first not yet fed or committed
+        self.carry = dict(plan.carry_in) if plan.report is not None else {}
+        self.current: _Computing | None = None
+        self.columns: tuple[str, ...] | None = None  # from the cached entries
+        self.stream_columns: Callable[[], tuple[str, ...] | None] = lambda: None  # the engine's
+        self.computed_rows = 0
+        self.written_bytes = 0
+        self._stream_done = False
+
+    # -- cached units
+
+    def _feed(self, entry: Entry) -> Chunk:
+        meta = entry.meta
+        closed: list[ClosedGroup] = []
+        first = self.rows
+        for rows, raw in meta["partials"]:
+            try:
+                partial = loads(raw)
+            except CodecError as exc:  # checksummed: only a file planted with a valid one
+                raise PipelineError(
+                    f"cache entry {entry.path} holds an unreadable partial ({exc}); "
+                    "remove it (ashstream cache clear) and run again"
+                ) from None
+            if self.collector is not None and partial is not None:
+                closed += self.collector.add(partial, self.rows)
+            self.rows += rows
+        for column, reason, n in meta["lossy"]:
+            self.lossy.add(column, reason, n)
+        if self.columns is None and meta.get("columns") is not None:
+            self.columns = tuple(meta["columns"])
+        if meta.get("first_keys") is not None:
+            self.carry = meta["carry_out"]
+        chunk = FileChunk(
+            self._next_chunk,
+            first,
+            meta["rows"],
+            b"",
+            closed,
+            file=entry.file,
+            offset=HEADER_BYTES,
+            length=entry.text_bytes,
+        )
+        self._next_chunk += meta["chunks"]
+        self.bytes += entry.text_bytes
+        return chunk
+
+    def _advance_to(self, stop: int) -> list[Chunk]:
+        """Feed the cached units and commit the computed ones before plan unit ``stop``."""
+        chunks = []
+        while self.next_unit < stop:
+            planned = self.plan.units[self.next_unit]
+            if planned.entry is not None:
+                chunks.append(self._feed(planned.entry))
+            else:
+                if self.current is None or self.current.planned is not planned:
+                    self._start(planned)  # a unit of no rows (a where left none)
+                self._commit()
+            self.next_unit += 1
+        return chunks
+
+    # -- computed units
+
+    def _start(self, planned: PlannedUnit) -> None:
+        if self.row_numbers and not planned.key:
+            identity = (*planned.unit.identity, self.rows)
+            planned.key = hashlib.sha256(self.base + repr(identity).encode()).digest()
+        writer = None
+        try:
+            writer = self.store.writer(planned.key)
+        except OSError as exc:
+            logger.warning("cache: cannot write an entry (%s); the run goes on", exc)
+        self.current = _Computing(planned, writer, dict(self.carry), self.rows)
+
+    def _commit(self) -> None:
+        unit, self.current = self.current, None
+        if unit.first_keys is not None and unit.carry_out is not None:
+            self.carry = unit.carry_out
+        if unit.writer is None:
+            return
+        meta = {
+            "rows": unit.rows,
+            "chunks": unit.chunks,
+            "partials": unit.partials,
+            "lossy": unit.lossy,
+            "columns": list(self.columns or self.stream_columns() or ()),
+            "first_keys": unit.first_keys,
+            "carry_used": effective_carry(unit.carry_in, unit.first_keys, self.levels),
+            "carry_out": self.carry,
+        }
+        try:
+            self.written_bytes += unit.writer.commit(meta)
+        except (CodecError, OSError) as exc:
+            unit.writer.abort()
+            logger.warning("cache: a unit is not cached: %s", exc)
+
+    def take(self, done: EncodedBatch) -> list[Chunk]:
+        index, carry = loads(done.mark) if done.mark is not None else (0, None)
+        planned = next(p for p in self.plan.units if p.stream_index == index)
+        stop = self.plan.units.index(planned)
+        chunks = self._advance_to(stop)
+        if self.current is None or self.current.planned is not planned:
+            self._start(planned)
+        unit = self.current
+        if unit.first_keys is None and done.partial is not None:
+            unit.first_keys = _first_keys(done.partial, self.levels)
+        elif unit.first_keys is None:
+            unit.first_keys = ()
+        if carry is not None:
+            unit.carry_out = carry
+        if unit.writer is not None:
+            try:
+                unit.writer.write_text(done.text)
+            except OSError as exc:
+                unit.writer.abort()
+                unit.writer = None
+                logger.warning("cache: cannot write an entry (%s); the run goes on", exc)
+        unit.rows += done.rows
+        unit.chunks += len(done.chunk_ends)
+        if unit.writer is not None:  # now: the collector changes some partials it merges
+            try:
+                unit.partials.append((done.rows, dumps(done.partial)))
+            except CodecError as exc:
+                unit.writer.abort()
+                unit.writer = None
+                logger.warning("cache: a unit is not cached: %s", exc)
+        unit.lossy.extend(done.lossy)
+        self.computed_rows += done.rows
+        return chunks + super().take(done)
+
+    def finish(self) -> None:
+        """The stream's end: its last units are complete (they are committed later,
+        with the cached units after them, by :meth:`rest`)."""
+        self._stream_done = True
+
+    def rest(self) -> list[Chunk]:
+        """The cached units after the stream's (all of them without a stream), and the
+        end of the run's merge."""
+        chunks = self._advance_to(len(self.plan.units))
+        super().finish()
+        return chunks
+
+    def abort(self) -> None:
+        """The run failed: drop the entry being written (those committed stay)."""
+        if self.current is not None and self.current.writer is not None:
+            self.current.writer.abort()
+        self.current = None
+
+
+class CachedStream:
+    """What the runner iterates in a cached run, as it would an engine's stream: the
+    chunks of the computed units (with the cached ones fed between them by the
+    merge), then the cached units after them."""
+
+    def __init__(self, merge: CacheMerge, handle: Any) -> None:
+        self.merge = merge
+        self.handle = handle  # the engine's stream of the computed units, or None
+        if handle is not None:
+            merge.stream_columns = lambda: handle.columns
+        self.peak_memory_bytes = 0
+        self.read_on = None
+
+    def __iter__(self) -> Iterator[Chunk]:
+        if self.handle is not None:
+            yield from self.handle
+        yield from self.merge.rest()
+        if self.handle is None:
+            from ashstream.chunks import unshared_memory_bytes
+
+            self.peak_memory_bytes = unshared_memory_bytes()
+        else:
+            self.peak_memory_bytes = getattr(self.handle, "peak_memory_bytes", 0)
+
+    @property
+    def columns(self) -> tuple[str, ...] | None:
+        columns = self.handle.columns if self.handle is not None else None
+        return columns or self.merge.columns
+
+    @property
+    def total_rows(self) -> int | None:
+        plan = self.merge.plan
+        if self.merge.report.source.where is None and all(
+            p.unit.rows is not None or p.entry is not None for p in plan.units
+        ):
+            return sum(p.entry.rows if p.entry else p.unit.rows for p in plan.units)
+        return None
+
+    @property
+    def summary(self) -> Any:
+        return self.merge.summary
+
+    @property
+    def lossy(self) -> Any:
+        return self.merge.lossy
+
+    @property
+    def skipped(self) -> list[tuple[int, int]]:
+        return self.handle.skipped if self.handle is not None else []
+
+    def cache_facts(self) -> dict[str, Any]:
+        """The summary's ``cache``: rows reused and computed, and how units were cut."""
+        return {
+            "reused_rows": self.merge.rows - self.merge.computed_rows,
+            "computed_rows": self.merge.computed_rows,
+            "mode": self.merge.plan.mode,
+        }
+
+
+def _first_keys(partial: Any, levels: dict[str, int]) -> tuple:
+    """The key path of a batch's first row, as deep as a running variable resets."""
+    depth = max(levels.values(), default=0)
+    if not depth or not partial.levels:
+        return ()
+    return tuple(partial.levels[depth - 1].keys[0])
+
+
+__all__ = [
+    "CacheMerge",
+    "CachePlan",
+    "CacheStore",
+    "default_cache_dir",
+    "fingerprint",
+    "plan_run",
+]

@@ -1,0 +1,484 @@
+"""The incremental cache: a cached run writes the very bytes of a cold run, whatever
+changed between runs, and reuses what did not; bad entries are recomputed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import fractions
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ashstream.cache import HEADER_BYTES, CacheStore, fingerprint
+from ashstream.cache_codec import CodecError, dumps, loads
+from ashstream.report import load_report
+from ashstream.runner import run_report
+
+GROUPED = {
+    "source": {"sorted": True},
+    "groups": [
+        {"name": "month", "expr": "date_trunc('month', day)"},
+        {"name": "day", "field": "day"},
+    ],
+    "variables": [
+        {"name": "revenue", "function": "sum", "field": "amount", "reset": "day"},
+        {
+            "name": "running",
+            "function": "sum",
+            "field": "amount",
+            "reset": "month",
+            "running": True,
+        },
+        {"name": "runs", "function": "count", "reset": "report", "running": True},
+        {"name": "median", "function": "median", "field": "amount", "reset": "month"},
+        {"name": "kinds", "function": "count_distinct", "field": "qty"},
+        {"name": "top", "function": "top", "n": 3, "field": "qty"},
+        {"name": "last_note", "function": "last", "field": "note", "reset": "day"},
+    ],
+    "charts": [
+        {
+            "name": "by_week",
+            "x": "day",
+            "y": "amount",
+            "agg": "sum",
+            "bucket": "auto",
+            "points": 20,
+        },
+        {"name": "trace", "x": "id", "y": "ratio", "agg": "none", "points": 30},
+    ],
+}
+PLAIN = {"variables": [{"name": "total", "function": "sum", "field": "amount"}]}
+
+
+def write_day(folder: Path, day: int, rows: int = 300, seed: int = 0) -> Path:
+    """A day's Parquet file, rows in group order; ``seed`` changes its values."""
+    path = folder / f"d{day:03d}.parquet"
+    duckdb.connect().execute(
+        f"""COPY (SELECT ({day} * 100000 + i)::BIGINT AS id,
+               DATE '2024-01-25' + {day} AS day,
+               ((i * 7919 + {seed}) % 10000 / 100.0)::DECIMAL(10, 2) AS amount,
+               (i + {seed}) / 7.0 AS ratio,
+               ((i + {seed}) % 13)::INTEGER AS qty,
+               CASE WHEN i % 5 = 0 THEN NULL ELSE 'n' || (i + {seed}) END AS note
+           FROM range({rows}) t(i)) TO '{path}' (FORMAT parquet, ROW_GROUP_SIZE 100)"""
+    )
+    return path
+
+
+def report_file(folder: Path, extra: dict, name: str = "r.yaml") -> Path:
+    spec = {"name": "days", "source": {"parquet": "data/*.parquet"}, **extra}
+    spec["source"] = {"parquet": "data/*.parquet", **extra.get("source", {})}
+    path = folder / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run(report: Path, out: Path, cache: Path | None = None, **kwargs) -> dict:
+    summary = run_report(report, output=out, cache=cache or False, inline_rows=10**9, **kwargs)
+    return summary.to_dict()
+
+
+@pytest.fixture
+def days(tmp_path: Path) -> Path:
+    (tmp_path / "data").mkdir()
+    for day in range(4):
+        write_day(tmp_path / "data", day)
+    return tmp_path
+
+
+def assert_same_as_cold(report: Path, tmp_path: Path, cache: Path, **kwargs) -> dict:
+    cold, cached = tmp_path / "cold.typ", tmp_path / "cached.typ"
+    run(report, cold, **kwargs)
+    summary = run(report, cached, cache, **kwargs)
+    assert cached.read_bytes() == cold.read_bytes()
+    return summary["cache"]
+
+
+# --------------------------------------------------------------------------- codec
+
+VALUES = [
+    None,
+    True,
+    0,
+    -(2**63),
+    2**200,
+    -1.5,
+    float("nan"),
+    float("-inf"),
+    -0.0,
+    "é\n\ud800",
+    b"\x00\xff",
+    decimal.Decimal("-1.230E+7"),
+    decimal.Decimal("sNaN"),
+    fractions.Fraction(-3, 7),
+    dt.date(1, 1, 1),
+    dt.datetime(2024, 3, 31, 2, 30, fold=1, tzinfo=ZoneInfo("Europe/Paris")),
+    dt.datetime(2024, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=-5, minutes=-30))),
+    dt.time(23, 59, 59, 999999),
+    dt.timedelta(days=-2, microseconds=7),
+    (1, (2.5, None)),
+    [[], {}],
+    {1, 2, 3},
+    frozenset({"a"}),
+    {"k": [1], (1, 2): {3: 4}},
+    list(range(40)),
+    {i: i * 1.5 for i in range(20)},
+    (*[float(i) for i in range(10)], float("nan"), -0.0),
+    np.int64(-3),
+    np.float64(-0.0),
+    np.array([1.5, np.nan, -0.0]),
+    np.arange(6, dtype=np.int32).reshape(2, 3),
+    np.array([dt.date(2020, 1, 1), None, "x"], dtype=object),
+    np.array(["2020-01-01T00:00:00.000001"], dtype="datetime64[us]"),
+    (np.array([1, 2], dtype=np.int64), np.array([0.5], dtype=np.float64)),
+    pa.decimal128(12, 2),
+    pa.timestamp("us", "Asia/Tokyo"),
+    pa.list_(pa.struct([pa.field("a", pa.int8())])),
+]
+
+
+def same(a: object, b: object) -> bool:
+    """Equal, and of the same type, NaN and -0.0 included."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return math.copysign(1, a) == math.copysign(1, b) and (a == b or (a != a and b != b))
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and repr(a) == repr(b)
+    if isinstance(a, tuple | list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, decimal.Decimal):
+        return str(a) == str(b)
+    if isinstance(a, dt.datetime):
+        return a == b and a.fold == b.fold and a.utcoffset() == b.utcoffset()
+    return a == b
+
+
+@pytest.mark.parametrize(
+    "value", VALUES, ids=[type(v).__name__ + str(i) for i, v in enumerate(VALUES)]
+)
+def test_the_codec_gives_back_what_it_was_given(value):
+    assert same(loads(dumps(value)), value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [object(), threading.Lock(), np.array(["x"]), np.zeros(2, dtype=[("a", "i4")]), 1j + 0],
+    ids=["object", "lock", "str-array", "structured", "complex"],
+)
+def test_the_codec_refuses_what_it_does_not_know(value):
+    with pytest.raises(CodecError, match="cannot be cached"):
+        dumps([1, value])
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        b"R\x1b\x00\x00\x00posix.system",
+        b"R" + (18).to_bytes(4, "little") + b"builtins.eval:xxxx",
+        b"\x80\x04\x95",  # a pickle
+        b"(" * 10000,
+        b"P[i\xff\xff\xff\x7f",
+        b"a" + (3).to_bytes(4, "little") + b"<i8" + b"\x01\x00\x00\x00" + b"\xff" * 8,
+        b"",
+        b"Nx",
+    ],
+)
+def test_planted_bytes_never_build_anything_else(planted):
+    with pytest.raises(CodecError):
+        loads(planted)
+
+
+# ------------------------------------------------------------------ reuse, exactly
+
+
+@pytest.mark.parametrize("spec", [GROUPED, PLAIN], ids=["grouped-running-charts", "plain"])
+def test_cached_runs_write_the_bytes_of_a_cold_run(days, spec):
+    report, cache = report_file(days, spec), days / "cache"
+    first = assert_same_as_cold(report, days, cache)
+    assert first == {"reused_rows": 0, "computed_rows": 1200, "mode": "units"}
+    assert assert_same_as_cold(report, days, cache)["reused_rows"] == 1200
+    write_day(days / "data", 4)  # a day appended: only it is read
+    again = assert_same_as_cold(report, days, cache)
+    assert again == {"reused_rows": 1200, "computed_rows": 300, "mode": "units"}
+
+
+def test_on_a_pool_and_any_chunk_size(days, pools):
+    report, cache = report_file(days, GROUPED), days / "cache"
+    cold = days / "cold.typ"
+    run(report, cold)
+    run_report(report, output=days / "a.typ", cache=cache, workers=2, chunk_size=7)
+    write_day(days / "data", 4)
+    run(report, cold)
+    summary = run_report(report, output=days / "b.typ", cache=cache, workers=2, chunk_size=1000)
+    assert (days / "b.typ").read_bytes() == cold.read_bytes()
+    assert summary.cache["reused_rows"] == 1200
+
+
+CHANGES = st.lists(
+    st.tuples(st.sampled_from(["append", "rewrite", "delete", "touch"]), st.integers(0, 7)),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(changes=CHANGES, position_free=st.booleans())
+def test_after_any_changes_a_cached_run_is_a_cold_run(tmp_path_factory, changes, position_free):
+    folder = tmp_path_factory.mktemp("days")
+    (folder / "data").mkdir()
+    for day in range(3):
+        write_day(folder / "data", day, rows=120)
+    spec = dict(GROUPED)
+    if position_free:  # no running value or raw series: any unit is reused alone
+        spec = {**GROUPED, "variables": GROUPED["variables"][:1] + GROUPED["variables"][3:]}
+        spec["charts"] = GROUPED["charts"][:1]
+    report, cache = report_file(folder, spec), folder / "cache"
+    run(report, folder / "warm.typ", cache)
+    for step, (change, n) in enumerate(changes):
+        files = sorted((folder / "data").glob("*.parquet"))
+        if change == "append":
+            write_day(folder / "data", 10 + step, rows=50 + n * 20)
+        elif change == "rewrite":
+            write_day(folder / "data", int(files[n % len(files)].stem[1:]), rows=90, seed=step + 1)
+        elif change == "delete" and len(files) > 1:
+            files[n % len(files)].unlink()
+        elif change == "touch":
+            os.utime(files[n % len(files)])
+        assert_same_as_cold(report, folder, cache)
+
+
+def test_a_report_that_sorts_across_files_is_cached_whole(days):
+    spec = {**GROUPED, "source": {"sorted": False}, "groups": GROUPED["groups"][::-1]}
+    report, cache = report_file(days, spec), days / "cache"
+    assert assert_same_as_cold(report, days, cache)["mode"] == "whole"
+    assert assert_same_as_cold(report, days, cache)["reused_rows"] == 1200
+    write_day(days / "data", 1, seed=5)
+    assert assert_same_as_cold(report, days, cache)["reused_rows"] == 0
+
+
+def test_a_duckdb_file_that_changes(tmp_path):
+    database = tmp_path / "shop.duckdb"
+    with duckdb.connect(str(database)) as con:
+        con.execute("CREATE TABLE t AS SELECT i AS id, i * 2 AS v FROM range(500) t(i)")
+    spec = {
+        "name": "db",
+        "source": {"duckdb": {"database": "shop.duckdb", "query": "SELECT * FROM t"}},
+        "variables": [{"name": "total", "function": "sum", "field": "v"}],
+    }
+    report = tmp_path / "r.yaml"
+    report.write_text(yaml.safe_dump(spec))
+    cache = tmp_path / "cache"
+    assert assert_same_as_cold(report, tmp_path, cache)["mode"] == "whole"
+    assert assert_same_as_cold(report, tmp_path, cache)["reused_rows"] == 500
+    time.sleep(0.01)
+    with duckdb.connect(str(database)) as con:
+        con.execute("INSERT INTO t VALUES (1000, 1)")
+    assert assert_same_as_cold(report, tmp_path, cache) == {
+        "reused_rows": 0,
+        "computed_rows": 501,
+        "mode": "whole",
+    }
+
+
+# ------------------------------------------------------------------ what shapes it
+
+
+def test_the_fingerprint_changes_with_what_shapes_output_only(days):
+    base = load_report(report_file(days, GROUPED))
+    same_output = [
+        {"pipeline": {"workers": 3}},
+        {"pipeline": {"chunk_size": 17}},
+        {"pipeline": {"memory_limit": "3GiB"}},
+        {"output": {"typst": "elsewhere.typ", "pdf_max_rows": 10}},
+    ]
+    for extra in same_output:
+        other = load_report(report_file(days, {**GROUPED, **extra}, "o.yaml"))
+        assert fingerprint(other) == fingerprint(base), extra
+    shaping = [
+        {"source": {"sorted": True, "where": "qty > 1"}},
+        {"fields": ["id", "day", "amount", "qty", "note"], "charts": GROUPED["charts"][:1]},
+        {
+            "fields": [
+                {"name": "x", "expr": "qty + 1"},
+                "day",
+                "amount",
+                "qty",
+                "note",
+                "ratio",
+                "id",
+            ]
+        },
+        {"pipeline": {"timezone": "Asia/Tokyo"}},
+        {"groups": [GROUPED["groups"][0], {"name": "day", "expr": "day + 0"}]},
+        {"variables": GROUPED["variables"][:2]},
+        {"charts": GROUPED["charts"][1:]},
+        {"charts": [{**GROUPED["charts"][0], "points": 21}]},
+    ]
+    for extra in shaping:
+        other = load_report(report_file(days, {**GROUPED, **extra}, "o.yaml"))
+        assert fingerprint(other) != fingerprint(base), extra
+    with_param = {**GROUPED, "params": {"low": {"type": "int", "default": 1}}}
+    with_param["source"] = {"sorted": True, "where": "qty > $low"}
+    one = load_report(report_file(days, with_param, "p.yaml"))
+    two = load_report(report_file(days, with_param, "p.yaml"), {"low": "2"})
+    assert fingerprint(one) != fingerprint(two)
+
+
+# ---------------------------------------------------------------- bad entries
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip-text", "flip-meta", "garbage", "version"])
+def test_a_damaged_entry_is_logged_once_and_recomputed(days, damage, caplog):
+    report, cache = report_file(days, GROUPED), days / "cache"
+    run(report, days / "warm.typ", cache)
+    entries = sorted((cache / "entries").iterdir())
+    assert len(entries) == 4
+    victim = entries[1]
+    data = bytearray(victim.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip-text":
+        data[HEADER_BYTES + 10] ^= 0x04
+    elif damage == "flip-meta":
+        data[-3] ^= 0x01
+    elif damage == "garbage":
+        data = bytearray(os.urandom(len(data)))
+    else:
+        data[8] += 1  # the format version, in the header (its checksum then fails too)
+    victim.write_bytes(bytes(data))
+    facts = assert_same_as_cold(report, days, cache)
+    assert facts["computed_rows"] >= 300
+    warnings = [r for r in caplog.records if "unusable" in r.getMessage()]
+    assert len(warnings) == 1 and victim.name in warnings[0].getMessage()
+    assert assert_same_as_cold(report, days, cache)["reused_rows"] == 1200
+
+
+def test_the_folder_is_private_and_refused_when_not(tmp_path):
+    store = CacheStore(tmp_path / "c").open()
+    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o700
+    os.chmod(store.root, 0o777)
+    from ashstream.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="others may write"):
+        CacheStore(tmp_path / "c").open()
+
+
+# -------------------------------------------------------------- bounds, commands
+
+
+def test_eviction_keeps_the_cache_under_its_size(days):
+    report, cache = report_file(days, PLAIN), days / "cache"
+    run(report, days / "a.typ", cache)
+    sizes = [p.stat().st_size for p in (cache / "entries").iterdir()]
+    limit = sum(sizes) - 1  # one entry too many
+    summary = run(report, days / "b.typ", cache, cache_max_size=limit)
+    left = list((cache / "entries").iterdir())
+    assert len(left) == 3 and sum(p.stat().st_size for p in left) <= limit
+    assert summary["cache"]["reused_rows"] == 1200
+
+
+def test_cache_list_and_clear(days):
+    from click.testing import CliRunner
+
+    from ashstream.cli import main
+
+    report, cache = report_file(days, PLAIN), days / "cache"
+    run(report, days / "a.typ", cache)
+    listed = CliRunner().invoke(main, ["cache", "list", "--dir", str(cache), "--json"])
+    assert listed.exit_code == 0
+    assert len(json.loads(listed.output)["entries"]) == 4
+    cleared = CliRunner().invoke(main, ["cache", "clear", "--dir", str(cache)])
+    assert cleared.exit_code == 0 and "Removed 4 entries" in cleared.output
+    assert not list((cache / "entries").iterdir())
+
+
+# ------------------------------------------------------ processes: kill, share
+
+
+def ashstream(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ashstream", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        **kwargs,
+    )
+
+
+@pytest.mark.process
+@pytest.mark.slow
+@pytest.mark.parametrize("after_entries", [1, 5])
+def test_a_killed_run_resumes_from_its_finished_units(tmp_path, after_entries):
+    (tmp_path / "data").mkdir()
+    for day in range(12):
+        write_day(tmp_path / "data", day, rows=4000)
+    report, cache = report_file(tmp_path, GROUPED), tmp_path / "cache"
+    killed = ashstream(
+        "run",
+        str(report),
+        "-o",
+        str(tmp_path / "k.typ"),
+        "--cache",
+        str(cache),
+        "--workers",
+        "2",
+        "-q",
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and killed.poll() is None:
+        if len(list((cache / "entries").glob("*"))) >= after_entries:
+            break
+        time.sleep(0.005)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.communicate()  # and close its pipes
+    done = len(list((cache / "entries").iterdir()))
+    assert done >= after_entries
+    assert not (tmp_path / "k.typ").exists()
+    run(report, tmp_path / "cold.typ")
+    # on a pool, as the killed run: starting one removes the killed pool's segments
+    summary = run_report(report, output=tmp_path / "cached.typ", cache=cache, workers=2)
+    assert (tmp_path / "cached.typ").read_bytes() == (tmp_path / "cold.typ").read_bytes()
+    assert summary.cache["reused_rows"] == done * 4000
+    assert not list((cache / "tmp").iterdir())  # the killed run's half entry is gone
+
+
+@pytest.mark.process
+@pytest.mark.slow
+def test_two_runs_sharing_a_cache_both_finish_right(days):
+    for day in range(4, 10):
+        write_day(days / "data", day, rows=3000)
+    report, cache = report_file(days, GROUPED), days / "cache"
+    cold = days / "cold.typ"
+    run(report, cold)
+    runs = [
+        ashstream("run", str(report), "-o", str(days / f"{i}.typ"), "--cache", str(cache), "--json")
+        for i in range(2)
+    ]
+    for process in runs:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        assert json.loads(out)["rows"] == 1200 + 6 * 3000
+    for i in range(2):
+        assert (days / f"{i}.typ").read_bytes() == cold.read_bytes()
+    assert assert_same_as_cold(report, days, cache)["reused_rows"] == 19200
