@@ -61,7 +61,7 @@ from ashstream.sources import has_order_by, parquet_footer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # of the entries and of the codec: another is recomputed
 MAGIC = b"ASHCACHE"
 # magic, version, text bytes, meta bytes, text crc, meta crc, key, header crc
 _HEADER = struct.Struct("<8sIQQII32sI")

@@ -109,19 +109,22 @@ def _write_float(out: bytearray, value: float) -> None:
     out += b"f" + _F64.pack(value)
 
 
+_DAY_US = 86_400_000_000
+
+
 def _write_datetime(out: bytearray, value: dt.datetime) -> None:
-    out += b"t"
-    for part in (value.year, value.month, value.day, value.hour, value.minute):
-        _write_int(out, part)
-    for part in (value.second, value.microsecond, value.fold):
-        _write_int(out, part)
+    """Its wall clock as microseconds from 0001-01-01, its fold and its zone."""
+    wall = (value.toordinal() - 1) * _DAY_US + _time_us(value)
+    out += b"t" + _I64.pack(wall) + (b"\x01" if value.fold else b"\x00")
     _write_tz(out, value.tzinfo)
 
 
+def _time_us(value: dt.datetime | dt.time) -> int:
+    return ((value.hour * 60 + value.minute) * 60 + value.second) * 10**6 + value.microsecond
+
+
 def _write_time(out: bytearray, value: dt.time) -> None:
-    out += b"h"
-    for part in (value.hour, value.minute, value.second, value.microsecond, value.fold):
-        _write_int(out, part)
+    out += b"h" + _I64.pack(_time_us(value)) + (b"\x01" if value.fold else b"\x00")
     _write_tz(out, value.tzinfo)
 
 
@@ -199,7 +202,7 @@ _WRITERS: dict[type, Any] = {
     decimal.Decimal: lambda out, value: _write_bytes(out, b"D", str(value).encode()),
     fractions.Fraction: _write_fraction,
     dt.datetime: _write_datetime,
-    dt.date: lambda out, value: _write_int(out.extend(b"d") or out, value.toordinal()),
+    dt.date: lambda out, value: out.extend(b"d" + _I64.pack(value.toordinal())),
     dt.time: _write_time,
     dt.timedelta: _write_timedelta,
     tuple: _collection(b"("),
@@ -231,10 +234,8 @@ def _write_object(out: bytearray, value: Any) -> None:
         name = f"{type(value).__module__}.{type(value).__qualname__}"
         raise CodecError(f"a value of type {name} cannot be cached")
     head, names = layout
-    out += head
-    out += _U32.pack(len(names))
+    out += head + _U32.pack(len(names))  # the fields' values, in the class's order
     for name in names:
-        _write_bytes(out, b"s", name.encode())
         _write(out, getattr(value, name))
 
 
@@ -247,7 +248,7 @@ def _object_layout(cls: type) -> tuple[bytes, tuple[str, ...]] | None:
     names = tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
     head = bytearray()
     _write_bytes(head, b"R", name.encode())
-    return bytes(head) + b":", names
+    return bytes(head), names
 
 
 def loads(data: bytes | memoryview) -> Any:
@@ -256,7 +257,7 @@ def loads(data: bytes | memoryview) -> Any:
     Raises:
         CodecError: the bytes are not one whole value of this codec.
     """
-    reader = _Reader(memoryview(data))
+    reader = _Reader(bytes(data))
     try:
         value = reader.value(0)
     except CodecError:
@@ -272,12 +273,18 @@ _CODES = {code: np.dtype(dtype).newbyteorder("<") for code, dtype in _PACKED.val
 _CONTAINERS = {b"(": tuple, b"[": list, b"{": set, b"}": frozenset}
 
 
+def _clock(micros: int) -> dt.time:
+    seconds, micro = divmod(micros, 10**6)
+    minutes, second = divmod(seconds, 60)
+    return dt.time(*divmod(minutes, 60), second, micro)
+
+
 class _Reader:
-    def __init__(self, data: memoryview) -> None:
+    def __init__(self, data: bytes) -> None:
         self.data = data
         self.at = 0
 
-    def take(self, n: int) -> memoryview:
+    def take(self, n: int) -> bytes:
         if n < 0 or self.at + n > len(self.data):
             raise CodecError("the bytes end inside a value")
         piece = self.data[self.at : self.at + n]
@@ -290,11 +297,17 @@ class _Reader:
     def i64(self) -> int:
         return _I64.unpack(self.take(8))[0]
 
+    def fold(self) -> int:
+        fold = self.take(1)
+        if fold not in (b"\x00", b"\x01"):
+            raise CodecError("a fold is 0 or 1")
+        return fold[0]
+
     def sized(self) -> bytes:
-        return bytes(self.take(self.u32()))
+        return self.take(self.u32())
 
     def tagged_bytes(self) -> bytes:
-        if bytes(self.take(1)) != b"b":
+        if self.take(1) != b"b":
             raise CodecError("expected bytes")
         return self.sized()
 
@@ -305,7 +318,7 @@ class _Reader:
         return value
 
     def tz(self, depth: int) -> dt.tzinfo | None:
-        tag = bytes(self.take(1))
+        tag = self.take(1)
         if tag == b"N":
             return None
         if tag == b"z":
@@ -322,7 +335,7 @@ class _Reader:
         if depth > MAX_DEPTH:
             raise CodecError("the value is nested too deeply")
         depth += 1
-        tag = bytes(self.take(1))
+        tag = self.take(1)
         if tag == b"N":
             return None
         if tag in (b"T", b"F"):
@@ -345,13 +358,17 @@ class _Reader:
         if tag == b"Q":
             return fractions.Fraction(self.int(depth), self.int(depth))
         if tag == b"t":
-            parts = [self.int(depth) for _ in range(8)]
-            return dt.datetime(*parts[:7], fold=parts[7], tzinfo=self.tz(depth))
+            days, micros = divmod(self.i64(), _DAY_US)
+            fold = self.fold()
+            wall = dt.datetime.combine(dt.date.fromordinal(days + 1), _clock(micros))
+            return wall.replace(fold=fold, tzinfo=self.tz(depth))
         if tag == b"d":
-            return dt.date.fromordinal(self.int(depth))
+            return dt.date.fromordinal(self.i64())
         if tag == b"h":
-            parts = [self.int(depth) for _ in range(5)]
-            return dt.time(*parts[:4], fold=parts[4], tzinfo=self.tz(depth))
+            micros = self.i64()
+            if not 0 <= micros < _DAY_US:
+                raise CodecError("a time of day out of range")
+            return _clock(micros).replace(fold=self.fold(), tzinfo=self.tz(depth))
         if tag == b"e":
             days, seconds, micros = (self.int(depth) for _ in range(3))
             return dt.timedelta(days, seconds, micros)
@@ -366,13 +383,13 @@ class _Reader:
                 out[key] = self.value(depth)
             return out
         if tag == b"P":
-            kind = bytes(self.take(1))
+            kind = self.take(1)
             if kind not in _CONTAINERS:
                 raise CodecError("a packed container of an unknown kind")
-            code = bytes(self.take(1))
+            code = self.take(1)
             return _CONTAINERS[kind](self.numbers(code, self.u32()))
         if tag == b"M":
-            key_code, item_code = bytes(self.take(1)), bytes(self.take(1))
+            key_code, item_code = self.take(1), bytes(self.take(1))
             count = self.u32()
             keys = self.numbers(key_code, count)
             return dict(zip(keys, self.numbers(item_code, count), strict=True))
@@ -428,14 +445,8 @@ class _Reader:
         cls = safe_classes().get(name)
         if cls is None:
             raise CodecError(f"a class the cache does not hold: {name}")
-        fields = self.value(depth)
-        if not isinstance(fields, dict):
-            raise CodecError("an object's fields are a dict")
-        if not dataclasses.is_dataclass(cls):
-            if fields:
-                raise CodecError(f"{name} has no fields")
-            return cls()
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(fields) != names:
-            raise CodecError(f"{name} has the fields {sorted(names)}")
-        return cls(**fields)
+        names = _object_layout(cls)[1]
+        if self.u32() != len(names):
+            raise CodecError(f"{name} has {len(names)} fields")
+        values = [self.value(depth) for _ in names]
+        return cls(**dict(zip(names, values, strict=True)))
