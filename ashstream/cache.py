@@ -34,6 +34,7 @@ past ``max_size_bytes``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import hashlib
@@ -50,7 +51,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ashstream import __version__
-from ashstream.analysis.aggregate import Analysis, ClosedGroup, same_keys
+from ashstream.analysis.aggregate import (
+    Analysis,
+    BatchPartial,
+    ClosedGroup,
+    join_partials,
+    same_keys,
+)
 from ashstream.batch_job import EncodedBatch
 from ashstream.cache_codec import CodecError, dumps, loads
 from ashstream.chunks import Chunk, FileChunk, OrderedMerge
@@ -61,7 +68,7 @@ from ashstream.sources import has_order_by, parquet_footer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # of the entries and of the codec: another is recomputed
+FORMAT_VERSION = 3  # of the entries and of the codec: another is recomputed
 MAGIC = b"ASHCACHE"
 # magic, version, text bytes, meta bytes, text crc, meta crc, key, header crc
 _HEADER = struct.Struct("<8sIQQII32sI")
@@ -187,7 +194,7 @@ class Entry:
     path: Path
     file: BinaryIO
     text_bytes: int
-    meta: dict  # rows, chunks, partials, lossy, columns, first_keys, carry_in, carry_out
+    meta: dict  # rows, chunks, partial, lossy, columns, first_keys, carry_used, carry_out
 
     @property
     def rows(self) -> int:
@@ -240,7 +247,11 @@ def _read_entry(key: bytes, path: Path) -> Entry | None:
             meta = loads(raw)
         except CodecError as exc:
             raise CorruptEntry(f"metadata unreadable: {exc}") from None
-        if not isinstance(meta, dict) or not isinstance(meta.get("rows"), int):
+        if (
+            not isinstance(meta, dict)
+            or not isinstance(meta.get("rows"), int)
+            or not isinstance(meta.get("partial", 0), bytes | None)
+        ):
             raise CorruptEntry("metadata of another shape")
         return Entry(key, path, file, text_bytes, meta)
     except BaseException:
@@ -583,7 +594,7 @@ class _Computing:
     first_row: int
     rows: int = 0
     chunks: int = 0
-    partials: list = field(default_factory=list)
+    partial: BatchPartial | None = None  # the unit's batches' partials joined
     lossy: list = field(default_factory=list)
     first_keys: tuple | None = None
     carry_out: dict | None = None
@@ -625,17 +636,17 @@ class CacheMerge(OrderedMerge):
         meta = entry.meta
         closed: list[ClosedGroup] = []
         first = self.rows
-        for rows, raw in meta["partials"]:
+        if meta["partial"] is not None:
             try:
-                partial = loads(raw)
+                partial = loads(meta["partial"])
             except CodecError as exc:  # checksummed: only a file planted with a valid one
                 raise PipelineError(
                     f"cache entry {entry.path} holds an unreadable partial ({exc}); "
                     "remove it (ashstream cache clear) and run again"
                 ) from None
-            if self.collector is not None and partial is not None:
-                closed += self.collector.add(partial, self.rows)
-            self.rows += rows
+            if self.collector is not None:
+                closed = self.collector.add(partial, self.rows)
+        self.rows += meta["rows"]
         for column, reason, n in meta["lossy"]:
             self.lossy.add(column, reason, n)
         if self.columns is None and meta.get("columns") is not None:
@@ -689,17 +700,17 @@ class CacheMerge(OrderedMerge):
             self.carry = unit.carry_out
         if unit.writer is None:
             return
-        meta = {
-            "rows": unit.rows,
-            "chunks": unit.chunks,
-            "partials": unit.partials,
-            "lossy": unit.lossy,
-            "columns": list(self.columns or self.stream_columns() or ()),
-            "first_keys": unit.first_keys,
-            "carry_used": effective_carry(unit.carry_in, unit.first_keys, self.levels),
-            "carry_out": self.carry,
-        }
         try:
+            meta = {
+                "rows": unit.rows,
+                "chunks": unit.chunks,
+                "partial": dumps(unit.partial) if unit.partial is not None else None,
+                "lossy": unit.lossy,
+                "columns": list(self.columns or self.stream_columns() or ()),
+                "first_keys": unit.first_keys,
+                "carry_used": effective_carry(unit.carry_in, unit.first_keys, self.levels),
+                "carry_out": self.carry,
+            }
             self.written_bytes += unit.writer.commit(meta)
         except (CodecError, OSError) as exc:
             unit.writer.abort()
@@ -728,13 +739,12 @@ class CacheMerge(OrderedMerge):
                 logger.warning("cache: cannot write an entry (%s); the run goes on", exc)
         unit.rows += done.rows
         unit.chunks += len(done.chunk_ends)
-        if unit.writer is not None:  # now: the collector changes some partials it merges
-            try:
-                unit.partials.append((done.rows, dumps(done.partial)))
-            except CodecError as exc:
-                unit.writer.abort()
-                unit.writer = None
-                logger.warning("cache: a unit is not cached: %s", exc)
+        if unit.writer is not None and done.partial is not None:  # before the collector
+            unit.partial = (  # changes the states it takes
+                copy.deepcopy(done.partial)
+                if unit.partial is None
+                else join_partials(self.collector.analysis, unit.partial, done.partial)
+            )
         unit.lossy.extend(done.lossy)
         self.computed_rows += done.rows
         return chunks + super().take(done)

@@ -8,7 +8,8 @@ so NaN payloads, infinities and -0.0 survive), ``str``, ``bytes``, ``Decimal``,
 ``Fraction``, ``date``, ``datetime`` and ``time`` (with a fixed-offset or IANA zone),
 ``timedelta``, ``tuple``, ``list``, ``set``, ``frozenset``, ``dict``, numpy scalars and
 arrays of numeric, bool, datetime and timedelta dtypes (and object arrays of the
-above), Arrow data types (as a one-field IPC schema), and the few classes of ashstream's
+above), Arrow data types (as a one-field IPC schema) and arrays (as a one-column IPC
+stream, validated in full when read), and the few classes of ashstream's
 own states registered in :data:`SAFE_CLASSES`. Anything else raises
 :class:`CodecError`, and the unit holding it is simply not cached.
 """
@@ -50,7 +51,7 @@ def safe_classes() -> dict[str, type]:
     from ashstream.analysis import charts, frequent
     from ashstream.analysis.aggregate import BatchPartial, ClosedGroup, Runs
 
-    classes = [BatchPartial, Runs, ClosedGroup, charts._Point, charts._Bins, frequent._NaN]
+    classes = [BatchPartial, Runs, ClosedGroup, charts._Series, frequent._NaN]
     return {f"{c.__module__}.{c.__qualname__}": c for c in classes}
 
 
@@ -101,6 +102,8 @@ def _write(out: bytearray, value: Any) -> None:
         _write_bytes(out, b"b", value.tobytes())
     elif isinstance(value, pa.DataType):
         _write_bytes(out, b"A", pa.schema([pa.field("t", value)]).serialize().to_pybytes())
+    elif isinstance(value, pa.Array):
+        _write_bytes(out, b"W", _arrow_ipc(value))
     else:
         _write_object(out, value)
 
@@ -226,6 +229,32 @@ def _write_array(out: bytearray, value: np.ndarray) -> None:
             _write(out, item)
     else:
         _write_bytes(out, b"b", np.ascontiguousarray(value).tobytes())
+
+
+def _arrow_ipc(array: pa.Array) -> bytes:
+    """An Arrow array as an IPC stream of one column: its buffers as they are."""
+    sink = pa.BufferOutputStream()
+    batch = pa.record_batch([array], names=["v"])
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def _read_arrow(raw: bytes) -> pa.Array:
+    """The array :func:`_arrow_ipc` wrote, its buffers checked (offsets, lengths, UTF-8)
+    before any use."""
+    try:
+        table = pa.ipc.open_stream(pa.py_buffer(raw)).read_all()
+        if table.num_columns != 1 or table.column(0).num_chunks > 1:
+            raise CodecError("an Arrow array is a stream of one column and one batch")
+        column = table.column(0)
+        array = column.chunk(0) if column.num_chunks else pa.array([], column.type)
+        array.validate(full=True)
+        return array
+    except (pa.ArrowException, ValueError) as exc:
+        if isinstance(exc, CodecError):
+            raise
+        raise CodecError(f"not an Arrow array: {exc}") from None
 
 
 def _write_object(out: bytearray, value: Any) -> None:
@@ -406,6 +435,8 @@ class _Reader:
             if len(schema) != 1:
                 raise CodecError("an Arrow type is a schema of one field")
             return schema.field(0).type
+        if tag == b"W":
+            return _read_arrow(self.sized())
         if tag == b"R":
             return self.object(depth)
         raise CodecError(f"unknown tag {tag!r}")

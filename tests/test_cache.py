@@ -3,9 +3,11 @@ changed between runs, and reuses what did not; bad entries are recomputed."""
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import decimal
 import fractions
+import itertools
 import json
 import math
 import os
@@ -20,6 +22,7 @@ from zoneinfo import ZoneInfo
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -150,6 +153,10 @@ VALUES = [
     pa.decimal128(12, 2),
     pa.timestamp("us", "Asia/Tokyo"),
     pa.list_(pa.struct([pa.field("a", pa.int8())])),
+    pa.array([dt.datetime(2024, 1, 1, 12), None], pa.timestamp("us", "Asia/Tokyo")),
+    pa.array([decimal.Decimal("1.25"), None], pa.decimal128(12, 2)),
+    pa.array(["é", None, ""]),
+    pa.array([], pa.float64()),
 ]
 
 
@@ -159,6 +166,8 @@ def same(a: object, b: object) -> bool:
         return False
     if isinstance(a, float):
         return math.copysign(1, a) == math.copysign(1, b) and (a == b or (a != a and b != b))
+    if isinstance(a, pa.Array):
+        return a.type == b.type and a.equals(b)
     if isinstance(a, np.ndarray):
         return a.dtype == b.dtype and a.shape == b.shape and repr(a) == repr(b)
     if isinstance(a, tuple | list):
@@ -189,6 +198,16 @@ def test_the_codec_refuses_what_it_does_not_know(value):
         dumps([1, value])
 
 
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+TWO_COLUMNS = _ipc(pa.table({"a": [1], "b": [2]}))
+
+
 @pytest.mark.parametrize(
     "planted",
     [
@@ -200,11 +219,97 @@ def test_the_codec_refuses_what_it_does_not_know(value):
         b"a" + (3).to_bytes(4, "little") + b"<i8" + b"\x01\x00\x00\x00" + b"\xff" * 8,
         b"",
         b"Nx",
+        b"W\x04\x00\x00\x00\xff\xff\xff\xff",
+        b"W" + len(TWO_COLUMNS).to_bytes(4, "little") + TWO_COLUMNS,
     ],
 )
 def test_planted_bytes_never_build_anything_else(planted):
     with pytest.raises(CodecError):
         loads(planted)
+
+
+def test_an_arrow_array_with_planted_offsets_is_refused():
+    raw = _ipc(pa.table({"v": ["hello", "x"]}))
+    offsets = np.array([0, 5, 6], np.int32).tobytes()
+    assert raw.count(offsets) == 1
+    raw = raw.replace(offsets, np.array([0, 5, 900], np.int32).tobytes())
+    with pytest.raises(CodecError, match="out of bounds"):
+        loads(b"W" + len(raw).to_bytes(4, "little") + raw)
+
+
+# ------------------------------------------------------- a unit's partials, joined
+
+
+def day_table(rows: int, seed: int) -> pa.Table:
+    """Rows in (month, day) order with every kind of state the variables keep."""
+    rng = np.random.default_rng(seed)
+    days = np.sort(rng.integers(0, 70, rows))
+    day = pa.array(days.astype("datetime64[D]").astype(object), pa.date32())
+    month = pa.array([dt.date(d.year, d.month, 1) for d in day.to_pylist()], pa.date32())
+    ratio = rng.choice([0.5, -0.0, 0.0, np.nan, 2.25, np.inf, 1e300], rows)
+    amount = [decimal.Decimal(int(v)) / 100 for v in rng.integers(-(10**6), 10**6, rows)]
+    return pa.table(
+        {
+            "id": pa.array(np.arange(rows) * 3 + seed, pa.int64()),
+            "month": month,
+            "day": day,
+            "amount": pa.array(amount, pa.decimal128(10, 2)),
+            "ratio": pa.array(ratio, pa.float64()),
+            "qty": pa.array(rng.integers(0, 13, rows), pa.int32()),
+            "note": pa.array([None if v % 5 == 0 else f"n{v}" for v in rng.integers(0, 50, rows)]),
+        }
+    )
+
+
+JOINED = {
+    **GROUPED,
+    "groups": [{"name": "month", "field": "month"}, {"name": "day", "field": "day"}],
+    "variables": [v for v in GROUPED["variables"] if not v.get("running")]
+    + [
+        {"name": "p90", "function": "quantile", "q": 0.9, "method": "sketch", "field": "ratio"},
+        {"name": "sum_ratio", "function": "sum", "field": "ratio", "reset": "month"},
+        # merged in place: the unit and the collector must not share its state
+        {"name": "top_month", "function": "top", "n": 2, "field": "qty", "reset": "month"},
+    ],
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 400),
+    seed=st.integers(0, 1000),
+    cuts=st.lists(st.integers(1, 399), max_size=12),
+    joins=st.lists(st.booleans(), min_size=13, max_size=13),
+)
+def test_joined_partials_give_the_collector_what_the_batches_do(
+    tmp_path_factory, rows, seed, cuts, joins
+):
+    from ashstream.analysis.aggregate import Analysis, Collector, analyse_batch, join_partials
+
+    folder = tmp_path_factory.mktemp("joined")
+    table = day_table(rows, seed)
+    (folder / "data").mkdir()
+    pa.parquet.write_table(table, folder / "data" / "d.parquet")
+    analysis = Analysis.of(load_report(report_file(folder, JOINED)))
+    bounds = sorted({0, rows, *(c for c in cuts if c < rows)})
+    partials = [
+        analyse_batch(table.slice(a, b - a).combine_chunks().to_batches()[0], analysis, a)
+        for a, b in itertools.pairwise(bounds)
+    ]
+    by_batch, by_unit = Collector(analysis), Collector(analysis)
+    closed_by_batch, closed_by_unit, unit, unit_first = [], [], None, 0
+    for i, (first, partial) in enumerate(zip(bounds, partials, strict=False)):
+        # as the cache's merge does: the unit takes its copy first, the collector then
+        unit = copy.deepcopy(partial) if unit is None else join_partials(analysis, unit, partial)
+        closed_by_batch += by_batch.add(partial, first)
+        if not joins[i] or i == len(partials) - 1:
+            closed_by_unit += by_unit.add(unit, unit_first)
+            unit, unit_first = None, bounds[i + 1]
+    closed_by_batch += by_batch.finish()
+    closed_by_unit += by_unit.finish()
+    assert dumps(closed_by_unit) == dumps(closed_by_batch)
+    assert dumps(by_unit.report_totals()) == dumps(by_batch.report_totals())
+    assert dumps(by_unit.chart_results()) == dumps(by_batch.chart_results())
 
 
 # ------------------------------------------------------------------ reuse, exactly

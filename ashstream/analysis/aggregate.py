@@ -29,6 +29,7 @@ with a clear error when those hold more than half the memory limit
 
 from __future__ import annotations
 
+import copy
 import decimal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from ashstream.analysis.catalog import (
     reduce_states,
     results,
 )
-from ashstream.analysis.charts import ChartCollector, chart_partial
+from ashstream.analysis.charts import ChartCollector, chart_partial, join_chart_partials
 from ashstream.analysis.functions import WIDE, magnitude, nested, plain, unscaled, valid_mask
 from ashstream.errors import EncodeError, ReportError, ResourceError, SourceError
 from ashstream.procs import default_memory_limit
@@ -55,7 +56,15 @@ from ashstream.report import BUCKET_UNITS, Chart, Report, Variable
 HELD_FRACTION = 0.5
 CHART_CHECK_EVERY = 64  # batches between checks of the charts' states (many buckets)
 
-__all__ = ["Analysis", "ClosedGroup", "Collector", "RunningColumns", "Summary", "analyse_batch"]
+__all__ = [
+    "Analysis",
+    "ClosedGroup",
+    "Collector",
+    "RunningColumns",
+    "Summary",
+    "analyse_batch",
+    "join_partials",
+]
 
 
 # ----------------------------------------------------------------------------- plan
@@ -291,6 +300,29 @@ def analyse_batch(batch: pa.RecordBatch, analysis: Analysis, first_row: int) -> 
         chart_partial(batch, chart, first_row, analysis.timezone) for chart in analysis.charts
     ]
     return partial
+
+
+def join_partials(analysis: Analysis, left: BatchPartial, right: BatchPartial) -> BatchPartial:
+    """One partial of ``left``'s rows followed by ``right``'s, from which the Collector
+    gets what it would from the two (a cache entry holds one a unit). ``left`` is
+    updated in place and returned; what it takes from ``right`` is copied, for merges
+    may change their left state in place and ``right`` goes on to the Collector."""
+    for level, (mine, theirs) in enumerate(zip(left.levels, right.levels, strict=True), 1):
+        start = 0
+        if mine.keys and theirs.keys and same_keys(mine.keys[-1], theirs.keys[0]):
+            variables = analysis.variables_at(level)
+            mine.states[-1] = merge_states(variables, mine.states[-1], theirs.states[0])
+            start = 1
+        mine.starts += [s + left.rows for s in theirs.starts[start:]]
+        mine.keys += theirs.keys[start:]
+        mine.states += copy.deepcopy(theirs.states[start:])
+    left.totals = merge_states(analysis.variables_at(0), left.totals, right.totals)
+    left.charts = [
+        join_chart_partials(chart, mine, theirs)
+        for chart, mine, theirs in zip(analysis.charts, left.charts, right.charts, strict=True)
+    ]
+    left.rows += right.rows
+    return left
 
 
 @dataclass

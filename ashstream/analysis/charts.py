@@ -21,6 +21,7 @@ Memory: at most ``4 * points + 2`` candidate points per series.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
@@ -132,56 +133,52 @@ def _series_values(batch: pa.RecordBatch, chart: Chart) -> tuple[list, np.ndarra
 
 
 @dataclass
-class _Point:
-    tick: int
-    y: float
-    row: int
-    x_value: Any
-    y_value: Any
-
-    def low(self) -> tuple:
-        return (self.y, self.row)
-
-    def high(self) -> tuple:
-        return (-self.y, self.row)
-
-    def place(self) -> tuple:
-        return (self.tick, self.row)
-
-
-@dataclass
-class _Bins:
-    """A raw series reduced to min and max points per bin of ``2**level`` ticks."""
+class _Series:
+    """A raw series reduced to its candidate points at bins of ``2**level`` ticks: each
+    bin's lowest and highest point (ties: the earlier row) and the series' first and
+    last, as columns in (tick, row) order. Two merge by pooling their points and
+    reducing again: a bin's extremes are among its sub-bins' extremes."""
 
     level: int
-    bins: dict[int, tuple[_Point, _Point]]
-    first: _Point
-    last: _Point
+    tick: np.ndarray  # int64
+    y: np.ndarray  # float64, finite
+    row: np.ndarray  # int64, distinct
+    x_values: pa.Array  # the x and y column values, for the chart's points
+    y_values: pa.Array
 
-    def coarsen(self, level: int) -> None:
-        if level == self.level:
-            return
-        shift, merged = level - self.level, {}
-        for b, (low, high) in self.bins.items():
-            _merge_bin(merged, b >> shift, low, high)
-        self.level, self.bins = level, merged
-
-    def merge(self, other: _Bins) -> None:
-        level = max(self.level, other.level)
-        self.coarsen(level)
-        other.coarsen(level)
-        for b, (low, high) in other.bins.items():
-            _merge_bin(self.bins, b, low, high)
-        self.first = min(self.first, other.first, key=_Point.place)
-        self.last = max(self.last, other.last, key=_Point.place)
+    def merge(self, other: _Series, max_bins: int) -> _Series:
+        """The points of both (``other`` unchanged), at the finest level from both
+        levels up with at most ``max_bins`` bins."""
+        tick = np.concatenate([self.tick, other.tick])
+        level = _level_for(tick, max_bins, max(self.level, other.level))
+        return _reduced(
+            level,
+            tick,
+            np.concatenate([self.y, other.y]),
+            np.concatenate([self.row, other.row]),
+            pa.concat_arrays([self.x_values, other.x_values]),
+            pa.concat_arrays([self.y_values, other.y_values]),
+        )
 
 
-def _merge_bin(bins: dict, b: int, low: _Point, high: _Point) -> None:
-    if b in bins:
-        old_low, old_high = bins[b]
-        low = min(old_low, low, key=_Point.low)
-        high = min(old_high, high, key=_Point.high)
-    bins[b] = (low, high)
+def _reduced(level, tick, y, row, x_values: pa.Array, y_values: pa.Array) -> _Series:
+    """The candidate points of these points at ``level``."""
+    bins = tick >> level
+
+    def firsts(order: np.ndarray) -> np.ndarray:
+        sorted_bins = bins[order]
+        starts = np.flatnonzero(np.diff(sorted_bins, prepend=sorted_bins[0] - 1))
+        return order[starts]
+
+    lows = firsts(np.lexsort((row, y, bins)))
+    highs = firsts(np.lexsort((row, -y, bins)))
+    by_place = np.lexsort((row, tick))
+    keep = np.unique(np.concatenate([lows, highs, by_place[[0, -1]]]))
+    keep = keep[np.lexsort((row[keep], tick[keep]))]
+    index = pa.array(keep, pa.int64())
+    return _Series(
+        level, tick[keep], y[keep], row[keep], x_values.take(index), y_values.take(index)
+    )
 
 
 def _series_partial(batch: pa.RecordBatch, chart: Chart, first_row: int, timezone: str) -> dict:
@@ -202,21 +199,23 @@ def _series_partial(batch: pa.RecordBatch, chart: Chart, first_row: int, timezon
         groups = [(name, np.flatnonzero(series[1] == i)) for i, name in enumerate(series[0])]
     for name, idx in groups:
         if len(idx):
-            out[name] = _reduce_series(
-                ticks[idx],
+            ticks_of = ticks[idx]
+            out[name] = _reduced(
+                _level_for(ticks_of, 2 * chart.points),
+                ticks_of,
                 y[idx],
                 rows[idx],
                 x.take(idx),
-                batch.column(chart.y).take(idx),
-                2 * chart.points,
+                plain(batch.column(chart.y)).take(idx),
             )
     return out
 
 
-def _level_for(ticks: np.ndarray, max_bins: int) -> int:
-    """The finest level at which ``ticks`` fall into at most ``max_bins`` bins."""
+def _level_for(ticks: np.ndarray, max_bins: int, lowest: int = 0) -> int:
+    """The finest level from ``lowest`` up at which ``ticks`` fall into at most
+    ``max_bins`` bins."""
     unique = np.unique(ticks)
-    lo, hi = 0, 64
+    lo, hi = lowest, max(lowest, 64)
     while lo < hi:
         mid = (lo + hi) // 2
         if 1 + np.count_nonzero(np.diff(unique >> mid)) <= max_bins:
@@ -226,36 +225,28 @@ def _level_for(ticks: np.ndarray, max_bins: int) -> int:
     return lo
 
 
-def _reduce_series(ticks, y, rows, x_values: pa.Array, y_values: pa.Array, max_bins: int) -> _Bins:
-    level = _level_for(ticks, max_bins)
-    bins = ticks >> level
-
-    def pick(order: np.ndarray) -> dict[int, int]:
-        sorted_bins = bins[order]
-        _, first = np.unique(sorted_bins, return_index=True)
-        return dict(zip(sorted_bins[first].tolist(), order[first].tolist(), strict=True))
-
-    lows = pick(np.lexsort((rows, y, bins)))
-    highs = pick(np.lexsort((rows, -y, bins)))
-    first = int(np.lexsort((rows, ticks))[0])
-    last = int(np.lexsort((-rows, -ticks))[0])
-    wanted = sorted(set(lows.values()) | set(highs.values()) | {first, last})
-    index = pa.array(wanted, pa.int64())
-    xs = dict(zip(wanted, x_values.take(index).to_pylist(), strict=True))
-    ys = dict(zip(wanted, y_values.take(index).to_pylist(), strict=True))
-
-    def point(i: int) -> _Point:
-        return _Point(int(ticks[i]), float(y[i]), int(rows[i]), xs[i], ys[i])
-
-    return _Bins(
-        level,
-        {b: (point(lows[b]), point(highs[b])) for b in lows},
-        point(first),
-        point(last),
-    )
-
-
 # --------------------------------------------------------------------- parent side
+
+
+def join_chart_partials(chart: Chart, left: Any, right: Any) -> Any:
+    """A chart's partial of ``left``'s rows and ``right``'s (see
+    :func:`~ashstream.analysis.aggregate.join_partials`): ``left`` may be changed,
+    ``right`` is not, and its states are copied where taken."""
+    if chart.agg == "none":
+        for name, points in right.items():
+            held = left.get(name)
+            left[name] = points if held is None else held.merge(points, 2 * chart.points)
+        return left
+    if not right[1]:
+        return left
+    if not left[1]:
+        return (right[0], copy.deepcopy(right[1]))
+    function, states = aggregate_of(chart), left[1]
+    for slot, state in right[1].items():
+        states[slot] = (
+            function.merge(states[slot], state) if slot in states else copy.deepcopy(state)
+        )
+    return left
 
 
 def lttb(x: np.ndarray, y: np.ndarray, n_out: int) -> np.ndarray:
@@ -316,16 +307,15 @@ class ChartCollector:
         self.chart = chart
         self.function = aggregate_of(chart) if chart.agg != "none" else None
         self.units: dict[str, dict] | None = None  # aggregated: unit -> {(series, key): state}
-        self.series: dict[Any, _Bins] = {}  # raw series: series -> bins
+        self.series: dict[Any, _Series] = {}  # raw series: series -> candidate points
 
     def add(self, partial: Any) -> None:
         if self.chart.agg == "none":
-            for name, bins in partial.items():
-                if name in self.series:
-                    self.series[name].merge(bins)
-                    self._limit(self.series[name])
-                else:
-                    self.series[name] = bins
+            for name, points in partial.items():
+                held = self.series.get(name)
+                self.series[name] = (
+                    points if held is None else held.merge(points, 2 * self.chart.points)
+                )
             return
         finest, states = partial
         if not states:
@@ -361,10 +351,6 @@ class ChartCollector:
             return [bucket]
         return list(CALENDAR[CALENDAR.index(finest) :])
 
-    def _limit(self, bins: _Bins) -> None:
-        while len(bins.bins) > 2 * self.chart.points:
-            bins.coarsen(bins.level + 1)
-
     def result(self) -> dict[str, Any]:
         chart = self.chart
         out: dict[str, Any] = {"x": chart.x, "y": chart.y, "agg": chart.agg}
@@ -396,16 +382,11 @@ class ChartCollector:
         unit = next(iter(self.units))  # the finest left
         return unit, self.units[unit]
 
-    def _downsample(self, bins: _Bins) -> list[dict]:
-        self._limit(bins)
-        candidates = {p.row: p for pair in bins.bins.values() for p in pair}
-        candidates[bins.first.row] = bins.first
-        candidates[bins.last.row] = bins.last
-        points = sorted(candidates.values(), key=_Point.place)
-        x = np.array([p.tick for p in points], dtype=np.float64)
-        y = np.array([p.y for p in points], dtype=np.float64)
-        keep = lttb(x, y, self.chart.points)
-        return [{"x": points[i].x_value, "y": points[i].y_value} for i in keep.tolist()]
+    def _downsample(self, points: _Series) -> list[dict]:
+        keep = pa.array(lttb(points.tick.astype(np.float64), points.y, self.chart.points))
+        xs = points.x_values.take(keep).to_pylist()
+        ys = points.y_values.take(keep).to_pylist()
+        return [{"x": x, "y": y} for x, y in zip(xs, ys, strict=True)]
 
 
 def _order(value: Any) -> tuple:
