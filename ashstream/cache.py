@@ -45,7 +45,7 @@ import struct
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -77,8 +77,8 @@ HEADER_BYTES = _HEADER.size
 # run of one big file resumes from its last unit, and a unit's partials stay small.
 # Smaller units cost a DuckDB query each (~1 ms) and an entry each.
 UNIT_ROWS = 1_000_000
-COPY_BYTES = 2**26  # bytes per copy_file_range call: a killed run stops within one
-VERIFY_THREADS = 2  # zlib.crc32 releases the GIL: entries are checked in parallel
+CHECK_THREADS = 2  # zlib.crc32 releases the GIL: entries' texts are checked in parallel
+CHECK_BYTES = 2**22  # read into one buffer per thread, reused: no fresh pages to fault
 
 
 def default_cache_dir() -> Path:
@@ -188,17 +188,38 @@ def position_dependent(report: Report) -> bool:
 
 @dataclass
 class Entry:
-    """A unit's entry, checked, ready to be fed: its file stays open while used."""
+    """A unit's entry whose header and metadata are checked; its text is checked by
+    :meth:`check`, in the background while the run starts (see :class:`TextChecks`).
+    Its file stays open while used."""
 
     key: bytes
     path: Path
     file: BinaryIO
     text_bytes: int
+    text_crc: int
     meta: dict  # rows, chunks, partial, lossy, columns, first_keys, carry_used, carry_out
+    checked: Future | None = None  # of check(), once scheduled
 
     @property
     def rows(self) -> int:
         return self.meta["rows"]
+
+    def check(self) -> None:
+        """Read the text through one buffer and compare its checksum.
+
+        Raises:
+            CorruptEntry: the text is not the one written.
+        """
+        buffer = memoryview(bytearray(CHECK_BYTES))
+        offset, end, crc = HEADER_BYTES, HEADER_BYTES + self.text_bytes, 0
+        while offset < end:
+            read = os.preadv(self.file.fileno(), [buffer[: min(CHECK_BYTES, end - offset)]], offset)
+            if not read:
+                raise CorruptEntry("truncated text")
+            crc = zlib.crc32(buffer[:read], crc)
+            offset += read
+        if crc != self.text_crc:
+            raise CorruptEntry("text checksum mismatch")
 
 
 class CorruptEntry(Exception):
@@ -206,7 +227,8 @@ class CorruptEntry(Exception):
 
 
 def _read_entry(key: bytes, path: Path) -> Entry | None:
-    """The entry at ``path``, checked end to end; None when there is none.
+    """The entry at ``path``, its header and metadata checked (its text is checked
+    later: :meth:`Entry.check`); None when there is none.
 
     Raises:
         CorruptEntry: truncated, flipped, foreign or of another version.
@@ -232,15 +254,7 @@ def _read_entry(key: bytes, path: Path) -> Entry | None:
             raise CorruptEntry("the entry of another key")
         if os.fstat(file.fileno()).st_size != HEADER_BYTES + text_bytes + meta_bytes:
             raise CorruptEntry("truncated or extended")
-        crc = 0
-        while True:  # the text, in pieces: zlib releases the GIL on each
-            piece = file.read(min(COPY_BYTES, text_bytes - file.tell() + HEADER_BYTES))
-            if not piece:
-                break
-            crc = zlib.crc32(piece, crc)
-        if crc != text_crc:
-            raise CorruptEntry("text checksum mismatch")
-        raw = file.read(meta_bytes)
+        raw = os.pread(file.fileno(), meta_bytes, HEADER_BYTES + text_bytes)
         if zlib.crc32(raw) != meta_crc:
             raise CorruptEntry("metadata checksum mismatch")
         try:
@@ -253,10 +267,15 @@ def _read_entry(key: bytes, path: Path) -> Entry | None:
             or not isinstance(meta.get("partial", 0), bytes | None)
         ):
             raise CorruptEntry("metadata of another shape")
-        return Entry(key, path, file, text_bytes, meta)
+        return Entry(key, path, file, text_bytes, text_crc, meta)
     except BaseException:
         file.close()
         raise
+
+
+class DamagedEntry(PipelineError):
+    """An entry's text failed its check after the run had planned to reuse it: the run
+    starts again, checking every entry first (see :func:`run_report`)."""
 
 
 class EntryWriter:
@@ -362,22 +381,28 @@ class CacheStore:
         return self.entries_dir / key.hex()
 
     def lookup(self, key: bytes) -> Entry | None:
-        """The key's entry, checked (see :func:`_read_entry`); a bad one is logged once,
-        removed, and reported as missing."""
+        """The key's entry, its header and metadata checked (see :func:`_read_entry`);
+        a bad one is logged once, removed, and reported as missing."""
         path = self.entry_path(key)
         try:
             entry = _read_entry(key, path)
         except (CorruptEntry, OSError) as exc:
-            if key not in self._warned:
-                self._warned.add(key)
-                logger.warning("cache entry %s is unusable (%s); recomputing it", path, exc)
-            with contextlib.suppress(OSError):
-                path.unlink()
+            self.discard(key, path, exc)
             return None
         if entry is not None:
             with contextlib.suppress(OSError):
                 os.utime(entry.file.fileno())  # its mtime is its last use, for eviction
         return entry
+
+    def discard(self, key: bytes, path: Path, why: Exception, file: BinaryIO | None = None) -> None:
+        """Log a bad entry once and remove it; with ``file``, only while ``path`` is
+        still that file (another run may have put a good one there since)."""
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("cache entry %s is unusable (%s); recomputing it", path, why)
+        with contextlib.suppress(OSError):
+            if file is None or os.stat(path).st_ino == os.fstat(file.fileno()).st_ino:
+                path.unlink()
 
     def writer(self, key: bytes) -> EntryWriter:
         return EntryWriter(self, key)
@@ -454,12 +479,24 @@ class CachePlan:
     units: list[PlannedUnit]
     carry_in: dict  # the running state before the first computed unit
     report: Report | None  # the source restricted to the computed units; None: none
+    checks: ThreadPoolExecutor | None = None  # checking the reused entries' texts
 
     @property
     def reused_rows(self) -> int:
         return sum(p.entry.rows for p in self.units if p.entry is not None)
 
+    def start_checks(self) -> None:
+        """Check the reused entries' texts in the background, in the order they are
+        copied: the copy of one overlaps the check of the next ones."""
+        reused = [p.entry for p in self.units if p.entry is not None]
+        if reused:
+            self.checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="ashstream-check")
+            for entry in reused:
+                entry.checked = self.checks.submit(entry.check)
+
     def close(self) -> None:
+        if self.checks is not None:  # before the files close: a check may be reading one
+            self.checks.shutdown(wait=True, cancel_futures=True)
         for planned in self.units:
             if planned.entry is not None:
                 planned.entry.file.close()
@@ -490,9 +527,11 @@ def _unit_key(base: bytes, unit: Unit, first_row: int | None) -> bytes:
     return hashlib.sha256(base + repr(identity).encode()).digest()
 
 
-def plan_run(report: Report, store: CacheStore) -> CachePlan:
+def plan_run(report: Report, store: CacheStore, check_first: bool = False) -> CachePlan:
     """Look the source's units up; the computed ones make one stream (see the module
-    docstring). A report whose units depend on the rows before them reuses the
+    docstring). The reused entries' texts are checked in the background
+    (:meth:`CachePlan.start_checks`), or, with ``check_first``, before they count as
+    found (after a :class:`DamagedEntry`: one more start at most). A report whose units depend on the rows before them reuses the
     unbroken run of units from the start: after the first unit computed, the rows and
     running state the next ones start from are not known before they are read.
 
@@ -516,7 +555,7 @@ def plan_run(report: Report, store: CacheStore) -> CachePlan:
     carry: dict = {}
     if not position_dependent(report):
         planned = [PlannedUnit(u, _unit_key(base, u, None)) for u in units]
-        _lookup_parallel(store, planned)
+        _lookup_parallel(store, planned, check_first)
     else:  # one by one: each key (row numbers) and running state follows the one before
         first_row, broken, carry_in = 0, False, {}
         for unit in units:
@@ -528,7 +567,7 @@ def plan_run(report: Report, store: CacheStore) -> CachePlan:
             planned.append(
                 PlannedUnit(unit, _unit_key(base, unit, first_row if row_numbers else None))
             )
-            entry = store.lookup(planned[-1].key)
+            entry = _found(store, planned[-1].key, check_first)
             meta = entry.meta if entry is not None else {}
             if entry is not None and effective_carry(
                 carry, meta.get("first_keys"), levels
@@ -550,13 +589,30 @@ def plan_run(report: Report, store: CacheStore) -> CachePlan:
     if computed:
         first_row = sum(p.entry.rows for p in planned[: planned.index(computed[0])])
         compute_report = _restricted(report, mode, [p.unit for p in computed], carry, first_row)
-    return CachePlan(mode, planned, carry, compute_report)
+    plan = CachePlan(mode, planned, carry, compute_report)
+    if not check_first:
+        plan.start_checks()
+    return plan
 
 
-def _lookup_parallel(store: CacheStore, planned: list[PlannedUnit]) -> None:
-    """Look every unit up at once: checking an entry reads all its text."""
-    with ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="ashstream-cache") as pool:
-        for p, entry in zip(planned, pool.map(store.lookup, [p.key for p in planned]), strict=True):
+def _found(store: CacheStore, key: bytes, check_now: bool) -> Entry | None:
+    """The key's entry, its text checked too with ``check_now``; None if none or bad."""
+    entry = store.lookup(key)
+    if entry is not None and check_now:
+        try:
+            entry.check()
+        except (CorruptEntry, OSError) as exc:
+            store.discard(key, entry.path, exc, entry.file)
+            entry.file.close()
+            return None
+    return entry
+
+
+def _lookup_parallel(store: CacheStore, planned: list[PlannedUnit], check_now: bool) -> None:
+    """Look every unit up at once (each a few reads; with ``check_now``, all its text)."""
+    with ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="ashstream-cache") as pool:
+        found = pool.map(lambda p: _found(store, p.key, check_now), planned)
+        for p, entry in zip(planned, found, strict=True):
             p.entry = entry
 
 
@@ -662,10 +718,25 @@ class CacheMerge(OrderedMerge):
             file=entry.file,
             offset=HEADER_BYTES,
             length=entry.text_bytes,
+            check=lambda: self._wait_checked(entry),
         )
         self._next_chunk += meta["chunks"]
         self.bytes += entry.text_bytes
         return chunk
+
+    def _wait_checked(self, entry: Entry) -> None:
+        """Before the entry's text is used: its check's outcome.
+
+        Raises:
+            DamagedEntry: the text is not the one written (the entry is removed).
+        """
+        if entry.checked is None:
+            return
+        try:
+            entry.checked.result()
+        except (CorruptEntry, OSError) as exc:
+            self.store.discard(entry.key, entry.path, exc, entry.file)
+            raise DamagedEntry(f"cache entry {entry.path} is damaged ({exc})") from None
 
     def _advance_to(self, stop: int) -> list[Chunk]:
         """Feed the cached units and commit the computed ones before plan unit ``stop``."""
@@ -754,12 +825,13 @@ class CacheMerge(OrderedMerge):
         with the cached units after them, by :meth:`rest`)."""
         self._stream_done = True
 
-    def rest(self) -> list[Chunk]:
-        """The cached units after the stream's (all of them without a stream), and the
-        end of the run's merge."""
-        chunks = self._advance_to(len(self.plan.units))
+    def rest(self) -> Iterator[Chunk]:
+        """The cached units after the stream's (all of them without a stream), one at a
+        time (the copy of one overlaps the check of the next), then the end of the
+        run's merge."""
+        while self.next_unit < len(self.plan.units):
+            yield from self._advance_to(self.next_unit + 1)
         super().finish()
-        return chunks
 
     def abort(self) -> None:
         """The run failed: drop the entry being written (those committed stay)."""
@@ -839,6 +911,7 @@ __all__ = [
     "CacheMerge",
     "CachePlan",
     "CacheStore",
+    "DamagedEntry",
     "default_cache_dir",
     "fingerprint",
     "plan_run",

@@ -42,13 +42,20 @@ class Chunk:
 @dataclass
 class FileChunk(Chunk):
     """Rows whose text lies in a file (a cache entry's): ``length`` bytes at ``offset``
-    of ``file``, which the module sink copies in the kernel (``text`` is empty)."""
+    of ``file``, which the module sink copies in the kernel (``text`` is empty) after
+    :meth:`check_text`."""
 
     file: BinaryIO | None = None
     offset: int = 0
     length: int = 0
+    check: Callable[[], None] | None = None  # raises when the text must not be used
+
+    def check_text(self) -> None:
+        if self.check is not None:
+            self.check()
 
     def read_text(self) -> bytes:
+        self.check_text()
         return os.pread(self.file.fileno(), self.length, self.offset)
 
     def rows(self) -> list[str]:

@@ -18,6 +18,7 @@ sees the run as it goes (the command draws its live display from it).
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ashstream.cache import CachedStream, CacheMerge, CacheStore, plan_run
+from ashstream.cache import CachedStream, CacheMerge, CacheStore, DamagedEntry, plan_run
 from ashstream.chunks import check_chunk_size
 from ashstream.encode import encoder_name
 from ashstream.engines.inline import InlineStream, inline_max_rows, runs_inline
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from ashstream.engines import Pool
 
 ENGINES = ("local", "ray")
+
+logger = logging.getLogger(__name__)
 
 
 class RunStage(enum.Enum):
@@ -179,61 +182,70 @@ def run_report(
     every_row = report.output.template is not None and report.output.template_rows == "all"
     preview = report.output.pdf_max_rows if pdf_path and not every_row else 0
     tell = progress or _ignore
-    sink = TypstModuleSink(module_path, report, preview_rows=preview)
-    sink.open()
-    started = time.perf_counter()
+
+    def attempt(check_cache_first: bool) -> RunSummary:
+        sink = TypstModuleSink(module_path, report, preview_rows=preview)
+        sink.open()
+        started = time.perf_counter()
+        try:
+            engine_args = (engine, ray_address, workers, profile_dir, inline_rows)
+            opened = _open_stream(report, chunk_size, store, engine_args, check_cache_first)
+            with opened as (handle, pool):
+                name = "inline" if pool is None else pool.engine
+                count = 0 if pool is None else pool.workers
+                tell(RunProgress(RunStage.STARTED, engine=name, workers=count))
+                chunks = groups = 0
+                for chunk in handle:
+                    sink.write(chunk)
+                    chunks += 1
+                    groups += len(chunk.groups)
+                    if progress is not None:
+                        elapsed_s = time.perf_counter() - started
+                        progress(_progress_of(pool, sink.rows, handle.total_rows, elapsed_s))
+                tell(RunProgress(RunStage.STREAM_ENDED, sink.rows, handle.total_rows))
+                columns = handle.columns or ()
+                results = handle.summary
+                warnings = handle.lossy.messages()
+                facts = {
+                    "report": report.name,
+                    "rows": sink.rows,
+                    "chunks": chunks,
+                    "engine": name,
+                    "workers": count,
+                    "peak_memory_bytes": (pool or handle).peak_memory_bytes,
+                    "restarts": 0 if pool is None else pool.restarts,
+                    "skipped_rows": handle.skipped,
+                    "warnings": warnings,
+                    "groups": groups + len(results.groups),
+                    "totals": results.totals,
+                    "read_on": handle.read_on if name == "ray" else None,
+                    "encoder": encoder,
+                    "cache": handle.cache_facts() if store is not None else None,
+                }
+            sink.finish(columns, results)
+            seconds = time.perf_counter() - started
+            if pdf_path:
+                tell(RunProgress(RunStage.COMPILING_PDF, sink.rows, path=str(pdf_path)))
+                compile_pdf(pdf_path, sink, columns, report.output.template, every_row)
+                tell(RunProgress(RunStage.OUTPUT_WRITTEN, sink.rows, path=str(pdf_path)))
+                if report.output.template and not every_row and sink.rows > preview:
+                    warnings.append(
+                        f"the template read the first {preview:,} of {sink.rows:,} rows "
+                        "(output.pdf_max_rows); output.template_rows: all gives it every row"
+                    )
+            sink.commit()  # last: a failure or Ctrl-C before this leaves no module behind
+            tell(RunProgress(RunStage.OUTPUT_WRITTEN, sink.rows, path=str(module_path)))
+        except BaseException:
+            sink.abort()
+            raise
+        outputs = {"typst_path": str(module_path), "pdf_path": str(pdf_path) if pdf_path else None}
+        return RunSummary(**facts, seconds=seconds, **outputs)
+
     try:
-        engine_args = (engine, ray_address, workers, profile_dir, inline_rows)
-        with _open_stream(report, chunk_size, store, engine_args) as (handle, pool):
-            name = "inline" if pool is None else pool.engine
-            count = 0 if pool is None else pool.workers
-            tell(RunProgress(RunStage.STARTED, engine=name, workers=count))
-            chunks = groups = 0
-            for chunk in handle:
-                sink.write(chunk)
-                chunks += 1
-                groups += len(chunk.groups)
-                if progress is not None:
-                    elapsed_s = time.perf_counter() - started
-                    progress(_progress_of(pool, sink.rows, handle.total_rows, elapsed_s))
-            tell(RunProgress(RunStage.STREAM_ENDED, sink.rows, handle.total_rows))
-            columns = handle.columns or ()
-            results = handle.summary
-            warnings = handle.lossy.messages()
-            facts = {
-                "report": report.name,
-                "rows": sink.rows,
-                "chunks": chunks,
-                "engine": name,
-                "workers": count,
-                "peak_memory_bytes": (pool or handle).peak_memory_bytes,
-                "restarts": 0 if pool is None else pool.restarts,
-                "skipped_rows": handle.skipped,
-                "warnings": warnings,
-                "groups": groups + len(results.groups),
-                "totals": results.totals,
-                "read_on": handle.read_on if name == "ray" else None,
-                "encoder": encoder,
-                "cache": handle.cache_facts() if store is not None else None,
-            }
-        sink.finish(columns, results)
-        seconds = time.perf_counter() - started
-        if pdf_path:
-            tell(RunProgress(RunStage.COMPILING_PDF, sink.rows, path=str(pdf_path)))
-            compile_pdf(pdf_path, sink, columns, report.output.template, every_row)
-            tell(RunProgress(RunStage.OUTPUT_WRITTEN, sink.rows, path=str(pdf_path)))
-            if report.output.template and not every_row and sink.rows > preview:
-                warnings.append(
-                    f"the template read the first {preview:,} of {sink.rows:,} rows "
-                    "(output.pdf_max_rows); output.template_rows: all gives it every row"
-                )
-        sink.commit()  # last: a failure or Ctrl-C before this leaves no module behind
-        tell(RunProgress(RunStage.OUTPUT_WRITTEN, sink.rows, path=str(module_path)))
-    except BaseException:
-        sink.abort()
-        raise
-    outputs = {"typst_path": str(module_path), "pdf_path": str(pdf_path) if pdf_path else None}
-    return RunSummary(**facts, seconds=seconds, **outputs)
+        return attempt(check_cache_first=False)
+    except DamagedEntry as exc:  # found as its text was about to be copied (and logged)
+        logger.info("%s; running again, checking the cache first", exc)
+        return attempt(check_cache_first=True)
 
 
 def _ignore(step: RunProgress) -> None:
@@ -307,7 +319,11 @@ def _cache_store(
 
 @contextmanager
 def _open_stream(
-    report: Report, chunk_size: int | None, store: CacheStore | None, engine_args: tuple
+    report: Report,
+    chunk_size: int | None,
+    store: CacheStore | None,
+    engine_args: tuple,
+    check_cache_first: bool = False,
 ) -> Iterator[tuple[Any, Pool | None]]:
     """The report's stream and its pool (see :func:`_open_engine`); with a cache, a
     stream of the cached units and, on an engine, the others (None without any)."""
@@ -316,7 +332,7 @@ def _open_stream(
             yield opened
         return
     size = check_chunk_size(chunk_size or report.pipeline.chunk_size)
-    plan = plan_run(report, store)
+    plan = plan_run(report, store, check_cache_first)
     merge = CacheMerge(report, size, plan, store)
     try:
         if plan.report is None:

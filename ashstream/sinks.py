@@ -271,6 +271,7 @@ class TypstModuleSink:
     def write(self, chunk: Chunk) -> None:
         with self._writing():
             if isinstance(chunk, FileChunk):
+                chunk.check_text()
                 self._file.flush()
                 _copy_range(chunk.file.fileno(), chunk.offset, chunk.length, self._file.fileno())
                 self._file.seek(0, os.SEEK_END)  # the buffer's idea of where it is

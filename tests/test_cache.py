@@ -479,6 +479,28 @@ def test_a_damaged_entry_is_logged_once_and_recomputed(days, damage, caplog):
     assert assert_same_as_cold(report, days, cache)["reused_rows"] == 1200
 
 
+def test_texts_found_damaged_as_they_are_copied_restart_the_run_once(days, caplog):
+    """Texts are checked while the run goes on: the first bad one found restarts it,
+    and the second start checks every entry before it plans."""
+    position_free = {**GROUPED, "variables": GROUPED["variables"][:1] + GROUPED["variables"][3:]}
+    position_free["charts"] = GROUPED["charts"][:1]  # every unit is looked up alone
+    report, cache = report_file(days, position_free), days / "cache"
+    run(report, days / "warm.typ", cache)
+    entries = sorted((cache / "entries").iterdir())
+    for victim in (entries[1], entries[3]):
+        data = bytearray(victim.read_bytes())
+        data[HEADER_BYTES + 5] ^= 0x20
+        victim.write_bytes(bytes(data))
+    caplog.set_level("INFO", logger="ashstream")
+    facts = assert_same_as_cold(report, days, cache)
+    assert facts["computed_rows"] >= 600
+    unusable = [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
+    assert len(unusable) == 2
+    assert len([r for r in caplog.records if "running again" in r.getMessage()]) == 1
+    assert not list((cache / "tmp").iterdir())
+    assert assert_same_as_cold(report, days, cache)["reused_rows"] == 1200
+
+
 def test_the_folder_is_private_and_refused_when_not(tmp_path):
     store = CacheStore(tmp_path / "c").open()
     assert (tmp_path / "c").stat().st_mode & 0o777 == 0o700
