@@ -26,9 +26,11 @@ from (only the part that reached its first group) and is used only with the same
 
 **Entries** are one file each: a header with checksums, the unit's encoded text (copied
 into the module with ``os.copy_file_range``) and its metadata in
-:mod:`ashstream.cache_codec` (never pickle). Written to a temporary file and renamed;
-a bad one is logged once, removed and recomputed; the least recently used go first
-past ``max_size_bytes``.
+:mod:`ashstream.cache_codec` (never pickle), with the unit's batches' partials joined
+into one. Written to a temporary file and renamed. Headers and metadata are checked
+as the run plans, texts in the background before each is copied (a text found bad
+then starts the run once more: :class:`DamagedEntry`); a bad entry is logged once,
+removed and recomputed; the least recently used go first past ``max_size_bytes``.
 """
 
 from __future__ import annotations
