@@ -102,8 +102,13 @@ def split_by_ids(ids: np.ndarray, n: int) -> list[np.ndarray]:
         order = np.argsort(ids, kind="stable")
     else:
         order = np.arange(len(ids))
-    counts = np.bincount(ids, minlength=n)
-    return np.split(order, np.cumsum(counts)[:-1]) if n else []
+    return [order[a:b] for a, b in id_spans(ids, n)]
+
+
+def id_spans(ids: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """Where each id 0..n-1 lies, as (start, end), in an array sorted by id."""
+    ends = np.cumsum(np.bincount(ids, minlength=n)).tolist()
+    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 def installed_aggregates() -> dict[str, Any]:

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ashstream.analysis.functions import WIDE, plain, unscaled, valid_mask
-from ashstream.analysis.protocol import BatchAggregate
+from ashstream.analysis.protocol import BatchAggregate, id_spans
 
 __all__ = ["ExactQuantile", "QuantileSketch", "disc_index"]
 
@@ -118,8 +118,7 @@ def _split_sorted(values: np.ndarray, ids: np.ndarray, n: int) -> list[np.ndarra
     else:
         order = np.lexsort((values, ids))
     ordered = values[order]
-    bounds = np.cumsum(np.bincount(ids, minlength=n)).tolist()
-    return [ordered[a:b] for a, b in zip([0, *bounds[:-1]], bounds, strict=True)]
+    return [ordered[a:b] for a, b in id_spans(ids, n)]
 
 
 class ExactQuantile(BatchAggregate):
@@ -277,9 +276,8 @@ class QuantileSketch(BatchAggregate):
             counts = np.diff(np.append(starts, len(keys)))
             keys, ids = keys[starts], ids[starts]
         whole = self._spans_fit(keys)  # then no group's buckets collapse
-        bounds = np.cumsum(np.bincount(ids, minlength=n)).tolist()
         out = []
-        for a, b in zip([0, *bounds[:-1]], bounds, strict=True):
+        for a, b in id_spans(ids, n):
             if b == a:
                 out.append(self.init())
             else:
