@@ -47,7 +47,16 @@ from ashstream.analysis.catalog import (
     results,
 )
 from ashstream.analysis.charts import ChartCollector, chart_partial, join_chart_partials
-from ashstream.analysis.functions import WIDE, magnitude, nested, plain, unscaled, valid_mask
+from ashstream.analysis.functions import (
+    WIDE,
+    is_numeric,
+    is_temporal,
+    magnitude,
+    nested,
+    plain,
+    unscaled,
+    valid_mask,
+)
 from ashstream.errors import EncodeError, ReportError, ResourceError, SourceError
 from ashstream.procs import default_memory_limit
 from ashstream.report import BUCKET_UNITS, Chart, Report, Variable
@@ -108,14 +117,6 @@ class Analysis:
         return [v for v in self.variables if self.level(v) == level]
 
 
-def _numeric(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
-
-
-def _temporal(t: pa.DataType) -> bool:
-    return pa.types.is_date(t) or pa.types.is_timestamp(t)
-
-
 def check_analysis(report: Report, schema: pa.Schema) -> None:
     """Check groups, variables and charts against the columns the source really has.
 
@@ -166,7 +167,7 @@ def check_analysis(report: Report, schema: pa.Schema) -> None:
         needs_number = v.function in ("sum", "avg", "stddev", "variance") or (
             v.running and v.function in ("min", "max")
         )
-        if needs_number and not _numeric(t):
+        if needs_number and not is_numeric(t):
             running = "a running " if v.running else ""
             raise ReportError(
                 f"{report.path}: variables[{i}].field: {running}{v.function} needs a number, "
@@ -177,26 +178,26 @@ def check_analysis(report: Report, schema: pa.Schema) -> None:
         x = column(f"charts[{i}].x", c.x)
         if c.y is not None:
             y = column(f"charts[{i}].y", c.y)
-            if not _numeric(y) and c.agg != "count":
+            if not is_numeric(y) and c.agg != "count":
                 raise ReportError(f"{key}.y: a chart's y must be a number, and {c.y!r} is {y}")
             _check_aggregate(report, f"charts[{i}].y", c, y)
         if c.series is not None:
             column(f"charts[{i}].series", c.series)
         if c.agg == "none":
-            if not (_temporal(x) or pa.types.is_integer(x)):
+            if not (is_temporal(x) or pa.types.is_integer(x)):
                 raise ReportError(
                     f"{key}.x: a raw series (agg none) needs an integer, date or timestamp x, "
                     f"and {c.x!r} is {x}"
                 )
         elif c.bucket in BUCKET_UNITS or c.bucket == "auto":
-            if not _temporal(x):
+            if not is_temporal(x):
                 raise ReportError(
                     f"{key}.bucket: {c.bucket} buckets need a date or timestamp x, and "
                     f"{c.x!r} is {x}; give a numeric bin width for a numeric x"
                 )
             if c.bucket == "hour" and pa.types.is_date(x):
                 raise ReportError(f"{key}.bucket: hour buckets need a timestamp x; {c.x!r} is {x}")
-        elif not _numeric(x):
+        elif not is_numeric(x):
             raise ReportError(
                 f"{key}.bucket: a numeric bin width needs a numeric x, and {c.x!r} is {x}"
             )

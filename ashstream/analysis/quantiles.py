@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ashstream.analysis.functions import WIDE, plain, unscaled, valid_mask
+from ashstream.analysis.functions import WIDE, is_numeric, is_temporal, plain, unscaled, valid_mask
 from ashstream.analysis.protocol import BatchAggregate, id_spans
 
 __all__ = ["ExactQuantile", "QuantileSketch", "disc_index"]
@@ -58,16 +58,6 @@ def disc_index(n: int, q: float) -> int:
 
 def _quantiles(q: float | tuple[float, ...]) -> tuple[tuple[float, ...], bool]:
     return (q, True) if isinstance(q, tuple) else ((q,), False)
-
-
-def _orderable(t: pa.DataType) -> bool:
-    return (
-        pa.types.is_integer(t)
-        or pa.types.is_floating(t)
-        or pa.types.is_decimal(t)
-        or pa.types.is_date(t)
-        or pa.types.is_timestamp(t)
-    )
 
 
 def as_numbers(array: pa.Array, valid: np.ndarray) -> np.ndarray:
@@ -132,7 +122,7 @@ class ExactQuantile(BatchAggregate):
         return (None, ())
 
     def check(self, field_type: pa.DataType) -> str | None:
-        if not _orderable(field_type):
+        if not (is_numeric(field_type) or is_temporal(field_type)):
             return f"needs a number, date or timestamp, and this is {field_type}"
         numbers = pa.types.is_integer(field_type) or pa.types.is_floating(field_type)
         if self.interpolate and not numbers:
