@@ -208,13 +208,18 @@ def _open(
     for built in (base, sql):
         check_query(con, built, "source", report.path)
     _check_fields(con, report, base, params)
+    reader = None
     try:
         relation = con.sql(sql, params=bound_params(sql, params))
-        schema = relation.limit(0).to_arrow_table().schema
+        if src.units:
+            schema = relation.limit(0).to_arrow_table().schema
     except duckdb.Error as exc:
         raise _query_error(report, exc, sql) from None
+    total = _total_rows(con, report, sql, params)  # before the reader: one result at once
+    if not src.units:  # the query's own schema: a LIMIT 0 query first costs ~6 ms more
+        reader = _start_reading(relation, rows_per_batch, report)
+        schema = reader.schema
     check_analysis(report, schema)
-    total = _total_rows(con, report, sql, params)
 
     def close() -> None:
         con.close()
@@ -223,7 +228,7 @@ def _open(
     if src.units:
         batches = _read_units(con, report, rows_per_batch, close)
     else:
-        batches = _read(relation, rows_per_batch, report, close)
+        batches = _read(reader, report, close)
     return OpenSource(schema, total, batches, close)
 
 
@@ -400,27 +405,43 @@ def parquet_row_count(report: Report, stop_above: int | None = None) -> int | No
     return total
 
 
-def _read(
-    relation: Any, rows_per_batch: int, report: Report, close: Callable[[], None]
-) -> Iterator[pa.RecordBatch]:
+def _start_reading(relation: Any, rows_per_batch: int, report: Report) -> Any:
+    """Run the (bound) query: DuckDB's Arrow stream of it, its first rows read.
+
+    Raises:
+        SourceError: reading its first rows failed.
+    """
+    import duckdb
+
+    try:
+        return relation.to_arrow_reader(batch_size=rows_per_batch)
+    except (duckdb.Error, OSError, pa.ArrowException) as exc:
+        raise _read_error(report, exc, 0) from None
+
+
+def _read(reader: Any, report: Report, close: Callable[[], None]) -> Iterator[pa.RecordBatch]:
     import duckdb
 
     rows = 0
     try:
-        reader = relation.to_arrow_reader(batch_size=rows_per_batch)
         for batch in reader:
             if batch.num_rows:
                 rows += batch.num_rows
                 yield batch
     except (duckdb.Error, OSError, pa.ArrowException) as exc:
-        # Errors raised while DuckDB fills the Arrow stream arrive as Arrow's OSError.
-        if NOT_ALLOWED in str(exc):
-            raise _not_allowed(report, exc) from None
-        raise SourceError(
-            f"{report.path}: source: reading failed after {rows} rows: {str(exc).strip()}"
-        ) from None
+        raise _read_error(report, exc, rows) from None
     finally:
         close()
+
+
+def _read_error(report: Report, exc: Exception, rows: int) -> ReportError | SourceError:
+    """What the user is told when reading fails after ``rows`` rows. Errors raised
+    while DuckDB fills the Arrow stream arrive as Arrow's OSError."""
+    if NOT_ALLOWED in str(exc):
+        return _not_allowed(report, exc)
+    return SourceError(
+        f"{report.path}: source: reading failed after {rows} rows: {str(exc).strip()}"
+    )
 
 
 def unit_report(report: Report, index: int) -> Report:
@@ -443,7 +464,8 @@ def _read_units(
             sql = source_sql(part)
             relation = con.sql(sql, params=bound_params(sql, report.param_values))
             tag = {UNIT_KEY: str(index).encode()}
-            for batch in _read(relation, rows_per_batch, part, lambda: None):
+            reader = _start_reading(relation, rows_per_batch, part)
+            for batch in _read(reader, part, lambda: None):
                 yield batch.replace_schema_metadata(tag)
     finally:
         close()
