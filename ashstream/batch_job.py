@@ -29,7 +29,7 @@ from ashstream.cache_codec import CodecError, dumps
 from ashstream.encode import EncodeOptions, EncodeStats, encode_rows_text
 from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError, PipelineError
 from ashstream.report import Report
-from ashstream.sources import UNIT_KEY, open_source
+from ashstream.sources import UNIT_KEY, OpenSource, open_source, parquet_head, parquet_row_count
 
 # Rows read and encoded together at least, whatever the chunk size: encoding a batch
 # costs about 1 ms of fixed overhead, so 1000-row chunks encoded one by one would run at
@@ -65,11 +65,24 @@ def read_batches(
     max_batch_bytes: int = input_bytes(DEFAULT_SLOT_BYTES),
     on_connect: Callable[[Any], None] | None = None,
     connection: Any = None,
+    head_first: bool = False,
 ) -> BatchSource:
     """Open the report's source and stream its batches (see the module docstring): at
     most ``max_batch_bytes`` of Arrow IPC each, unless a single row is bigger.
-    ``on_connect`` and ``connection`` as for :func:`ashstream.sources.open_source`."""
-    source = open_source(report, max(chunk_size, min_batch_rows), on_connect, connection)
+    ``on_connect`` and ``connection`` as for :func:`ashstream.sources.open_source`.
+    ``head_first``: where it can, the first chunk is read by pyarrow and handed on
+    before DuckDB opens the source (:func:`ashstream.sources.parquet_head`), for a
+    stream whose first chunk someone waits for; the batches are the same."""
+    rows_per_batch = max(chunk_size, min_batch_rows)
+    head = parquet_head(report, chunk_size) if head_first and chunk_size <= MIN_BATCH_ROWS else None
+    if head is None:
+        source = open_source(report, rows_per_batch, on_connect, connection)
+    else:
+        source = _HeadFirst(
+            head,
+            parquet_row_count(report),
+            lambda: open_source(report, rows_per_batch, on_connect, connection, True),
+        )
     analysis = Analysis.of(report)
     running = RunningColumns(analysis) if analysis is not None else None
     if running is not None:
@@ -85,6 +98,60 @@ def read_batches(
         )
     columns = row_columns(report, source.schema)
     return BatchSource(columns, source.schema, source.total_rows, parts, source.close)
+
+
+class _HeadFirst:
+    """A source whose first rows, ``head``, were read before DuckDB opened it (see
+    :func:`read_batches`): yields them, then opens it and yields the rest of its rows,
+    once DuckDB's own first rows are seen to be the same."""
+
+    def __init__(
+        self, head: pa.RecordBatch, total_rows: int | None, open_rest: Callable[[], OpenSource]
+    ) -> None:
+        self.schema = head.schema
+        self.total_rows = total_rows
+        self._head = head
+        self._open_rest = open_rest
+        self._rest: OpenSource | None = None
+        self.batches = self._batches()
+
+    def _batches(self) -> Iterator[pa.RecordBatch]:
+        head = self._head
+        yield head
+        self._rest = rest = self._open_rest()
+        if not rest.schema.equals(head.schema):
+            raise _head_differs(f"columns {head.schema} against DuckDB's {rest.schema}")
+        seen, due = [], head.num_rows
+        for batch in rest.batches:
+            if due:
+                seen.append(batch.slice(0, due))
+                due -= seen[-1].num_rows
+                batch = batch.slice(seen[-1].num_rows)
+                if not due:
+                    _check_same_rows(head, seen)
+            if batch.num_rows:
+                yield batch
+        if due:
+            raise _head_differs(f"{head.num_rows} rows against DuckDB's {head.num_rows - due}")
+
+    def close(self) -> None:
+        if self._rest is not None:
+            self._rest.close()
+
+
+def _check_same_rows(head: pa.RecordBatch, seen: list[pa.RecordBatch]) -> None:
+    """DuckDB's first rows (``seen``) are ``head``'s: the same values, or the same text
+    (NaN is not equal to itself)."""
+    duck = pa.Table.from_batches(seen).combine_chunks().to_batches()[0]
+    if not duck.equals(head) and not encode_rows_text(duck)[0].equals(encode_rows_text(head)[0]):
+        raise _head_differs("different values")
+
+
+def _head_differs(what: str) -> PipelineError:
+    return PipelineError(
+        f"the source's first rows as pyarrow read them differ from DuckDB's ({what}). "
+        f"{INTERNAL_ERROR_ADVICE}"
+    )
 
 
 def ipc_size(batch: pa.RecordBatch) -> int:

@@ -627,3 +627,128 @@ def test_inline_stream_cuts_the_pools_batches_and_reports_its_errors(pools, tmp_
         list(InlineStream(load_report(union)))
     assert str(from_inline.value) == str(from_pool.value)
     assert str(from_pool.value).startswith("rows 0..")
+
+
+# ---- a stream's first chunk, read by pyarrow before DuckDB opens the source
+
+
+def _types_table(rows: int) -> pa.Table:
+    """A column of every type parquet_head takes, with nulls, escapes and odd floats."""
+    i = np.arange(rows)
+    floats = np.where(i % 5 == 0, np.nan, i / 3.0)
+    floats[1:4] = [-0.0, np.inf, -np.inf]
+    return pa.table(
+        {
+            "i8": pa.array(i % 100, pa.int8()),
+            "u16": pa.array(i % 60000, pa.uint16()),
+            "i64": pa.array(i * -(2**40), pa.int64()),
+            "u64": pa.array(i.astype(np.uint64) + np.uint64(2**63)),
+            "f32": pa.array(floats, pa.float32()),
+            "f64": pa.array(floats, mask=i % 7 == 0),
+            "flag": pa.array(i % 3 == 0),
+            "text": pa.array([None if k % 4 == 0 else f'"{k}"\n\\\x00é' for k in i]),
+            "day": pa.array(i % 3000, pa.int32()).cast(pa.date32()),
+            "money": pa.array([f"{k}.0123456789" for k in i]).cast(pa.decimal128(38, 10)),
+            "at": pa.array(i * 123_456_789, pa.int64()).cast(pa.timestamp("us")),
+        }
+    )
+
+
+def _head_report(tmp_path, table: pa.Table, extra: str = "", **write) -> object:
+    pq.write_table(table, tmp_path / "t.parquet", **write)
+    return load_report(write_report(tmp_path, f"name: t\nsource:\n  parquet: t.parquet\n{extra}"))
+
+
+def _read_all(report, chunk_size: int, head_first: bool) -> list[pa.RecordBatch]:
+    from ashstream.batch_job import read_batches
+
+    source = read_batches(report, chunk_size, min_batch_rows=2048, head_first=head_first)
+    try:
+        return list(source.batches)
+    finally:
+        source.close()
+
+
+def test_the_first_chunk_read_by_pyarrow_is_duckdbs_and_the_batches_stay_the_same(pools, tmp_path):
+    """parquet_head reads the first chunk of every type it takes as DuckDB's query
+    gives it (renamed and picked by fields too); the stream's batches, their sizes and
+    the pool's bytes are those of a stream read by DuckDB alone."""
+    from ashstream.sources import open_source, parquet_head
+
+    table = _types_table(5000)
+    fields = "fields: [{name: amount, column: money}, text, i8]\n"
+    for extra in ("", fields):
+        report = _head_report(tmp_path, table, extra, row_group_size=3000)
+        head = parquet_head(report, 700)
+        duck = open_source(report, 700)
+        try:
+            first = next(duck.batches)
+        finally:
+            duck.close()
+        assert head is not None and head.schema == duck.schema
+        assert str(head.to_pylist()) == str(first.slice(0, 700).to_pylist())  # NaN, -0.0
+        alone, with_head = _read_all(report, 700, False), _read_all(report, 700, True)
+        assert [b.num_rows for b in with_head] == [b.num_rows for b in alone]
+        assert expected_text(pa.Table.from_batches(with_head)) == expected_text(
+            pa.Table.from_batches(alone)
+        )
+        text, chunks = collect(pools(2).stream(report, chunk_size=700))
+        assert text == b"".join(c.text for c in InlineStream(report, chunk_size=700))
+        assert_ordered(chunks)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "plain",
+        "where",
+        "order_by",
+        "expression",
+        "missing-field",
+        "hive-path",
+        "zoned",
+        "nanoseconds",
+        "dictionary",
+        "list",
+        "short-row-group",
+    ],
+)
+def test_the_first_chunk_waits_for_duckdb_where_pyarrow_could_read_it_otherwise(tmp_path, case):
+    from ashstream.sources import parquet_head
+
+    table = pa.table({"i": np.arange(3000), "s": pa.array([str(k) for k in range(3000)])})
+    extra = {
+        "where": "  where: i > 5\n",
+        "order_by": "  order_by: [s]\n",
+        "expression": "fields: [{name: j, expr: i + 1}]\n",
+        "missing-field": "fields: [{name: j, column: nothere}]\n",
+    }.get(case, "")
+    columns = {
+        "zoned": pa.array(np.arange(3000), pa.timestamp("us", tz="Europe/Paris")),
+        "nanoseconds": pa.array(np.arange(3000), pa.timestamp("ns")),
+        "dictionary": pa.array([str(k % 3) for k in range(3000)]).dictionary_encode(),
+        "list": pa.array([[k] for k in range(3000)]),
+    }
+    if case in columns:
+        table = table.append_column("x", columns[case])
+    if case == "hive-path":
+        tmp_path = tmp_path / "year=2024"
+        tmp_path.mkdir()
+    write = {"row_group_size": 500} if case == "short-row-group" else {}
+    head = parquet_head(_head_report(tmp_path, table, extra, **write), 1000)
+    assert (head is None) == (case != "plain")
+
+
+def test_first_rows_that_duckdb_reads_otherwise_fail_the_stream(tmp_path):
+    """The net under parquet_head: DuckDB's first rows are checked against the head."""
+    from ashstream.batch_job import _HeadFirst
+    from ashstream.sources import open_source
+
+    report = _head_report(tmp_path, pa.table({"i": np.arange(3000)}))
+    wrong = pa.record_batch({"i": np.arange(1, 1001)})
+    source = _HeadFirst(wrong, 3000, lambda: open_source(report, 2048))
+    try:
+        with pytest.raises(PipelineError, match="first rows as pyarrow read them differ"):
+            list(source.batches)
+    finally:
+        source.close()

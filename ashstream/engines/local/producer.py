@@ -115,6 +115,7 @@ class _Job:
             input_bytes(arena.slot_bytes),
             self._connected,
             self.spare,
+            head_first=True,  # someone waits for a stream's first chunk
         )
         try:
             self.send(SourceOpened(job.stream_id, source.columns, source.total_rows))
