@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
 import psutil
+import pyarrow as pa
 
 from ashstream.analysis.aggregate import Analysis, ClosedGroup, Collector, Summary
 from ashstream.encode import EncodeStats
@@ -26,13 +27,35 @@ class Chunk:
     ``groups`` holds the groups whose end this chunk revealed: each ended on the row
     before one of this chunk's rows (a group's end is known only when the next key is).
     The groups still open at the end come in :attr:`Summary.groups`.
+
+    Its text may lie where the engine put it (a shared-memory slot, the batch's
+    buffer): :attr:`text` copies it out as ``bytes`` once, and an engine that reuses
+    the memory first makes every chunk still referenced take its copy
+    (:meth:`detach`), so a chunk stays valid as long as it is kept.
     """
 
     seq: int
     first_row: int
     num_rows: int
-    text: bytes
+    _text: bytes | pa.Buffer = field(repr=False)
     groups: list[ClosedGroup] = field(default_factory=list)
+
+    @property
+    def text(self) -> bytes:
+        """The rows' text, as ``bytes`` (copied out of the engine's memory once)."""
+        self.detach()
+        return self._text
+
+    def view(self) -> bytes | pa.Buffer:
+        """The text without a copy, for a writer: valid until the next chunk is taken
+        from the stream, so write it and drop it."""
+        return self._text
+
+    def detach(self) -> None:
+        """Copy the text out of the engine's memory, which is about to be reused."""
+        text = self._text
+        if not isinstance(text, bytes):
+            self._text = text.to_pybytes()
 
     def rows(self) -> list[str]:
         """One Typst dictionary literal per row (literals never hold a raw newline)."""
@@ -68,18 +91,18 @@ def cut_into_chunks(
     rows: int,
     chunk_ends: tuple[int, ...],
     chunk_size: int,
-    read_text: Callable[[int, int], bytes],
+    text: pa.Buffer,
     closed: list[ClosedGroup],
 ) -> list[Chunk]:
     """A batch's chunks: at most ``chunk_size`` rows each, each with the groups whose end
-    it revealed. ``read_text(start, end)`` returns bytes of the batch's text."""
+    it revealed and a view of its part of the batch's ``text`` (no copy)."""
     chunks = []
     start = row = 0
     for i, end in enumerate(chunk_ends):
         taken = min(chunk_size, rows - row)
         first = first_row + row
         groups = [g for g in closed if first <= g.last_row + 1 < first + taken]
-        chunks.append(Chunk(first_chunk + i, first, taken, read_text(start, end), groups))
+        chunks.append(Chunk(first_chunk + i, first, taken, text[start:end], groups))
         start, row = end, row + taken
     return chunks
 
@@ -120,7 +143,7 @@ class OrderedMerge:
             done.rows,
             done.chunk_ends,
             self.chunk_size,
-            lambda start, end: text[start:end].to_pybytes(),
+            text,
             closed,
         )
         self.rows += done.rows

@@ -202,6 +202,7 @@ def run_report(
                     if progress is not None:
                         elapsed_s = time.perf_counter() - started
                         progress(_progress_of(pool, sink.rows, handle.total_rows, elapsed_s))
+                    del chunk  # written: held while the next is taken, it would be copied
                 tell(RunProgress(RunStage.STREAM_ENDED, sink.rows, handle.total_rows))
                 columns = handle.columns or ()
                 results = handle.summary

@@ -275,8 +275,8 @@ class TypstModuleSink:
                 self._file.flush()
                 _copy_range(chunk.file.fileno(), chunk.offset, chunk.length, self._file.fileno())
                 self._file.seek(0, os.SEEK_END)  # the buffer's idea of where it is
-            else:
-                self._file.write(chunk.text)
+            else:  # from where the engine holds it: a large write skips the file's buffer
+                self._file.write(chunk.view())
             for group in chunk.groups:
                 self._groups.write(group)
         self._rows += chunk.num_rows

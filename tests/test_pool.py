@@ -752,3 +752,43 @@ def test_first_rows_that_duckdb_reads_otherwise_fail_the_stream(tmp_path):
             list(source.batches)
     finally:
         source.close()
+
+
+# ---- chunks lent from the result slots
+
+
+@pytest.fixture(scope="module")
+def small_batches(tmp_path_factory):
+    """A pool cutting a 6000-row source into 60 batches: its 4 result slots are reused."""
+    directory = tmp_path_factory.mktemp("lent")
+    spec = {"name": "lent", "source": {"duckdb": {"query": mixed_sql(6000)}}}
+    with StreamPool(2, min_batch_rows=100) as pool:
+        yield pool, load_report(write_report(directory, spec))
+
+
+def test_chunks_a_caller_keeps_stay_valid_after_their_slot_is_reused(small_batches):
+    """A chunk is a view of its result slot until the caller takes the next batch's:
+    a chunk still held then takes a copy, so every chunk kept (a list, a loop's last
+    one) holds its own text, and one dropped in time never cost a copy."""
+    pool, report = small_batches
+    stream = iter(pool.stream(report, chunk_size=40))
+    first = next(stream)
+    assert isinstance(first.view(), pa.Buffer)  # lent: no copy yet
+    lent_text = first.view().to_pybytes()
+    kept = [first, *stream]
+    assert isinstance(first.view(), bytes) and first.text == lent_text
+    assert b"".join(c.text for c in kept) == expected_text(mixed_table(6000))
+    assert_ordered(kept)
+    assert all(isinstance(c.view(), pa.Buffer) for c in pool.stream(report, chunk_size=40))
+
+
+def test_a_chunk_kept_after_the_stream_stopped_outlives_the_arena(small_batches):
+    """Leaving early: the chunks kept take their copies and the arena is unmapped."""
+    pool, report = small_batches
+    handle = pool.start(report, chunk_size=40)
+    stream = iter(handle)
+    kept = [next(stream) for _ in range(7)]
+    stream.close()
+    assert handle._state.arena._mmap.closed  # no view was left to keep it mapped
+    rows = sum(c.num_rows for c in kept)
+    assert b"".join(c.text for c in kept) == expected_text(mixed_table(rows))

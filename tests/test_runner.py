@@ -114,3 +114,26 @@ def test_settings_that_do_not_fit_the_engine_are_refused(tmp_path, settings, ref
         run_report(tmp_path / "never-read.yaml", output=tmp_path / "r.typ", **settings)
     assert raised.value.exit_code == 2
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.process
+@pytest.mark.timeout(120)
+def test_a_pools_module_written_from_its_slots_is_the_inline_runs_byte_for_byte(tmp_path):
+    """A plain Parquet source on a pool: its first chunk read by pyarrow, every chunk
+    written to the module from its result slot (more batches than slots): the module
+    is the one the run in this process writes."""
+    from ashstream import load_report
+    from ashstream.sources import parquet_head
+    from tests.conftest import mixed_sql
+
+    query = f"SELECT * EXCLUDE (pair, info) FROM ({mixed_sql(120_000)})"
+    duckdb.sql(f"COPY ({query}) TO '{tmp_path / 'data.parquet'}' (FORMAT parquet)")
+    report = write_report(tmp_path, {"name": "plain", "source": {"parquet": "data.parquet"}})
+    assert parquet_head(load_report(report), 700) is not None
+    modules = []
+    for engine, settings in (("inline", {}), ("local", {"workers": 2})):
+        out = tmp_path / f"{engine}.typ"
+        summary = run_report(report, output=out, chunk_size=700, **settings)
+        assert (summary.engine, summary.rows) == (engine, 120_000)
+        modules.append(out.read_bytes().replace(out.name.encode(), b""))
+    assert modules[0] == modules[1]

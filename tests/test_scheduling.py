@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 
 from ashstream.chunks import cut_into_chunks
@@ -228,8 +229,8 @@ def test_results_are_handed_out_in_seq_order_whatever_order_they_arrive_in():
 
 
 def test_a_batch_is_cut_into_chunks_of_at_most_chunk_size_rows():
-    text = b"r0,\nr1,\nr2,\nr3,\nr4,\n"
-    chunks = cut_into_chunks(100, 20, 5, (8, 16, 20), 2, lambda start, end: text[start:end], [])
+    text = pa.py_buffer(b"r0,\nr1,\nr2,\nr3,\nr4,\n")
+    chunks = cut_into_chunks(100, 20, 5, (8, 16, 20), 2, text, [])
     assert [(c.seq, c.first_row, c.num_rows, c.text) for c in chunks] == [
         (20, 100, 2, b"r0,\nr1,\n"),
         (21, 102, 2, b"r2,\nr3,\n"),

@@ -8,7 +8,8 @@
 * **Slots.** Each stream's arena holds ``window`` input slots and ``window`` result slots.
   The producer writes only into input slots it holds credit for, and gets one back
   (a :class:`SlotCredit`) once that batch's result is safe in a result slot. A batch is
-  dispatched only with a free result slot, freed when the caller has copied its text.
+  dispatched only with a free result slot, freed when the caller has taken its
+  chunks (written from the slot, or copied out of it).
 
 Guarded by the dispatcher's lock; the decisions themselves are in :mod:`.scheduling`.
 """
@@ -95,7 +96,7 @@ class Admission:
 
     @staticmethod
     def result_taken(stream: StreamState, slot: int) -> None:
-        """The caller has copied the text out of ``slot``: the next batch may use it."""
+        """The caller is done with the text in ``slot``: the next batch may use it."""
         stream.work.free_results.append(slot)
 
     @staticmethod

@@ -105,6 +105,7 @@ class StreamHandle:
                     status = "completed"
                     return
                 yield chunk
+                del chunk  # held while the next is taken, it would be copied (Chunk.detach)
         except AshstreamError:
             status = "failed"
             raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -84,6 +85,8 @@ class StreamState:
         self.merge = OrderedMerge(self.analysis, chunk_size)  # in the caller's thread
         self.merge_finished = False  # the caller reached the end: the merge is finished
         self.pending: deque[Chunk] = deque()  # chunks of a taken batch, not yet yielded
+        # (result slot, the chunks viewing it) while its chunks are lent to the caller
+        self.lent: tuple[int, list[weakref.ref[Chunk]]] | None = None
         self.columns: tuple[str, ...] | None = None
         self.total_rows: int | None = None
         self.rows = self.chunks = self.bytes = 0  # delivered to the caller

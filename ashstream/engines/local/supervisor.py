@@ -9,7 +9,8 @@ close a stream, publish the streams' records.
                                 SlotCredit (input slot freed)  -> outbox ------pipe------->  (a thread a stream)
                                 Task(seq, in slot, out slot)   -> outbox ------pipe------->  transformer 0..N-1
     next_chunk() <--condition-- TaskDone -> stream.results     <----------------pipe-------  (shared by all streams)
-      reads the out slot through OrderedMerge, frees it, wakes the dispatcher
+      cuts the out slot's text into chunks (OrderedMerge), lends them to the caller,
+      frees the slot once they are taken (a chunk kept is copied), wakes the dispatcher
 
 The parts, each of which imports only those before it:
 
@@ -43,6 +44,7 @@ import secrets
 import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 import pyarrow as pa
@@ -213,16 +215,29 @@ class Supervisor:
         """The next chunk in source order, or None at the end. Runs in the caller's
         thread; blocks until the chunk is there, the stream fails or the pool closes."""
         while not stream.pending:
+            self._give_back(stream)
             taken = self._next_batch(stream)
             if taken is None:
                 return None
             batch, out_slot, result = taken
+            lent = False
             if result is None:  # left out under poison_policy="skip"
                 stream.merge.skip(batch.rows)
-            else:  # the slot stays this stream's until freed below: read without the lock
-                stream.pending.extend(stream.merge.take(self._encoded(stream, result)))
+            else:  # the slot stays this stream's until freed: read without the lock
+                chunks = stream.merge.take(self._encoded(stream, result))
+                stream.pending.extend(chunks)
+                # The chunks are views of the slot, lent until the caller has taken them
+                # all (it writes them from there); with one result slot, the next batch
+                # could not be encoded meanwhile, so they are copied now instead.
+                lent = result.inline is None and len(stream.work.input_slots) > 1
+                if lent:
+                    stream.lent = (out_slot, [weakref.ref(c) for c in chunks])
+                else:
+                    for chunk in chunks:
+                        chunk.detach()
             with self.dispatcher.lock:
-                self.admission.result_taken(stream, out_slot)
+                if not lent:
+                    self.admission.result_taken(stream, out_slot)
                 stream.last_progress = time.monotonic()
                 stream.results.taken()
                 if result is not None:
@@ -231,6 +246,23 @@ class Supervisor:
                     stream.bytes += result.nbytes
                 self.dispatcher.wake()
         return stream.pending.popleft()
+
+    def _give_back(self, stream: StreamState) -> None:
+        """The caller has taken every chunk of the batch whose slot it was lent: chunks
+        it still holds take a copy of their text, and the slot goes back. In the
+        caller's thread (or the one closing the stream)."""
+        lent, stream.lent = stream.lent, None
+        if lent is None:
+            return
+        slot, chunks = lent
+        for ref in chunks:
+            chunk = ref()
+            if chunk is not None:
+                chunk.detach()
+        with self.dispatcher.lock:
+            if not stream.closing:
+                self.admission.result_taken(stream, slot)
+                self.dispatcher.wake()
 
     def _next_batch(self, stream: StreamState) -> tuple[Any, int, TaskDone | None] | None:
         """Wait for the stream's next result in order; None at its end."""
@@ -289,6 +321,8 @@ class Supervisor:
             dispatcher_alive = dispatcher.alive()
         if dispatcher_alive:
             stream.released.wait(RELEASE_TIMEOUT_S)
+        self._give_back(stream)  # a chunk the caller keeps outlives the arena
+        stream.pending.clear()
         stream.arena.close()
         with self._publishing:
             with dispatcher.lock:
