@@ -792,3 +792,20 @@ def test_a_chunk_kept_after_the_stream_stopped_outlives_the_arena(small_batches)
     assert handle._state.arena._mmap.closed  # no view was left to keep it mapped
     rows = sum(c.num_rows for c in kept)
     assert b"".join(c.text for c in kept) == expected_text(mixed_table(rows))
+
+
+def test_an_inline_stream_over_its_memory_limit_stops_at_its_first_batch(tmp_path):
+    """The process's memory is read at most every MEMORY_CHECK_S, but first at once."""
+    from ashstream import ResourceError
+
+    spec = {
+        "name": "m",
+        "source": {"duckdb": {"query": mixed_sql(3000)}},
+        "pipeline": {"memory_limit": "10MiB"},
+    }
+    report = load_report(write_report(tmp_path, spec))
+    stream = InlineStream(report, chunk_size=100, min_batch_rows=100, threads=1)
+    taken = []
+    with pytest.raises(ResourceError, match=r"this process used .* over the report's"):
+        taken.extend(stream)
+    assert len(taken) <= 2  # of 30: the first batches merged (two are read ahead)
