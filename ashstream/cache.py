@@ -45,6 +45,7 @@ import os
 import stat
 import struct
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -80,7 +81,7 @@ HEADER_BYTES = _HEADER.size
 # Smaller units cost a DuckDB query each (~1 ms) and an entry each.
 UNIT_ROWS = 1_000_000
 CHECK_THREADS = 2  # zlib.crc32 releases the GIL: entries' texts are checked in parallel
-CHECK_BYTES = 2**22  # read into one buffer per thread, reused: no fresh pages to fault
+CHECK_BYTES = 2**22  # an entry's text is read through one buffer: no fresh pages to fault
 
 
 def default_cache_dir() -> Path:
@@ -191,8 +192,8 @@ def position_dependent(report: Report) -> bool:
 @dataclass
 class Entry:
     """A unit's entry whose header and metadata are checked; its text is checked by
-    :meth:`check`, in the background while the run starts (see :class:`TextChecks`).
-    Its file stays open while used."""
+    :meth:`check`, in the background while the run goes on (see
+    :meth:`CachePlan.start_checks`). Its file stays open while used."""
 
     key: bytes
     path: Path
@@ -206,8 +207,9 @@ class Entry:
     def rows(self) -> int:
         return self.meta["rows"]
 
-    def check(self) -> None:
-        """Read the text through one buffer and compare its checksum.
+    def check(self, stop: threading.Event | None = None) -> None:
+        """Read the text through one buffer and compare its checksum; give up as soon
+        as ``stop`` is set (the run ended).
 
         Raises:
             CorruptEntry: the text is not the one written.
@@ -215,6 +217,8 @@ class Entry:
         buffer = memoryview(bytearray(CHECK_BYTES))
         offset, end, crc = HEADER_BYTES, HEADER_BYTES + self.text_bytes, 0
         while offset < end:
+            if stop is not None and stop.is_set():
+                return
             read = os.preadv(self.file.fileno(), [buffer[: min(CHECK_BYTES, end - offset)]], offset)
             if not read:
                 raise CorruptEntry("truncated text")
@@ -225,7 +229,15 @@ class Entry:
 
 
 class CorruptEntry(Exception):
-    """An entry file that is not a whole entry of this version (say why)."""
+    """An entry file that is not a whole entry of this version (say why); ``identity``
+    is the file's (device, inode), to remove that file only."""
+
+    identity: tuple[int, int] | None = None
+
+
+def _identity(file: BinaryIO) -> tuple[int, int]:
+    info = os.fstat(file.fileno())
+    return (info.st_dev, info.st_ino)
 
 
 def _read_entry(key: bytes, path: Path) -> Entry | None:
@@ -270,7 +282,9 @@ def _read_entry(key: bytes, path: Path) -> Entry | None:
         ):
             raise CorruptEntry("metadata of another shape")
         return Entry(key, path, file, text_bytes, text_crc, meta)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, CorruptEntry):
+            exc.identity = _identity(file)
         file.close()
         raise
 
@@ -384,26 +398,31 @@ class CacheStore:
 
     def lookup(self, key: bytes) -> Entry | None:
         """The key's entry, its header and metadata checked (see :func:`_read_entry`);
-        a bad one is logged once, removed, and reported as missing."""
+        a bad one is logged once, removed, and reported as missing, as is one that
+        cannot be read (left in place: it may be good)."""
         path = self.entry_path(key)
         try:
             entry = _read_entry(key, path)
-        except (CorruptEntry, OSError) as exc:
-            self.discard(key, path, exc)
+        except CorruptEntry as exc:
+            self.discard(key, path, exc, exc.identity)
+            return None
+        except OSError as exc:
+            logger.warning("cache entry %s cannot be read (%s); recomputing it", path, exc)
             return None
         if entry is not None:
             with contextlib.suppress(OSError):
                 os.utime(entry.file.fileno())  # its mtime is its last use, for eviction
         return entry
 
-    def discard(self, key: bytes, path: Path, why: Exception, file: BinaryIO | None = None) -> None:
-        """Log a bad entry once and remove it; with ``file``, only while ``path`` is
-        still that file (another run may have put a good one there since)."""
+    def discard(self, key: bytes, path: Path, why: Exception, identity: tuple | None) -> None:
+        """Log a bad entry once and remove it, if ``path`` is still the file of that
+        ``identity`` (another run may have put a good one there since)."""
         if key not in self._warned:
             self._warned.add(key)
             logger.warning("cache entry %s is unusable (%s); recomputing it", path, why)
         with contextlib.suppress(OSError):
-            if file is None or os.stat(path).st_ino == os.fstat(file.fileno()).st_ino:
+            info = os.stat(path)
+            if (info.st_dev, info.st_ino) == identity:
                 path.unlink()
 
     def writer(self, key: bytes) -> EntryWriter:
@@ -482,6 +501,7 @@ class CachePlan:
     carry_in: dict  # the running state before the first computed unit
     report: Report | None  # the source restricted to the computed units; None: none
     checks: ThreadPoolExecutor | None = None  # checking the reused entries' texts
+    stop_checks: threading.Event = field(default_factory=threading.Event)
 
     @property
     def reused_rows(self) -> int:
@@ -494,10 +514,11 @@ class CachePlan:
         if reused:
             self.checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="ashstream-check")
             for entry in reused:
-                entry.checked = self.checks.submit(entry.check)
+                entry.checked = self.checks.submit(entry.check, self.stop_checks)
 
     def close(self) -> None:
         if self.checks is not None:  # before the files close: a check may be reading one
+            self.stop_checks.set()
             self.checks.shutdown(wait=True, cancel_futures=True)
         for planned in self.units:
             if planned.entry is not None:
@@ -604,7 +625,7 @@ def _found(store: CacheStore, key: bytes, check_now: bool) -> Entry | None:
         try:
             entry.check()
         except (CorruptEntry, OSError) as exc:
-            store.discard(key, entry.path, exc, entry.file)
+            store.discard(key, entry.path, exc, _identity(entry.file))
             entry.file.close()
             return None
     return entry
@@ -737,7 +758,7 @@ class CacheMerge(OrderedMerge):
         try:
             entry.checked.result()
         except (CorruptEntry, OSError) as exc:
-            self.store.discard(entry.key, entry.path, exc, entry.file)
+            self.store.discard(entry.key, entry.path, exc, _identity(entry.file))
             raise DamagedEntry(f"cache entry {entry.path} is damaged ({exc})") from None
 
     def _advance_to(self, stop: int) -> list[Chunk]:
@@ -808,19 +829,32 @@ class CacheMerge(OrderedMerge):
                 unit.writer.write_text(done.text)
             except OSError as exc:
                 unit.writer.abort()
-                unit.writer = None
+                unit.writer, unit.partial = None, None
                 logger.warning("cache: cannot write an entry (%s); the run goes on", exc)
         unit.rows += done.rows
         unit.chunks += len(done.chunk_ends)
-        if unit.writer is not None and done.partial is not None:  # before the collector
-            unit.partial = (  # changes the states it takes
-                copy.deepcopy(done.partial)
-                if unit.partial is None
-                else join_partials(self.collector.analysis, unit.partial, done.partial)
-            )
+        if unit.writer is not None and done.partial is not None:
+            self._join(unit, done.partial)
         unit.lossy.extend(done.lossy)
         self.computed_rows += done.rows
         return chunks + super().take(done)
+
+    def _join(self, unit: _Computing, partial: BatchPartial) -> None:
+        """Join a copy of the batch's partial into the unit's (the collector takes and
+        may change the original); a state that cannot be copied, joined or stored
+        leaves the unit uncached, and the run goes on."""
+        try:
+            mine = copy.deepcopy(partial)
+            if unit.partial is None:
+                dumps(mine)  # refused now, not after the unit's whole text is written
+                unit.partial = mine
+            else:
+                unit.partial = join_partials(self.collector.analysis, unit.partial, mine)
+        except Exception as exc:  # a user aggregate's state, copy or merge
+            unit.writer.abort()
+            unit.writer, unit.partial = None, None
+            logger.warning("cache: a unit is not cached: %s", exc)
+            logger.debug("the state that is not cached", exc_info=True)
 
     def finish(self) -> None:
         """The stream's end: its last units are complete (they are committed later,

@@ -233,11 +233,14 @@ def _write_array(out: bytearray, value: np.ndarray) -> None:
 
 def _arrow_ipc(array: pa.Array) -> bytes:
     """An Arrow array as an IPC stream of one column: its buffers as they are."""
-    sink = pa.BufferOutputStream()
-    batch = pa.record_batch([array], names=["v"])
-    with pa.ipc.new_stream(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
+    try:
+        sink = pa.BufferOutputStream()
+        batch = pa.record_batch([array], names=["v"])
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        return sink.getvalue().to_pybytes()
+    except pa.ArrowException as exc:
+        raise CodecError(f"an Arrow array of {array.type} cannot be cached: {exc}") from None
 
 
 def _read_arrow(raw: bytes) -> pa.Array:

@@ -334,8 +334,9 @@ def _open_stream(
         return
     size = check_chunk_size(chunk_size or report.pipeline.chunk_size)
     plan = plan_run(report, store, check_cache_first)
-    merge = CacheMerge(report, size, plan, store)
+    merge = None
     try:
+        merge = CacheMerge(report, size, plan, store)
         if plan.report is None:
             yield CachedStream(merge, None), None
         else:
@@ -344,7 +345,8 @@ def _open_stream(
                 yield CachedStream(merge, handle), pool
         store.evict()
     except BaseException:
-        merge.abort()
+        if merge is not None:
+            merge.abort()
         raise
     finally:
         plan.close()

@@ -71,3 +71,23 @@ class GeometricMean(Aggregate):
     def finalize(self, state: tuple) -> float | None:
         count, logs = state
         return math.exp(logs / count) if count else None
+
+
+class Collected(Aggregate):
+    """Every non-null value, in row order: a state merged in place, and the right one
+    returned as it is when the left is empty, as the protocol allows."""
+
+    def init(self) -> list:
+        return []
+
+    def update(self, state: list, values: pa.Array) -> list:
+        return state + [v for v in values.to_pylist() if v is not None]
+
+    def merge(self, left: list, right: list) -> list:
+        if not left:
+            return right
+        left.extend(right)
+        return left
+
+    def finalize(self, state: list) -> list:
+        return list(state)

@@ -32,6 +32,7 @@ from ashstream.cache import HEADER_BYTES, CacheStore, fingerprint
 from ashstream.cache_codec import CodecError, dumps, loads
 from ashstream.report import load_report
 from ashstream.runner import run_report
+from tests.example_aggregates import Collected
 
 GROUPED = {
     "source": {"sorted": True},
@@ -270,6 +271,8 @@ JOINED = {
         {"name": "sum_ratio", "function": "sum", "field": "ratio", "reset": "month"},
         # merged in place: the unit and the collector must not share its state
         {"name": "top_month", "function": "top", "n": 2, "field": "qty", "reset": "month"},
+        {"name": "qtys", "function": "collected", "field": "qty", "reset": "day"},
+        {"name": "all_qtys", "function": "collected", "field": "qty"},
     ],
 }
 
@@ -290,7 +293,8 @@ def test_joined_partials_give_the_collector_what_the_batches_do(
     table = day_table(rows, seed)
     (folder / "data").mkdir()
     pa.parquet.write_table(table, folder / "data" / "d.parquet")
-    analysis = Analysis.of(load_report(report_file(folder, JOINED)))
+    report = load_report(report_file(folder, JOINED), aggregates={"collected": Collected})
+    analysis = Analysis.of(report)
     bounds = sorted({0, rows, *(c for c in cuts if c < rows)})
     partials = [
         analyse_batch(table.slice(a, b - a).combine_chunks().to_batches()[0], analysis, a)
@@ -299,8 +303,9 @@ def test_joined_partials_give_the_collector_what_the_batches_do(
     by_batch, by_unit = Collector(analysis), Collector(analysis)
     closed_by_batch, closed_by_unit, unit, unit_first = [], [], None, 0
     for i, (first, partial) in enumerate(zip(bounds, partials, strict=False)):
-        # as the cache's merge does: the unit takes its copy first, the collector then
-        unit = copy.deepcopy(partial) if unit is None else join_partials(analysis, unit, partial)
+        # as the cache's merge does: the unit takes a copy, the collector the original
+        mine = copy.deepcopy(partial)
+        unit = mine if unit is None else join_partials(analysis, unit, mine)
         closed_by_batch += by_batch.add(partial, first)
         if not joins[i] or i == len(partials) - 1:
             closed_by_unit += by_unit.add(unit, unit_first)
@@ -499,6 +504,21 @@ def test_texts_found_damaged_as_they_are_copied_restart_the_run_once(days, caplo
     assert len([r for r in caplog.records if "running again" in r.getMessage()]) == 1
     assert not list((cache / "tmp").iterdir())
     assert assert_same_as_cold(report, days, cache)["reused_rows"] == 1200
+
+
+def test_no_check_thread_outlives_a_run_and_a_replaced_entry_is_not_removed(days):
+    report, cache = report_file(days, PLAIN), days / "cache"
+    run(report, days / "warm.typ", cache)
+    assert run(report, days / "again.typ", cache)["cache"]["reused_rows"] == 1200
+    assert not [t for t in threading.enumerate() if t.name.startswith("ashstream-check")]
+    store = CacheStore(cache).open()
+    path = sorted((cache / "entries").iterdir())[0]
+    before = os.stat(path)
+    replacement = path.with_suffix(".new")
+    replacement.write_bytes(path.read_bytes())  # another run's rename of the same entry
+    os.replace(replacement, path)
+    store.discard(b"k", path, ValueError("bad"), (before.st_dev, before.st_ino))
+    assert path.exists()
 
 
 def test_the_folder_is_private_and_refused_when_not(tmp_path):

@@ -29,7 +29,6 @@ with a clear error when those hold more than half the memory limit
 
 from __future__ import annotations
 
-import copy
 import decimal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -305,9 +304,9 @@ def analyse_batch(batch: pa.RecordBatch, analysis: Analysis, first_row: int) -> 
 
 def join_partials(analysis: Analysis, left: BatchPartial, right: BatchPartial) -> BatchPartial:
     """One partial of ``left``'s rows followed by ``right``'s, from which the Collector
-    gets what it would from the two (a cache entry holds one a unit). ``left`` is
-    updated in place and returned; what it takes from ``right`` is copied, for merges
-    may change their left state in place and ``right`` goes on to the Collector."""
+    gets what it would from the two (a cache entry holds one per unit). ``left`` is
+    updated in place and returned, and it takes ``right``'s states: pass a copy of a
+    partial that goes on elsewhere (merges may change or keep the states they get)."""
     for level, (mine, theirs) in enumerate(zip(left.levels, right.levels, strict=True), 1):
         start = 0
         if mine.keys and theirs.keys and same_keys(mine.keys[-1], theirs.keys[0]):
@@ -316,7 +315,7 @@ def join_partials(analysis: Analysis, left: BatchPartial, right: BatchPartial) -
             start = 1
         mine.starts += [s + left.rows for s in theirs.starts[start:]]
         mine.keys += theirs.keys[start:]
-        mine.states += copy.deepcopy(theirs.states[start:])
+        mine.states += theirs.states[start:]
     left.totals = merge_states(analysis.variables_at(0), left.totals, right.totals)
     left.charts = [
         join_chart_partials(chart, mine, theirs)

@@ -21,7 +21,6 @@ Memory: at most ``4 * points + 2`` candidate points per series.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
@@ -137,7 +136,8 @@ class _Series:
     """A raw series reduced to its candidate points at bins of ``2**level`` ticks: each
     bin's lowest and highest point (ties: the earlier row) and the series' first and
     last, as columns in (tick, row) order. Two merge by pooling their points and
-    reducing again: a bin's extremes are among its sub-bins' extremes."""
+    reducing again: a bin's extremes are among its sub-bins' extremes. Never changed
+    once made (a merge makes a new one), so partials may share them."""
 
     level: int
     tick: np.ndarray  # int64
@@ -147,8 +147,8 @@ class _Series:
     y_values: pa.Array
 
     def merge(self, other: _Series, max_bins: int) -> _Series:
-        """The points of both (``other`` unchanged), at the finest level from both
-        levels up with at most ``max_bins`` bins."""
+        """The points of both, at the finest level from both levels up with at most
+        ``max_bins`` bins."""
         tick = np.concatenate([self.tick, other.tick])
         level = _level_for(tick, max_bins, max(self.level, other.level))
         return _reduced(
@@ -229,9 +229,8 @@ def _level_for(ticks: np.ndarray, max_bins: int, lowest: int = 0) -> int:
 
 
 def join_chart_partials(chart: Chart, left: Any, right: Any) -> Any:
-    """A chart's partial of ``left``'s rows and ``right``'s (see
-    :func:`~ashstream.analysis.aggregate.join_partials`): ``left`` may be changed,
-    ``right`` is not, and its states are copied where taken."""
+    """A chart's partial of ``left``'s rows and ``right``'s, taking ``right``'s states
+    (see :func:`~ashstream.analysis.aggregate.join_partials`)."""
     if chart.agg == "none":
         for name, points in right.items():
             held = left.get(name)
@@ -240,12 +239,10 @@ def join_chart_partials(chart: Chart, left: Any, right: Any) -> Any:
     if not right[1]:
         return left
     if not left[1]:
-        return (right[0], copy.deepcopy(right[1]))
+        return right
     function, states = aggregate_of(chart), left[1]
     for slot, state in right[1].items():
-        states[slot] = (
-            function.merge(states[slot], state) if slot in states else copy.deepcopy(state)
-        )
+        states[slot] = function.merge(states[slot], state) if slot in states else state
     return left
 
 
