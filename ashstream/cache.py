@@ -554,9 +554,11 @@ def plan_run(report: Report, store: CacheStore, check_first: bool = False) -> Ca
     """Look the source's units up; the computed ones make one stream (see the module
     docstring). The reused entries' texts are checked in the background
     (:meth:`CachePlan.start_checks`), or, with ``check_first``, before they count as
-    found (after a :class:`DamagedEntry`: one more start at most). A report whose units depend on the rows before them reuses the
-    unbroken run of units from the start: after the first unit computed, the rows and
-    running state the next ones start from are not known before they are read.
+    found (after a :class:`DamagedEntry`: one more start at most).
+
+    A report whose units depend on the rows before them reuses the unbroken run of
+    units from the start: after the first unit computed, the rows and running state
+    the next ones start from are not known before they are read.
 
     Raises:
         SourceError: a Parquet file cannot be read, or the files' schemas differ.
