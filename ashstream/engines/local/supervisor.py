@@ -245,7 +245,10 @@ class Supervisor:
                     stream.chunks += len(result.chunk_ends)
                     stream.bytes += result.nbytes
                 self.dispatcher.wake()
-        return stream.pending.popleft()
+        try:
+            return stream.pending.popleft()
+        except IndexError:  # closed meanwhile from another thread (cancel, pool close)
+            raise Cancelled(f"stream {stream.id} was cancelled") from None
 
     def _give_back(self, stream: StreamState) -> None:
         """The caller has taken every chunk of the batch whose slot it was lent: chunks
