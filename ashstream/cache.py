@@ -425,6 +425,10 @@ class CacheStore:
             if (info.st_dev, info.st_ino) == identity:
                 path.unlink()
 
+    def discard_entry(self, entry: Entry, why: Exception) -> None:
+        """:meth:`discard` of an entry whose text failed its check."""
+        self.discard(entry.key, entry.path, why, _identity(entry.file))
+
     def writer(self, key: bytes) -> EntryWriter:
         return EntryWriter(self, key)
 
@@ -627,7 +631,7 @@ def _found(store: CacheStore, key: bytes, check_now: bool) -> Entry | None:
         try:
             entry.check()
         except (CorruptEntry, OSError) as exc:
-            store.discard(key, entry.path, exc, _identity(entry.file))
+            store.discard_entry(entry, exc)
             entry.file.close()
             return None
     return entry
@@ -760,7 +764,7 @@ class CacheMerge(OrderedMerge):
         try:
             entry.checked.result()
         except (CorruptEntry, OSError) as exc:
-            self.store.discard(entry.key, entry.path, exc, _identity(entry.file))
+            self.store.discard_entry(entry, exc)
             raise DamagedEntry(f"cache entry {entry.path} is damaged ({exc})") from None
 
     def _advance_to(self, stop: int) -> list[Chunk]:

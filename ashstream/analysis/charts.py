@@ -308,11 +308,7 @@ class ChartCollector:
 
     def add(self, partial: Any) -> None:
         if self.chart.agg == "none":
-            for name, points in partial.items():
-                held = self.series.get(name)
-                self.series[name] = (
-                    points if held is None else held.merge(points, 2 * self.chart.points)
-                )
+            self.series = join_chart_partials(self.chart, self.series, partial)
             return
         finest, states = partial
         if not states:
