@@ -67,14 +67,16 @@ from ashstream.chunks import Chunk, FileChunk, OrderedMerge
 from ashstream.errors import PipelineError, SettingsError
 from ashstream.procs import pid_alive
 from ashstream.report import Report
+from ashstream.sinks import link_open_file
 from ashstream.sources import has_order_by, parquet_footer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # of the entries and of the codec: another is recomputed
+FORMAT_VERSION = 4  # of the entries and of the codec: another is recomputed
 MAGIC = b"ASHCACHE"
-# magic, version, text bytes, meta bytes, text crc, meta crc, key, header crc
-_HEADER = struct.Struct("<8sIQQII32sI")
+# magic, version, text file, text offset, text bytes, text crc, meta bytes, meta crc,
+# key, header crc
+_HEADER = struct.Struct("<8sI16sQQIQI32sI")
 HEADER_BYTES = _HEADER.size
 # A file of more rows is cut into units of about this many (at row groups): a killed
 # run of one big file resumes from its last unit, and a unit's partials stay small.
@@ -191,15 +193,18 @@ def position_dependent(report: Report) -> bool:
 
 @dataclass
 class Entry:
-    """A unit's entry whose header and metadata are checked; its text is checked by
-    :meth:`check`, in the background while the run goes on (see
-    :meth:`CachePlan.start_checks`). Its file stays open while used."""
+    """A unit's entry whose header and metadata are checked; its text, ``text_bytes``
+    at ``text_offset`` of an open text file, is checked by :meth:`check`, in the
+    background while the run goes on (see :meth:`CachePlan.start_checks`)."""
 
     key: bytes
     path: Path
-    file: BinaryIO
+    identity: tuple[int, int]  # of the entry's file, to remove that file only
+    text: BinaryIO  # the text file, open (shared by the entries that point into it)
+    text_offset: int
     text_bytes: int
     text_crc: int
+    raw_meta: bytes  # as stored: an entry pointed at another text keeps it
     meta: dict  # rows, chunks, partial, lossy, columns, first_keys, carry_used, carry_out
     checked: Future | None = None  # of check(), once scheduled
 
@@ -215,13 +220,13 @@ class Entry:
             CorruptEntry: the text is not the one written.
         """
         buffer = memoryview(bytearray(CHECK_BYTES))
-        offset, end, crc = HEADER_BYTES, HEADER_BYTES + self.text_bytes, 0
+        offset, end, crc = self.text_offset, self.text_offset + self.text_bytes, 0
         while offset < end:
             if stop is not None and stop.is_set():
                 return
-            read = os.preadv(self.file.fileno(), [buffer[: min(CHECK_BYTES, end - offset)]], offset)
+            read = os.preadv(self.text.fileno(), [buffer[: min(CHECK_BYTES, end - offset)]], offset)
             if not read:
-                raise CorruptEntry("truncated text")
+                raise CorruptEntry("its text is truncated")
             crc = zlib.crc32(buffer[:read], crc)
             offset += read
         if crc != self.text_crc:
@@ -235,58 +240,84 @@ class CorruptEntry(Exception):
     identity: tuple[int, int] | None = None
 
 
-def _identity(file: BinaryIO) -> tuple[int, int]:
-    info = os.fstat(file.fileno())
+class GoneText(CorruptEntry):
+    """An entry whose text file was removed (evicted, or by hand): dropped quietly."""
+
+
+def _identity(file: BinaryIO | int) -> tuple[int, int]:
+    info = os.fstat(file if isinstance(file, int) else file.fileno())
     return (info.st_dev, info.st_ino)
 
 
-def _read_entry(key: bytes, path: Path) -> Entry | None:
-    """The entry at ``path``, its header and metadata checked (its text is checked
-    later: :meth:`Entry.check`); None when there is none.
+def _open_private(path: Path, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
+    """A descriptor of a file in the cache folder, never through a link."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
+def _read_header(head: bytes) -> tuple:
+    """The fields of an entry's header (see ``_HEADER``), checked.
 
     Raises:
-        CorruptEntry: truncated, flipped, foreign or of another version.
+        CorruptEntry: truncated, foreign, flipped or of another version.
+    """
+    if len(head) < HEADER_BYTES:
+        raise CorruptEntry("truncated header")
+    fields = _HEADER.unpack(head)
+    if fields[0] != MAGIC:
+        raise CorruptEntry("not an ashstream cache entry")
+    if zlib.crc32(head[:-4]) != fields[-1]:
+        raise CorruptEntry("header checksum mismatch")
+    if fields[1] != FORMAT_VERSION:
+        raise CorruptEntry(f"format version {fields[1]}, not {FORMAT_VERSION}")
+    return fields
+
+
+def _read_entry(key: bytes, path: Path, texts: OpenTexts) -> Entry | None:
+    """The entry at ``path``, its header and metadata checked and its text file open
+    (its text is checked later: :meth:`Entry.check`); None when there is none.
+
+    Raises:
+        CorruptEntry: truncated, flipped, foreign or of another version; GoneText:
+            its text file is gone.
     """
     try:
-        file = open(path, "rb")  # noqa: SIM115 (kept open in the Entry)
+        fd = _open_private(path)
     except FileNotFoundError:
         return None
-    try:
-        head = file.read(HEADER_BYTES)
-        if len(head) < HEADER_BYTES:
-            raise CorruptEntry("truncated header")
-        magic, version, text_bytes, meta_bytes, text_crc, meta_crc, stored_key, head_crc = (
-            _HEADER.unpack(head)
-        )
-        if magic != MAGIC:
-            raise CorruptEntry("not an ashstream cache entry")
-        if zlib.crc32(head[:-4]) != head_crc:
-            raise CorruptEntry("header checksum mismatch")
-        if version != FORMAT_VERSION:
-            raise CorruptEntry(f"format version {version}, not {FORMAT_VERSION}")
-        if stored_key != key:
-            raise CorruptEntry("the entry of another key")
-        if os.fstat(file.fileno()).st_size != HEADER_BYTES + text_bytes + meta_bytes:
-            raise CorruptEntry("truncated or extended")
-        raw = os.pread(file.fileno(), meta_bytes, HEADER_BYTES + text_bytes)
-        if zlib.crc32(raw) != meta_crc:
-            raise CorruptEntry("metadata checksum mismatch")
+    with os.fdopen(fd, "rb") as file:
+        identity = _identity(fd)
         try:
-            meta = loads(raw)
-        except CodecError as exc:
-            raise CorruptEntry(f"metadata unreadable: {exc}") from None
-        if (
-            not isinstance(meta, dict)
-            or not isinstance(meta.get("rows"), int)
-            or not isinstance(meta.get("partial", 0), bytes | None)
-        ):
-            raise CorruptEntry("metadata of another shape")
-        return Entry(key, path, file, text_bytes, text_crc, meta)
-    except BaseException as exc:
-        if isinstance(exc, CorruptEntry):
-            exc.identity = _identity(file)
-        file.close()
-        raise
+            _, _, name, offset, text_bytes, text_crc, meta_bytes, meta_crc, stored_key, _ = (
+                _read_header(file.read(HEADER_BYTES))
+            )
+            if stored_key != key:
+                raise CorruptEntry("the entry of another key")
+            if os.fstat(fd).st_size != HEADER_BYTES + meta_bytes:
+                raise CorruptEntry("truncated or extended")
+            raw = file.read(meta_bytes)
+            if zlib.crc32(raw) != meta_crc:
+                raise CorruptEntry("metadata checksum mismatch")
+            try:
+                meta = loads(raw)
+            except CodecError as exc:
+                raise CorruptEntry(f"metadata unreadable: {exc}") from None
+            if (
+                not isinstance(meta, dict)
+                or not isinstance(meta.get("rows"), int)
+                or not isinstance(meta.get("partial", 0), bytes | None)
+            ):
+                raise CorruptEntry("metadata of another shape")
+            text = texts.get(name.hex())
+            if text is None:
+                raise GoneText("its text file is gone")
+            if os.fstat(text.fileno()).st_size < offset + text_bytes:
+                raise CorruptEntry("its text is truncated")
+        except CorruptEntry as exc:
+            exc.identity = identity
+            raise
+        with contextlib.suppress(OSError):
+            os.utime(fd)  # its mtime is its last use, for eviction
+    return Entry(key, path, identity, text, offset, text_bytes, text_crc, raw, meta)
 
 
 class DamagedEntry(PipelineError):
@@ -294,69 +325,109 @@ class DamagedEntry(PipelineError):
     starts again, checking every entry first (see :func:`run_report`)."""
 
 
-class EntryWriter:
-    """A unit's entry being written under a temporary name: its text as it is taken,
-    then :meth:`commit` adds the metadata and renames it into place."""
+class OpenTexts:
+    """The text files a plan's entries point into, each opened once and held under a
+    shared lock while the run reads it (a text file no entry points to any more is
+    removed by :meth:`CacheStore.tidy` only when no run holds it)."""
 
-    def __init__(self, store: CacheStore, key: bytes) -> None:
-        self.store = store
-        self.key = key
-        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix=f"{os.getpid()}.", suffix=".tmp")
-        self.tmp = Path(name)
-        self.file = os.fdopen(fd, "wb")
-        self.file.write(b"\0" * HEADER_BYTES)
-        self.text_bytes = 0
-        self.text_crc = 0
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.files: dict[str, BinaryIO] = {}
+        self.lock = threading.Lock()  # entries are looked up by threads
 
-    def write_text(self, text: Any) -> None:
-        self.file.write(text)
-        self.text_bytes += len(text)
-        self.text_crc = zlib.crc32(text, self.text_crc)
+    def get(self, name: str) -> BinaryIO | None:
+        """The text file ``name``, open; None if it is gone."""
+        with self.lock:
+            if name not in self.files:
+                try:
+                    fd = _open_private(self.folder / name)
+                except FileNotFoundError:
+                    return None
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                self.files[name] = os.fdopen(fd, "rb")
+            return self.files[name]
 
-    def commit(self, meta: dict) -> int:
-        """Put the entry in place; its size in bytes."""
-        raw = dumps(meta)
-        self.file.write(raw)
-        head = _HEADER.pack(
-            MAGIC,
-            FORMAT_VERSION,
-            self.text_bytes,
-            len(raw),
-            self.text_crc,
-            zlib.crc32(raw),
-            self.key,
-            0,
-        )[:-4]
-        self.file.seek(0)
-        self.file.write(head + struct.pack("<I", zlib.crc32(head)))
-        self.file.close()
-        os.replace(self.tmp, self.store.entry_path(self.key))
-        return HEADER_BYTES + self.text_bytes + len(raw)
+    def close(self) -> None:
+        for file in self.files.values():
+            file.close()
+        self.files.clear()
 
-    def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            self.file.close()
-        with contextlib.suppress(OSError):
-            self.tmp.unlink()
+
+class RunTexts:
+    """Where a run keeps the texts of the units it computes, ``texts/<name>``: the
+    module itself, hard-linked into the cache as soon as it is created (so a unit's
+    text is written once, and a killed run's units stay reusable), or, where it
+    cannot be linked (the cache on another file system), a file of the cache's own
+    that the run appends each text to. Held under a shared lock while the run goes on.
+
+    Args:
+        module: the module being written, or None; start: where its rows' text begins.
+    """
+
+    def __init__(self, store: CacheStore, module: BinaryIO | None, start: int = 0) -> None:
+        self.name = os.urandom(16).hex()
+        path = store.texts_dir / self.name
+        self.module: BinaryIO | None = None
+        self.own: BinaryIO | None = None
+        self.start = start
+        self.written = 0  # to ``own``
+        with store.locked():  # no tidy between its making and its lock
+            if module is not None:
+                with contextlib.suppress(OSError):  # the module's file, not its name
+                    link_open_file(module.fileno(), path)
+                    self.module = module
+            if self.module is None:
+                fd = _open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+                self.own = os.fdopen(fd, "wb")
+            self.held = _open_private(path)
+            fcntl.flock(self.held, fcntl.LOCK_SH)
+
+    @property
+    def linked(self) -> bool:
+        return self.module is not None
+
+    def place(self, merged_bytes: int) -> int:
+        """Where the text of a unit that starts now goes, ``merged_bytes`` of the
+        module's text having come before it."""
+        return self.start + merged_bytes if self.linked else self.written
+
+    def add(self, text: Any) -> None:
+        """A computed unit's text (the module's own writes keep it when linked)."""
+        if self.own is not None:
+            self.own.write(text)
+            self.written += len(text)
+
+    def sync(self) -> None:
+        """Make the texts added so far readable by another process, before an entry
+        that points to them is committed."""
+        (self.module or self.own).flush()
+
+    def close(self) -> None:
+        if self.own is not None:
+            self.own.close()
+        os.close(self.held)
 
 
 class CacheStore:
-    """A cache folder: ``entries/`` (one file a key), ``tmp/`` (entries being written)
-    and a ``lock`` file that eviction holds. Entries never change once in place, so
-    two runs sharing the folder need no lock to read or write them: both may write one
-    key, and the second rename replaces the first with the same bytes.
+    """A cache folder: ``entries/`` (one small file a key: its unit's metadata and
+    where its text lies), ``texts/`` (the texts, one file a run: its module,
+    hard-linked, or the cache's own copy), ``tmp/`` (entries being written) and a
+    ``lock`` file held while texts are made, tidied or cleared. Entries and texts
+    never change once in place, so two runs sharing the folder need no lock to read or
+    write them: both may write one key, and the second rename replaces the first.
 
     Args:
         root: the folder, created 0700 (it holds report data); one of another user, or
             that others may write, is refused.
-        max_size_bytes: the least recently used entries are removed past it (at the
-            end of a run); None: no bound.
+        max_size_bytes: the least recently used texts, and their entries, are removed
+            past it (at the end of a run); None: no bound.
     """
 
     def __init__(self, root: str | os.PathLike | None = None, max_size_bytes: int | None = None):
         self.root = Path(root) if root is not None else default_cache_dir()
         self.max_size_bytes = max_size_bytes
         self.entries_dir = self.root / "entries"
+        self.texts_dir = self.root / "texts"
         self.tmp_dir = self.root / "tmp"
         self._warned: set[bytes] = set()
 
@@ -377,7 +448,7 @@ class CacheStore:
                 raise SettingsError(
                     f"cache folder {self.root}: others may write to it; chmod 700 it"
                 )
-            for folder in (self.entries_dir, self.tmp_dir):
+            for folder in (self.entries_dir, self.texts_dir, self.tmp_dir):
                 folder.mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             raise SettingsError(
@@ -396,28 +467,25 @@ class CacheStore:
     def entry_path(self, key: bytes) -> Path:
         return self.entries_dir / key.hex()
 
-    def lookup(self, key: bytes) -> Entry | None:
+    def lookup(self, key: bytes, texts: OpenTexts) -> Entry | None:
         """The key's entry, its header and metadata checked (see :func:`_read_entry`);
         a bad one is logged once, removed, and reported as missing, as is one that
         cannot be read (left in place: it may be good)."""
         path = self.entry_path(key)
         try:
-            entry = _read_entry(key, path)
+            return _read_entry(key, path, texts)
         except CorruptEntry as exc:
-            self.discard(key, path, exc, exc.identity)
-            return None
+            self.discard(key, path, exc, exc.identity, quiet=isinstance(exc, GoneText))
         except OSError as exc:
             logger.warning("cache entry %s cannot be read (%s); recomputing it", path, exc)
-            return None
-        if entry is not None:
-            with contextlib.suppress(OSError):
-                os.utime(entry.file.fileno())  # its mtime is its last use, for eviction
-        return entry
+        return None
 
-    def discard(self, key: bytes, path: Path, why: Exception, identity: tuple | None) -> None:
+    def discard(
+        self, key: bytes, path: Path, why: Exception, identity: tuple | None, quiet: bool = False
+    ) -> None:
         """Log a bad entry once and remove it, if ``path`` is still the file of that
         ``identity`` (another run may have put a good one there since)."""
-        if key not in self._warned:
+        if key not in self._warned and not quiet:
             self._warned.add(key)
             logger.warning("cache entry %s is unusable (%s); recomputing it", path, why)
         with contextlib.suppress(OSError):
@@ -427,57 +495,134 @@ class CacheStore:
 
     def discard_entry(self, entry: Entry, why: Exception) -> None:
         """:meth:`discard` of an entry whose text failed its check."""
-        self.discard(entry.key, entry.path, why, _identity(entry.file))
+        self.discard(entry.key, entry.path, why, entry.identity)
 
-    def writer(self, key: bytes) -> EntryWriter:
-        return EntryWriter(self, key)
+    def put(
+        self, key: bytes, text_name: str, offset: int, length: int, crc: int, raw: bytes
+    ) -> int:
+        """Put the key's entry in place (its metadata ``raw``, its text ``length``
+        bytes at ``offset`` of ``texts/<text_name>``); its size in bytes."""
+        head = _HEADER.pack(
+            MAGIC,
+            FORMAT_VERSION,
+            bytes.fromhex(text_name),
+            offset,
+            length,
+            crc,
+            len(raw),
+            zlib.crc32(raw),
+            key,
+            0,
+        )[:-4]
+        fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix=f"{os.getpid()}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(head + struct.pack("<I", zlib.crc32(head)) + raw)
+            os.replace(name, self.entry_path(key))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            raise
+        return HEADER_BYTES + len(raw)
 
-    def listing(self) -> list[tuple[str, int, float]]:
-        """Every entry: (name, bytes, last use as a timestamp), oldest use first."""
-        found = []
+    def listing(self) -> tuple[list[tuple[str, int, float, str | None]], dict[str, int]]:
+        """Every entry, (name, bytes, last use as a timestamp, its text file's name or
+        None if unreadable), oldest use first; and every text file's bytes."""
+        entries = []
         with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self.entries_dir):
-                with contextlib.suppress(FileNotFoundError):
-                    info = entry.stat(follow_symlinks=False)
+            for item in os.scandir(self.entries_dir):
+                with contextlib.suppress(OSError):
+                    info = item.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(info.st_mode):
+                        continue
+                    with open(item.path, "rb") as file:
+                        try:
+                            text = _read_header(file.read(HEADER_BYTES))[2].hex()
+                        except CorruptEntry:
+                            text = None
+                    entries.append((item.name, info.st_size, info.st_mtime, text))
+        texts = {}
+        with contextlib.suppress(FileNotFoundError):
+            for item in os.scandir(self.texts_dir):
+                with contextlib.suppress(OSError):
+                    info = item.stat(follow_symlinks=False)
                     if stat.S_ISREG(info.st_mode):
-                        found.append((entry.name, info.st_size, info.st_mtime))
-        return sorted(found, key=lambda item: item[2])
+                        texts[item.name] = info.st_size
+        return sorted(entries, key=lambda e: e[2]), texts
 
     def size_bytes(self) -> int:
-        return sum(size for _, size, _ in self.listing())
+        entries, texts = self.listing()
+        return sum(e[1] for e in entries) + sum(texts.values())
 
-    def evict(self) -> int:
-        """Remove the least recently used entries until the rest fit
-        ``max_size_bytes``; the bytes removed. Holds the folder's lock meanwhile, so
-        two runs ending at once do not both remove for the same excess."""
-        if self.max_size_bytes is None:
-            return 0
+    def tidy(self) -> int:
+        """Remove the entries whose text file is gone, the text files no entry points
+        to that no run holds, then, past ``max_size_bytes``, the least recently used
+        texts with their entries (an entry of another version is an item alone); the
+        bytes removed. Under the folder's lock, so two runs ending at once do not both
+        remove for the same excess."""
         removed = 0
-        with self._locked():
-            entries = self.listing()
-            total = sum(size for _, size, _ in entries)
-            for name, size, _ in entries:
+        with self.locked():
+            entries, texts = self.listing()
+            users: dict[str | None, list] = {}
+            for entry in entries:
+                if entry[3] is not None and entry[3] not in texts:
+                    removed += self._remove(self.entries_dir / entry[0], entry[1])
+                else:
+                    users.setdefault(entry[3], []).append(entry)
+            for name in [n for n in texts if n not in users]:
+                if self._remove_unheld(name):
+                    removed += texts.pop(name)
+            if self.max_size_bytes is None:
+                return removed
+            items = [((name,), size, users[name]) for name, size in texts.items()]
+            items += [((), 0, [entry]) for entry in users.get(None, [])]
+            total = sum(size + sum(e[1] for e in group) for _, size, group in items)
+            for text, size, group in sorted(items, key=lambda i: max(e[2] for e in i[2])):
                 if total <= self.max_size_bytes:
                     break
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.entries_dir / name)
-                total -= size
-                removed += size
+                for entry in group:
+                    removed += self._remove(self.entries_dir / entry[0], entry[1])
+                for name in text:
+                    removed += self._remove(self.texts_dir / name, size)
+                total -= size + sum(e[1] for e in group)
         return removed
 
+    def _remove_unheld(self, name: str) -> bool:
+        """Remove a text file unless a run holds it; whether it was removed."""
+        try:
+            fd = _open_private(self.texts_dir / name)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(self.texts_dir / name)
+                return True
+            return False
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _remove(path: Path, size: int) -> int:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            return size
+        return 0
+
     def clear(self) -> tuple[int, int]:
-        """Remove every entry; (entries, bytes) removed."""
-        count = size = 0
-        with self._locked():
-            for name, nbytes, _ in self.listing():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.entries_dir / name)
-                    count, size = count + 1, size + nbytes
-        return count, size
+        """Remove every entry and text; (entries, bytes) removed."""
+        with self.locked():
+            entries, texts = self.listing()
+            size = sum(self._remove(self.entries_dir / e[0], e[1]) for e in entries)
+            size += sum(self._remove(self.texts_dir / n, s) for n, s in texts.items())
+        return len(entries), size
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    def locked(self) -> Iterator[None]:
+        fd = _open_private(self.root / "lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -504,6 +649,7 @@ class CachePlan:
     units: list[PlannedUnit]
     carry_in: dict  # the running state before the first computed unit
     report: Report | None  # the source restricted to the computed units; None: none
+    texts: OpenTexts  # the text files the reused entries point into
     checks: ThreadPoolExecutor | None = None  # checking the reused entries' texts
     stop_checks: threading.Event = field(default_factory=threading.Event)
 
@@ -524,9 +670,7 @@ class CachePlan:
         if self.checks is not None:  # before the files close: a check may be reading one
             self.stop_checks.set()
             self.checks.shutdown(wait=True, cancel_futures=True)
-        for planned in self.units:
-            if planned.entry is not None:
-                planned.entry.file.close()
+        self.texts.close()
 
 
 def _running_levels(analysis: Analysis | None) -> dict[str, int]:
@@ -580,11 +724,12 @@ def plan_run(report: Report, store: CacheStore, check_first: bool = False) -> Ca
     base = fingerprint(report)
     row_numbers = any(c.agg == "none" for c in report.charts)
     levels = _running_levels(Analysis.of(report))
+    texts = OpenTexts(store.texts_dir)
     planned: list[PlannedUnit] = []
     carry: dict = {}
     if not position_dependent(report):
         planned = [PlannedUnit(u, _unit_key(base, u, None)) for u in units]
-        _lookup_parallel(store, planned, check_first)
+        _lookup_parallel(store, texts, planned, check_first)
     else:  # one by one: each key (row numbers) and running state follows the one before
         first_row, broken, carry_in = 0, False, {}
         for unit in units:
@@ -596,12 +741,11 @@ def plan_run(report: Report, store: CacheStore, check_first: bool = False) -> Ca
             planned.append(
                 PlannedUnit(unit, _unit_key(base, unit, first_row if row_numbers else None))
             )
-            entry = _found(store, planned[-1].key, check_first)
+            entry = _found(store, texts, planned[-1].key, check_first)
             meta = entry.meta if entry is not None else {}
             if entry is not None and effective_carry(
                 carry, meta.get("first_keys"), levels
             ) != meta.get("carry_used"):
-                entry.file.close()
                 entry = None
             if entry is None:
                 broken, carry_in = True, carry
@@ -618,29 +762,30 @@ def plan_run(report: Report, store: CacheStore, check_first: bool = False) -> Ca
     if computed:
         first_row = sum(p.entry.rows for p in planned[: planned.index(computed[0])])
         compute_report = _restricted(report, mode, [p.unit for p in computed], carry, first_row)
-    plan = CachePlan(mode, planned, carry, compute_report)
+    plan = CachePlan(mode, planned, carry, compute_report, texts)
     if not check_first:
         plan.start_checks()
     return plan
 
 
-def _found(store: CacheStore, key: bytes, check_now: bool) -> Entry | None:
+def _found(store: CacheStore, texts: OpenTexts, key: bytes, check_now: bool) -> Entry | None:
     """The key's entry, its text checked too with ``check_now``; None if none or bad."""
-    entry = store.lookup(key)
+    entry = store.lookup(key, texts)
     if entry is not None and check_now:
         try:
             entry.check()
         except (CorruptEntry, OSError) as exc:
             store.discard_entry(entry, exc)
-            entry.file.close()
             return None
     return entry
 
 
-def _lookup_parallel(store: CacheStore, planned: list[PlannedUnit], check_now: bool) -> None:
+def _lookup_parallel(
+    store: CacheStore, texts: OpenTexts, planned: list[PlannedUnit], check_now: bool
+) -> None:
     """Look every unit up at once (each a few reads; with ``check_now``, all its text)."""
     with ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="ashstream-cache") as pool:
-        found = pool.map(lambda p: _found(store, p.key, check_now), planned)
+        found = pool.map(lambda p: _found(store, texts, p.key, check_now), planned)
         for p, entry in zip(planned, found, strict=True):
             p.entry = entry
 
@@ -671,12 +816,15 @@ def _restricted(
 
 @dataclass
 class _Computing:
-    """A unit of the stream being taken: its entry written as its batches come."""
+    """A unit of the stream being taken: its entry gathered as its batches come."""
 
     planned: PlannedUnit
-    writer: EntryWriter | None  # None: this unit cannot be cached (a state the codec refuses)
+    cacheable: bool  # False: a state the codec refuses, or its text could not be kept
     carry_in: dict
     first_row: int
+    offset: int  # of its text, in the run's text file
+    text_bytes: int = 0
+    text_crc: int = 0
     rows: int = 0
     chunks: int = 0
     partial: BatchPartial | None = None  # the unit's batches' partials joined
@@ -690,7 +838,14 @@ class CacheMerge(OrderedMerge):
     feeds the cached units that come first, and it writes each computed unit's entry
     as its batches are taken, committed when the next unit starts (so a killed run's
     successor finds every unit that was complete). The stream's end is not the run's:
-    :meth:`finish` feeds the cached units after it, and :meth:`close` the run."""
+    :meth:`rest` feeds the cached units after it.
+
+    When the run's texts are its module (linked), the reused entries are pointed at
+    their copies in it once all is written, so the texts of earlier runs are no longer
+    needed (:meth:`CacheStore.tidy` removes them) and the cache holds one copy of each
+    unit's text. Unless the module is the earlier text itself: a run that reuses all
+    of one text file, in place, from its start (the sink then links that file as the
+    module, :class:`~ashstream.sinks.TypstModuleSink`), leaves the entries as they are."""
 
     def __init__(
         self,
@@ -698,11 +853,16 @@ class CacheMerge(OrderedMerge):
         chunk_size: int,
         plan: CachePlan,
         store: CacheStore,
+        texts: RunTexts,
     ) -> None:
         super().__init__(Analysis.of(report), chunk_size)
         self.report = report
         self.plan = plan
         self.store = store
+        self.texts = texts
+        self.fed: list[tuple[Entry, int]] = []  # reused entries and their texts' new places
+        self.in_place: BinaryIO | None = None  # the one text file every chunk so far lies in
+        self.in_place_end = texts.start  # where the next chunk must start to stay in place
         self.levels = _running_levels(self.collector.analysis if self.collector else None)
         self.base = fingerprint(report)
         self.row_numbers = any(c.agg == "none" for c in report.charts)
@@ -744,13 +904,21 @@ class CacheMerge(OrderedMerge):
             meta["rows"],
             b"",
             closed,
-            file=entry.file,
-            offset=HEADER_BYTES,
+            file=entry.text,
+            offset=entry.text_offset,
             length=entry.text_bytes,
             check=lambda: self._wait_checked(entry),
         )
         self._next_chunk += meta["chunks"]
+        self.fed.append((entry, self.texts.place(self.bytes)))
         self.bytes += entry.text_bytes
+        if entry.text_bytes and self.in_place_end is not None:  # the sink's rule, see there
+            if (self.in_place or entry.text) is entry.text and (
+                entry.text_offset == self.in_place_end
+            ):
+                self.in_place, self.in_place_end = entry.text, self.in_place_end + entry.text_bytes
+            else:
+                self.in_place_end = None
         return chunk
 
     def _wait_checked(self, entry: Entry) -> None:
@@ -787,18 +955,15 @@ class CacheMerge(OrderedMerge):
         if self.row_numbers and not planned.key:
             identity = (*planned.unit.identity, self.rows)
             planned.key = hashlib.sha256(self.base + repr(identity).encode()).digest()
-        writer = None
-        try:
-            writer = self.store.writer(planned.key)
-        except OSError as exc:
-            logger.warning("cache: cannot write an entry (%s); the run goes on", exc)
-        self.current = _Computing(planned, writer, dict(self.carry), self.rows)
+        self.current = _Computing(
+            planned, True, dict(self.carry), self.rows, self.texts.place(self.bytes)
+        )
 
     def _commit(self) -> None:
         unit, self.current = self.current, None
         if unit.first_keys is not None and unit.carry_out is not None:
             self.carry = unit.carry_out
-        if unit.writer is None:
+        if not unit.cacheable:
             return
         try:
             meta = {
@@ -811,9 +976,12 @@ class CacheMerge(OrderedMerge):
                 "carry_used": effective_carry(unit.carry_in, unit.first_keys, self.levels),
                 "carry_out": self.carry,
             }
-            self.written_bytes += unit.writer.commit(meta)
+            raw = dumps(meta)
+            self.texts.sync()
+            self.written_bytes += self.store.put(
+                unit.planned.key, self.texts.name, unit.offset, unit.text_bytes, unit.text_crc, raw
+            )
         except (CodecError, OSError) as exc:
-            unit.writer.abort()
             logger.warning("cache: a unit is not cached: %s", exc)
 
     def take(self, done: EncodedBatch) -> list[Chunk]:
@@ -830,20 +998,24 @@ class CacheMerge(OrderedMerge):
             unit.first_keys = ()
         if carry is not None:
             unit.carry_out = carry
-        if unit.writer is not None:
+        if unit.cacheable:
             try:
-                unit.writer.write_text(done.text)
+                self.texts.add(done.text)
+                unit.text_bytes += len(done.text)
+                unit.text_crc = zlib.crc32(done.text, unit.text_crc)
             except OSError as exc:
-                unit.writer.abort()
-                unit.writer, unit.partial = None, None
-                logger.warning("cache: cannot write an entry (%s); the run goes on", exc)
+                unit.cacheable, unit.partial = False, None
+                logger.warning("cache: cannot keep a unit's text (%s); the run goes on", exc)
         unit.rows += done.rows
         unit.chunks += len(done.chunk_ends)
-        if unit.writer is not None and done.partial is not None:
+        if unit.cacheable and done.partial is not None:
             self._join(unit, done.partial)
         unit.lossy.extend(done.lossy)
         self.computed_rows += done.rows
-        return chunks + super().take(done)
+        taken = super().take(done)
+        if taken:
+            self.in_place_end = None
+        return chunks + taken
 
     def _join(self, unit: _Computing, partial: BatchPartial) -> None:
         """Join a copy of the batch's partial into the unit's (the collector takes and
@@ -857,8 +1029,7 @@ class CacheMerge(OrderedMerge):
             else:
                 unit.partial = join_partials(self.collector.analysis, unit.partial, mine)
         except Exception as exc:  # a user aggregate's state, copy or merge
-            unit.writer.abort()
-            unit.writer, unit.partial = None, None
+            unit.cacheable, unit.partial = False, None
             logger.warning("cache: a unit is not cached: %s", exc)
             logger.debug("the state that is not cached", exc_info=True)
 
@@ -873,13 +1044,27 @@ class CacheMerge(OrderedMerge):
         run's merge."""
         while self.next_unit < len(self.plan.units):
             yield from self._advance_to(self.next_unit + 1)
+        self._repoint()
         super().finish()
 
-    def abort(self) -> None:
-        """The run failed: drop the entry being written (those committed stay)."""
-        if self.current is not None and self.current.writer is not None:
-            self.current.writer.abort()
-        self.current = None
+    def _repoint(self) -> None:
+        """Point the reused entries at their copies in this run's module (see the
+        class's docstring); an entry that cannot be rewritten keeps its old place."""
+        if not self.texts.linked or not self.fed or self.in_place_end is not None:
+            return
+        try:
+            self.texts.sync()
+            for entry, offset in self.fed:
+                self.store.put(
+                    entry.key,
+                    self.texts.name,
+                    offset,
+                    entry.text_bytes,
+                    entry.text_crc,
+                    entry.raw_meta,
+                )
+        except OSError as exc:
+            logger.warning("cache: entries keep their earlier texts (%s)", exc)
 
 
 class CachedStream:

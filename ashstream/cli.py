@@ -644,29 +644,46 @@ CACHE_DIR = click.option(
 @CACHE_DIR
 @click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON on stdout.")
 def cache_list(cache_dir, as_json) -> None:
-    """List the cache's entries, least recently used first, and their total size."""
+    """List the cache's entries, least recently used first, its texts and their size."""
     import datetime as dt
 
     from ashstream.cache import CacheStore
 
     store = CacheStore(cache_dir).open()
-    entries = store.listing()
+    entries, texts = store.listing()
+    total = sum(e[1] for e in entries) + sum(texts.values())
     if as_json:
-        rows = [{"entry": n, "bytes": b, "last_used": t} for n, b, t in entries]
-        click.echo(json.dumps({"folder": str(store.root), "entries": rows}))
+        rows = [{"entry": n, "bytes": b, "last_used": t, "text": x} for n, b, t, x in entries]
+        click.echo(
+            json.dumps(
+                {
+                    "folder": str(store.root),
+                    "entries": rows,
+                    "texts": [{"text": n, "bytes": b} for n, b in texts.items()],
+                    "bytes": total,
+                }
+            )
+        )
         return
     out = Console(highlight=False)
-    for name, size, used in entries:
+    for name, size, used, text in entries:
         when = dt.datetime.fromtimestamp(used).isoformat(sep=" ", timespec="seconds")
-        out.print(f"{name[:16]}  {size / 2**20:>10,.1f} MiB  last used {when}", markup=False)
-    total = sum(size for _, size, _ in entries)
-    out.print(f"{len(entries):,} entries, {total / 2**20:,.1f} MiB in {store.root}", markup=False)
+        where = f"text {text[:8]}" if text else "unreadable"
+        out.print(
+            f"{name[:16]}  {size / 2**10:>8,.1f} KiB  {where}  last used {when}", markup=False
+        )
+    for name, size in texts.items():
+        out.print(f"text {name[:8]}  {size / 2**20:>10,.1f} MiB", markup=False)
+    out.print(
+        f"{len(entries):,} entries, {len(texts):,} texts, {total / 2**20:,.1f} MiB in {store.root}",
+        markup=False,
+    )
 
 
 @cache.command("clear")
 @CACHE_DIR
 def cache_clear(cache_dir) -> None:
-    """Remove every entry of the cache."""
+    """Remove every entry and text of the cache."""
     from ashstream.cache import CacheStore
 
     count, size = CacheStore(cache_dir).open().clear()

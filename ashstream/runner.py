@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ashstream.cache import CachedStream, CacheMerge, CacheStore, DamagedEntry, plan_run
+from ashstream.cache import (
+    CachedStream,
+    CacheMerge,
+    CacheStore,
+    DamagedEntry,
+    RunTexts,
+    plan_run,
+)
 from ashstream.chunks import check_chunk_size
 from ashstream.encode import encoder_name
 from ashstream.engines.inline import InlineStream, inline_max_rows, runs_inline
@@ -189,7 +196,7 @@ def run_report(
         started = time.perf_counter()
         try:
             engine_args = (engine, ray_address, workers, profile_dir, inline_rows)
-            opened = _open_stream(report, chunk_size, store, engine_args, check_cache_first)
+            opened = _open_stream(report, chunk_size, store, engine_args, sink, check_cache_first)
             with opened as (handle, pool):
                 name = "inline" if pool is None else pool.engine
                 count = 0 if pool is None else pool.workers
@@ -324,32 +331,33 @@ def _open_stream(
     chunk_size: int | None,
     store: CacheStore | None,
     engine_args: tuple,
+    sink: TypstModuleSink,
     check_cache_first: bool = False,
 ) -> Iterator[tuple[Any, Pool | None]]:
     """The report's stream and its pool (see :func:`_open_engine`); with a cache, a
-    stream of the cached units and, on an engine, the others (None without any)."""
+    stream of the cached units and, on an engine, the others (None without any), the
+    texts of the latter kept in ``sink``'s module (see :class:`~ashstream.cache.RunTexts`)."""
     if store is None:
         with _open_engine(report, chunk_size, *engine_args) as opened:
             yield opened
         return
     size = check_chunk_size(chunk_size or report.pipeline.chunk_size)
     plan = plan_run(report, store, check_cache_first)
-    merge = None
+    texts = None
     try:
-        merge = CacheMerge(report, size, plan, store)
+        texts = RunTexts(store, sink.module_file, sink.text_start)
+        merge = CacheMerge(report, size, plan, store, texts)
         if plan.report is None:
             yield CachedStream(merge, None), None
         else:
             with _open_engine(plan.report, size, *engine_args) as (handle, pool):
                 handle.use_merge(merge)
                 yield CachedStream(merge, handle), pool
-        store.evict()
-    except BaseException:
-        if merge is not None:
-            merge.abort()
-        raise
     finally:
         plan.close()
+        if texts is not None:
+            texts.close()
+    store.tidy()
 
 
 @contextmanager

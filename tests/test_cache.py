@@ -28,6 +28,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ashstream import cache as cache_module
 from ashstream.cache import HEADER_BYTES, CacheStore, fingerprint
 from ashstream.cache_codec import CodecError, dumps, loads
 from ashstream.report import load_report
@@ -458,7 +459,24 @@ def test_the_fingerprint_changes_with_what_shapes_output_only(days):
 # ---------------------------------------------------------------- bad entries
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip-text", "flip-meta", "garbage", "version"])
+def text_place(entry: Path) -> tuple[Path, int, int]:
+    """Where an entry's text lies: its text file, offset and bytes."""
+    fields = cache_module._HEADER.unpack(entry.read_bytes()[:HEADER_BYTES])
+    return entry.parent.parent / "texts" / fields[2].hex(), fields[3], fields[4]
+
+
+def flip(path: Path, offset: int, bit: int) -> None:
+    """Flip a bit of a file in place (a text file is a module too: a hard link)."""
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)[0]
+        file.seek(offset)
+        file.write(bytes([byte ^ bit]))
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncate", "flip-text", "flip-meta", "garbage", "version", "truncate-text"]
+)
 def test_a_damaged_entry_is_logged_once_and_recomputed(days, damage, caplog):
     report, cache = report_file(days, GROUPED), days / "cache"
     run(report, days / "warm.typ", cache)
@@ -469,14 +487,22 @@ def test_a_damaged_entry_is_logged_once_and_recomputed(days, damage, caplog):
     if damage == "truncate":
         data = data[: len(data) // 2]
     elif damage == "flip-text":
-        data[HEADER_BYTES + 10] ^= 0x04
+        text, offset, length = text_place(victim)
+        flip(text, offset + length // 2, 0x04)
+    elif damage == "truncate-text":  # of the unit last in its text, so only it is hit
+        victim = max(entries, key=lambda e: text_place(e)[1])
+        text, offset, length = text_place(victim)
+        os.truncate(text, offset + length - 1)
     elif damage == "flip-meta":
         data[-3] ^= 0x01
     elif damage == "garbage":
         data = bytearray(os.urandom(len(data)))
     else:
         data[8] += 1  # the format version, in the header (its checksum then fails too)
-    victim.write_bytes(bytes(data))
+    if damage.endswith("text"):
+        assert (days / "warm.typ").stat().st_ino == text.stat().st_ino  # the module itself
+    else:
+        victim.write_bytes(bytes(data))
     facts = assert_same_as_cold(report, days, cache)
     assert facts["computed_rows"] >= 300
     warnings = [r for r in caplog.records if "unusable" in r.getMessage()]
@@ -493,9 +519,8 @@ def test_texts_found_damaged_as_they_are_copied_restart_the_run_once(days, caplo
     run(report, days / "warm.typ", cache)
     entries = sorted((cache / "entries").iterdir())
     for victim in (entries[1], entries[3]):
-        data = bytearray(victim.read_bytes())
-        data[HEADER_BYTES + 5] ^= 0x20
-        victim.write_bytes(bytes(data))
+        text, offset, _ = text_place(victim)
+        flip(text, offset + 5, 0x20)
     caplog.set_level("INFO", logger="ashstream")
     facts = assert_same_as_cold(report, days, cache)
     assert facts["computed_rows"] >= 600
@@ -534,15 +559,71 @@ def test_the_folder_is_private_and_refused_when_not(tmp_path):
 # -------------------------------------------------------------- bounds, commands
 
 
-def test_eviction_keeps_the_cache_under_its_size(days):
-    report, cache = report_file(days, PLAIN), days / "cache"
-    run(report, days / "a.typ", cache)
-    sizes = [p.stat().st_size for p in (cache / "entries").iterdir()]
-    limit = sum(sizes) - 1  # one entry too many
-    summary = run(report, days / "b.typ", cache, cache_max_size=limit)
-    left = list((cache / "entries").iterdir())
-    assert len(left) == 3 and sum(p.stat().st_size for p in left) <= limit
+def cache_files(cache: Path) -> dict[str, list[Path]]:
+    return {part: sorted((cache / part).iterdir()) for part in ("entries", "texts")}
+
+
+def test_eviction_removes_the_least_recently_used_texts_first(days):
+    plain, grouped = report_file(days, PLAIN), report_file(days, GROUPED, name="g.yaml")
+    cache = days / "cache"
+    run(grouped, days / "g.typ", cache)
+    first = cache_files(cache)
+    run(plain, days / "a.typ", cache)
+    store = CacheStore(cache).open()
+    plain_bytes = store.size_bytes() - sum(
+        p.stat().st_size for p in first["entries"] + first["texts"]
+    )
+    summary = run(plain, days / "b.typ", cache, cache_max_size=plain_bytes)
     assert summary["cache"]["reused_rows"] == 1200
+    assert store.size_bytes() <= plain_bytes
+    left = cache_files(cache)
+    assert len(left["entries"]) == 4 and len(left["texts"]) == 1
+    assert not set(first["entries"] + first["texts"]) & set(left["entries"] + left["texts"])
+    assert run(plain, days / "c.typ", cache)["cache"]["reused_rows"] == 1200
+    assert run(grouped, days / "d.typ", cache)["cache"]["computed_rows"] == 1200
+
+
+def test_a_run_keeps_one_text_and_a_rerun_links_the_module(days):
+    """A cold run's module is the cache's text (one write); a re-run over the same
+    data links it as its module (none); one over grown data copies the text into its
+    module, points the entries at it, and the cache keeps that text alone."""
+    report, cache = report_file(days, GROUPED), days / "cache"
+    run(report, days / "a.typ", cache)
+    (text,) = cache_files(cache)["texts"]
+    assert text.stat().st_ino == (days / "a.typ").stat().st_ino
+    assert run(report, days / "b.typ", cache)["cache"]["computed_rows"] == 0
+    assert (days / "b.typ").stat().st_ino == text.stat().st_ino
+    assert cache_files(cache)["texts"] == [text]
+    write_day(days / "data", 4)
+    facts = assert_same_as_cold(report, days, cache)
+    assert facts["reused_rows"] == 1200 and facts["computed_rows"] == 300
+    (grown,) = cache_files(cache)["texts"]
+    assert grown.stat().st_ino == (days / "cached.typ").stat().st_ino
+    assert {text_place(e)[0] for e in cache_files(cache)["entries"]} == {grown}
+    again = run(report, days / "cached.typ", cache)  # over itself: the same file, dated now
+    assert again["cache"]["computed_rows"] == 0
+    assert (days / "cached.typ").stat().st_ino == grown.stat().st_ino
+    assert not [p for p in days.iterdir() if p.name.startswith(".cached.typ.")]
+
+
+def test_a_cache_on_another_file_system_keeps_its_own_text(days, monkeypatch):
+    """Where the module cannot be linked (EXDEV), the cache writes the texts itself."""
+    real_link = os.link
+
+    def no_link(src, dst, *args, **kwargs):
+        if str(src).startswith("/proc/self/fd/"):
+            raise OSError(18, "Invalid cross-device link")
+        return real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "link", no_link)
+    report, cache = report_file(days, GROUPED), days / "cache"
+    run(report, days / "a.typ", cache)
+    (text,) = cache_files(cache)["texts"]
+    assert text.stat().st_ino != (days / "a.typ").stat().st_ino
+    assert assert_same_as_cold(report, days, cache)["reused_rows"] == 1200
+    write_day(days / "data", 4)
+    assert assert_same_as_cold(report, days, cache)["computed_rows"] == 300
+    assert len(cache_files(cache)["texts"]) == 2
 
 
 def test_cache_list_and_clear(days):
