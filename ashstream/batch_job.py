@@ -12,6 +12,7 @@ Same code, same bytes.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -223,6 +224,7 @@ class EncodedBatch:
     lossy: tuple[tuple[str, str, int], ...]  # (column, reason, count) from EncodeStats
     partial: BatchPartial | None  # groups, variables and charts of the batch
     mark: bytes | None = None  # the cache's: the batch's unit and running state after it
+    text_crc: int | None = None  # for the cache, of a marked batch: where the text is hot
 
 
 def encode_batch(
@@ -249,7 +251,8 @@ def encode_batch(
         for end in range(chunk_size, rows + chunk_size, chunk_size)
     )
     lossy = tuple((column, reason, n) for (column, reason), n in stats.counts.items())
-    return EncodedBatch(text, rows, chunk_ends, lossy, partial, mark)
+    text_crc = zlib.crc32(text) if mark is not None else None
+    return EncodedBatch(text, rows, chunk_ends, lossy, partial, mark, text_crc)
 
 
 def batch_rows(first_row: int, rows: int, seq: int | str) -> str:

@@ -1001,8 +1001,9 @@ class CacheMerge(OrderedMerge):
         if unit.cacheable:
             try:
                 self.texts.add(done.text)
+                crc = zlib.crc32(done.text) if done.text_crc is None else done.text_crc
+                unit.text_crc = crc32_combine(unit.text_crc, crc, len(done.text))
                 unit.text_bytes += len(done.text)
-                unit.text_crc = zlib.crc32(done.text, unit.text_crc)
             except OSError as exc:
                 unit.cacheable, unit.partial = False, None
                 logger.warning("cache: cannot keep a unit's text (%s); the run goes on", exc)
@@ -1124,6 +1125,42 @@ class CachedStream:
             "computed_rows": self.merge.computed_rows,
             "mode": self.merge.plan.mode,
         }
+
+
+def _multiply_mod_p(a: int, b: int) -> int:
+    """a·b modulo CRC-32's polynomial (bits reflected, as zlib's ``multmodp``)."""
+    product, bit = 0, 1 << 31
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ 0xEDB88320 if b & 1 else b >> 1
+    return product
+
+
+def _powers_of_x() -> list[int]:
+    """x^(2^k) modulo the polynomial, k = 0..63 (zlib's ``x2n_table``, longer)."""
+    powers = [1 << 30]  # x^1
+    for _ in range(63):
+        powers.append(_multiply_mod_p(powers[-1], powers[-1]))
+    return powers
+
+
+_X2N = _powers_of_x()
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC-32 of two texts one after the other, from theirs and the second's length
+    (zlib's ``crc32_combine``, which Python's zlib does not offer): each batch's text is
+    checksummed by the transformer that wrote it, where it is still in the CPU's cache."""
+    shift, k = 1 << 31, 3  # x^0; the length in bits: 2^3 per byte
+    while length2:
+        if length2 & 1:
+            shift = _multiply_mod_p(_X2N[k], shift)
+        length2 >>= 1
+        k += 1
+    return _multiply_mod_p(shift, crc1) ^ crc2
 
 
 def _first_keys(partial: Any, levels: dict[str, int]) -> tuple:

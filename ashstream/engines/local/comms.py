@@ -124,6 +124,7 @@ class TaskDone:
     inline: bytes | None = None  # the text, when it did not fit the result slot
     partial: object = None  # ashstream.analysis.aggregate.BatchPartial, when the stream analyses
     mark: bytes | None = None  # EncodedBatch.mark: for the cache, the batch's unit
+    text_crc: int | None = None  # EncodedBatch.text_crc
 
 
 @dataclass(frozen=True)

@@ -306,6 +306,7 @@ class Supervisor:
             lossy=result.lossy,
             partial=result.partial,
             mark=result.mark,
+            text_crc=result.text_crc,
         )
 
     def close_stream(self, stream: StreamState, status: str) -> None:

@@ -101,6 +101,7 @@ def _run_task(
             inline,
             done.partial,
             done.mark,
+            done.text_crc,
         )
     except Exception as exc:
         if not isinstance(exc, AshstreamError):
