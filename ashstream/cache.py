@@ -24,19 +24,21 @@ report whose raw-series charts record row numbers, the unit's first row. A runni
 value continues across units, so an entry also records the running state it started
 from (only the part that reached its first group) and is used only with the same.
 
-**Entries** are one file each: a header with checksums, the unit's encoded text (copied
-into the module with ``os.copy_file_range``) and its metadata in
-:mod:`ashstream.cache_codec` (never pickle), with the unit's batches' partials joined
-into one. Written to a temporary file and renamed. Headers and metadata are checked
-as the run plans, texts in the background before each is copied (a text found bad
-then starts the run once more: :class:`DamagedEntry`); a bad entry is logged once,
-removed and recomputed; the least recently used go first past ``max_size_bytes``.
+**Entries** are one small file each: a header with checksums and where the unit's
+text lies (a byte range of a file in ``texts/``, copied into the module with
+``os.copy_file_range``), then its metadata in :mod:`ashstream.cache_codec` (never
+pickle), with the unit's batches' partials joined into one. The texts are modules:
+each run's is hard-linked into the cache (:class:`RunTexts`), so text is written once.
+Written to a temporary file and renamed. Headers and metadata are checked as the run
+plans, texts in the background before each is copied (a text found bad then starts the
+run once more: :class:`DamagedEntry`); a bad entry is logged once, removed and
+recomputed; past ``max_size_bytes`` the least recently used texts go first, with their
+entries (:meth:`CacheStore.tidy`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import fcntl
 import hashlib
@@ -574,10 +576,14 @@ class CacheStore:
                     removed += texts.pop(name)
             if self.max_size_bytes is None:
                 return removed
-            items = [((name,), size, users[name]) for name, size in texts.items()]
+            items = [((name,), size, users.get(name, [])) for name, size in texts.items()]
             items += [((), 0, [entry]) for entry in users.get(None, [])]
             total = sum(size + sum(e[1] for e in group) for _, size, group in items)
-            for text, size, group in sorted(items, key=lambda i: max(e[2] for e in i[2])):
+            # a text no entry points to yet is a run's that goes on: the newest
+            newest = [float("inf")]
+            for text, size, group in sorted(
+                items, key=lambda i: max([e[2] for e in i[2]] or newest)
+            ):
                 if total <= self.max_size_bytes:
                     break
                 for entry in group:
@@ -872,8 +878,9 @@ class CacheMerge(OrderedMerge):
         self.columns: tuple[str, ...] | None = None  # from the cached entries
         self.stream_columns: Callable[[], tuple[str, ...] | None] = lambda: None  # the engine's
         self.computed_rows = 0
-        self.written_bytes = 0
-        self._stream_done = False
+        # joins the computed units' partials and commits their entries, in order, off
+        # the thread that takes the chunks (the run's busiest)
+        self.joiner = ThreadPoolExecutor(1, thread_name_prefix="ashstream-cache-join")
 
     # -- cached units
 
@@ -965,21 +972,35 @@ class CacheMerge(OrderedMerge):
             self.carry = unit.carry_out
         if not unit.cacheable:
             return
+        meta = {
+            "rows": unit.rows,
+            "chunks": unit.chunks,
+            "lossy": unit.lossy,
+            "columns": list(self.columns or self.stream_columns() or ()),
+            "first_keys": unit.first_keys,
+            "carry_used": effective_carry(unit.carry_in, unit.first_keys, self.levels),
+            "carry_out": self.carry,
+        }
         try:
-            meta = {
-                "rows": unit.rows,
-                "chunks": unit.chunks,
-                "partial": dumps(unit.partial) if unit.partial is not None else None,
-                "lossy": unit.lossy,
-                "columns": list(self.columns or self.stream_columns() or ()),
-                "first_keys": unit.first_keys,
-                "carry_used": effective_carry(unit.carry_in, unit.first_keys, self.levels),
-                "carry_out": self.carry,
-            }
-            raw = dumps(meta)
             self.texts.sync()
-            self.written_bytes += self.store.put(
-                unit.planned.key, self.texts.name, unit.offset, unit.text_bytes, unit.text_crc, raw
+        except OSError as exc:
+            logger.warning("cache: a unit is not cached: %s", exc)
+            return
+        self.joiner.submit(self._put, unit, meta)
+
+    def _put(self, unit: _Computing, meta: dict) -> None:
+        """(In the joiner, after the unit's joins.) Commit the unit's entry."""
+        if not unit.cacheable:
+            return
+        try:
+            meta["partial"] = dumps(unit.partial) if unit.partial is not None else None
+            self.store.put(
+                unit.planned.key,
+                self.texts.name,
+                unit.offset,
+                unit.text_bytes,
+                unit.text_crc,
+                dumps(meta),
             )
         except (CodecError, OSError) as exc:
             logger.warning("cache: a unit is not cached: %s", exc)
@@ -1010,7 +1031,11 @@ class CacheMerge(OrderedMerge):
         unit.rows += done.rows
         unit.chunks += len(done.chunk_ends)
         if unit.cacheable and done.partial is not None:
-            self._join(unit, done.partial)
+            try:  # a copy, as bytes (the collector takes and may change the original)
+                self.joiner.submit(self._join, unit, dumps(done.partial))
+            except Exception as exc:  # a user aggregate's state: refused now, not later
+                unit.cacheable, unit.partial = False, None
+                logger.warning("cache: a unit is not cached: %s", exc)
         unit.lossy.extend(done.lossy)
         self.computed_rows += done.rows
         taken = super().take(done)
@@ -1018,18 +1043,18 @@ class CacheMerge(OrderedMerge):
             self.in_place_end = None
         return chunks + taken
 
-    def _join(self, unit: _Computing, partial: BatchPartial) -> None:
-        """Join a copy of the batch's partial into the unit's (the collector takes and
-        may change the original); a state that cannot be copied, joined or stored
-        leaves the unit uncached, and the run goes on."""
+    def _join(self, unit: _Computing, raw: bytes) -> None:
+        """(In the joiner.) Join a batch's partial, as bytes, into the unit's; a state
+        that cannot be joined leaves the unit uncached, and the run goes on."""
+        if not unit.cacheable:
+            return
         try:
-            mine = copy.deepcopy(partial)
+            mine = loads(raw)
             if unit.partial is None:
-                dumps(mine)  # refused now, not after the unit's whole text is written
                 unit.partial = mine
             else:
                 unit.partial = join_partials(self.collector.analysis, unit.partial, mine)
-        except Exception as exc:  # a user aggregate's state, copy or merge
+        except Exception as exc:  # a user aggregate's merge
             unit.cacheable, unit.partial = False, None
             logger.warning("cache: a unit is not cached: %s", exc)
             logger.debug("the state that is not cached", exc_info=True)
@@ -1037,7 +1062,6 @@ class CacheMerge(OrderedMerge):
     def finish(self) -> None:
         """The stream's end: its last units are complete (they are committed later,
         with the cached units after them, by :meth:`rest`)."""
-        self._stream_done = True
 
     def rest(self) -> Iterator[Chunk]:
         """The cached units after the stream's (all of them without a stream), one at a
@@ -1045,8 +1069,14 @@ class CacheMerge(OrderedMerge):
         run's merge."""
         while self.next_unit < len(self.plan.units):
             yield from self._advance_to(self.next_unit + 1)
+        self.joiner.shutdown(wait=True)  # every entry committed
         self._repoint()
         super().finish()
+
+    def close(self) -> None:
+        """The run's end, whatever it was: the joiner stops (entries being committed
+        are, those queued are dropped)."""
+        self.joiner.shutdown(wait=True, cancel_futures=True)
 
     def _repoint(self) -> None:
         """Point the reused entries at their copies in this run's module (see the

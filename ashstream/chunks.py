@@ -64,7 +64,7 @@ class Chunk:
 
 @dataclass
 class FileChunk(Chunk):
-    """Rows whose text lies in a file (a cache entry's): ``length`` bytes at ``offset``
+    """Rows whose text lies in a file (a cache's text): ``length`` bytes at ``offset``
     of ``file``, which the module sink copies in the kernel (``text`` is empty) after
     :meth:`check_text`."""
 

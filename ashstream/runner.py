@@ -343,7 +343,7 @@ def _open_stream(
         return
     size = check_chunk_size(chunk_size or report.pipeline.chunk_size)
     plan = plan_run(report, store, check_cache_first)
-    texts = None
+    texts = merge = None
     try:
         texts = RunTexts(store, sink.module_file, sink.text_start)
         merge = CacheMerge(report, size, plan, store, texts)
@@ -354,6 +354,8 @@ def _open_stream(
                 handle.use_merge(merge)
                 yield CachedStream(merge, handle), pool
     finally:
+        if merge is not None:
+            merge.close()
         plan.close()
         if texts is not None:
             texts.close()
