@@ -203,6 +203,7 @@ class Entry:
     path: Path
     identity: tuple[int, int]  # of the entry's file, to remove that file only
     text: BinaryIO  # the text file, open (shared by the entries that point into it)
+    text_name: str
     text_offset: int
     text_bytes: int
     text_crc: int
@@ -319,7 +320,7 @@ def _read_entry(key: bytes, path: Path, texts: OpenTexts) -> Entry | None:
             raise
         with contextlib.suppress(OSError):
             os.utime(fd)  # its mtime is its last use, for eviction
-    return Entry(key, path, identity, text, offset, text_bytes, text_crc, raw, meta)
+    return Entry(key, path, identity, text, name.hex(), offset, text_bytes, text_crc, raw, meta)
 
 
 class DamagedEntry(PipelineError):
@@ -330,7 +331,9 @@ class DamagedEntry(PipelineError):
 class OpenTexts:
     """The text files a plan's entries point into, each opened once and held under a
     shared lock while the run reads it (a text file no entry points to any more is
-    removed by :meth:`CacheStore.tidy` only when no run holds it)."""
+    removed by :meth:`CacheStore.tidy` only when no run holds it). One a run continues
+    holds an exclusive lock (:meth:`CachePlan.continued_text`): it is read unlocked,
+    as the ranges entries point to never change."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -345,7 +348,8 @@ class OpenTexts:
                     fd = _open_private(self.folder / name)
                 except FileNotFoundError:
                     return None
-                fcntl.flock(fd, fcntl.LOCK_SH)
+                with contextlib.suppress(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 self.files[name] = os.fdopen(fd, "rb")
             return self.files[name]
 
@@ -363,16 +367,27 @@ class RunTexts:
     that the run appends each text to. Held under a shared lock while the run goes on.
 
     Args:
-        module: the module being written, or None; start: where its rows' text begins.
+        module: the module being written, or None; start: where its rows' text begins;
+        continued: the name of the text the module is (a killed run's it continues,
+            :meth:`CachePlan.continued_text`, which holds it), not to link again.
     """
 
-    def __init__(self, store: CacheStore, module: BinaryIO | None, start: int = 0) -> None:
-        self.name = os.urandom(16).hex()
+    def __init__(
+        self,
+        store: CacheStore,
+        module: BinaryIO | None,
+        start: int = 0,
+        continued: str | None = None,
+    ) -> None:
+        self.name = continued or os.urandom(16).hex()
         path = store.texts_dir / self.name
-        self.module: BinaryIO | None = None
+        self.module: BinaryIO | None = module if continued else None
         self.own: BinaryIO | None = None
         self.start = start
         self.written = 0  # to ``own``
+        self.held: int | None = None
+        if continued:
+            return
         with store.locked():  # no tidy between its making and its lock
             if module is not None:
                 with contextlib.suppress(OSError):  # the module's file, not its name
@@ -407,7 +422,8 @@ class RunTexts:
     def close(self) -> None:
         if self.own is not None:
             self.own.close()
-        os.close(self.held)
+        if self.held is not None:
+            os.close(self.held)
 
 
 class CacheStore:
@@ -671,6 +687,33 @@ class CachePlan:
             self.checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="ashstream-check")
             for entry in reused:
                 entry.checked = self.checks.submit(entry.check, self.stop_checks)
+
+    def continued_text(self, head: bytes) -> tuple[str, BinaryIO, int] | None:
+        """The text a run can continue rather than copy, and where its reused rows end:
+        a killed run's module, whose rows so far are all the reused units, in order,
+        from where the module's start ``head`` ends, that starts with ``head``, that
+        has no name but the cache's (no one's output) and that no other run reads
+        (an exclusive lock, held until :meth:`close`). None if there is none."""
+        first = next((i for i, p in enumerate(self.units) if p.entry is None), None)
+        if first is None or any(p.entry is not None for p in self.units[first:]):
+            return None
+        found, end = None, len(head)
+        for p in self.units[:first]:
+            if p.entry.text_bytes:
+                found = found or p.entry
+                if p.entry.text is not found.text or p.entry.text_offset != end:
+                    return None
+                end += p.entry.text_bytes
+        if found is None:
+            return None
+        fd = found.text.fileno()
+        try:
+            if os.fstat(fd).st_nlink != 1 or os.pread(fd, len(head), 0) != head:
+                return None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return None
+        return found.text_name, found.text, end
 
     def close(self) -> None:
         if self.checks is not None:  # before the files close: a check may be reading one
@@ -1086,6 +1129,8 @@ class CacheMerge(OrderedMerge):
         try:
             self.texts.sync()
             for entry, offset in self.fed:
+                if (entry.text_name, entry.text_offset) == (self.texts.name, offset):
+                    continue  # in the module it continued (CachePlan.continued_text)
                 self.store.put(
                     entry.key,
                     self.texts.name,

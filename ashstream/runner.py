@@ -345,7 +345,13 @@ def _open_stream(
     plan = plan_run(report, store, check_cache_first)
     texts = merge = None
     try:
-        texts = RunTexts(store, sink.module_file, sink.text_start)
+        continued = plan.continued_text(sink.module_head)
+        if continued is None:
+            texts = RunTexts(store, sink.module_file, sink.text_start)
+        else:  # a killed run's module, its reused rows in place: written on, not copied
+            name, file, end = continued
+            sink.continue_in(file, end)
+            texts = RunTexts(store, sink.module_file, sink.text_start, continued=name)
         merge = CacheMerge(report, size, plan, store, texts)
         if plan.report is None:
             yield CachedStream(merge, None), None

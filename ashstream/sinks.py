@@ -255,7 +255,7 @@ class TypstModuleSink:
         self._groups: GroupWriter | None = None
         self._summary = Summary([], {}, {})
         self._options = EncodeOptions(timezone=report.pipeline.timezone)
-        self._text_start = 0  # where the rows' text starts, after the first line
+        self._head = b""  # the module's first line and the rows' opening
         self._in_place: _TextInPlace | None = None  # rows whose copy waits
         self._wrote_rows = False  # rows' text was written here: it is not another file's
         self._linked = False  # the module is another file, linked (see _link_in_place)
@@ -279,7 +279,7 @@ class TypstModuleSink:
                 "do not edit.\n#let rows = (\n".encode()
             )
             self._file.write(head)
-            self._text_start = len(head)
+            self._head = head
 
     @property
     def module_file(self) -> BinaryIO:
@@ -287,8 +287,33 @@ class TypstModuleSink:
         return self._file
 
     @property
+    def module_head(self) -> bytes:
+        return self._head
+
+    @property
     def text_start(self) -> int:
-        return self._text_start
+        """Where the rows' text starts, after :attr:`module_head`."""
+        return len(self._head)
+
+    def continue_in(self, file: BinaryIO, end: int) -> None:
+        """Make ``file`` the module, from ``end``: a killed run's module, whose rows'
+        text so far is what the first chunks bring (they are then not copied). Its
+        own name is the cache's: it takes the temporary name of the module begun."""
+        with self._writing():
+            fd = os.open(f"/proc/self/fd/{file.fileno()}", os.O_WRONLY | os.O_CLOEXEC)
+            module = os.fdopen(fd, "wb")
+            try:
+                module.truncate(end)  # what the killed run wrote of its last unit
+                module.seek(end)
+                link = self._tmp.with_name(self._temp_name())
+                link_open_file(fd, link)
+                os.replace(link, self._tmp)
+            except BaseException:
+                module.close()
+                raise
+            self._file.close()
+            self._file = module
+            self._in_place = _TextInPlace(file, self.text_start, in_module=end)
 
     def write(self, chunk: Chunk) -> None:
         with self._writing():
@@ -321,7 +346,7 @@ class TypstModuleSink:
             return True
         place = self._in_place
         if place is None:
-            if self._wrote_rows or chunk.offset != self._text_start:
+            if self._wrote_rows or chunk.offset != self.text_start:
                 return False
             self._in_place = place = _TextInPlace(chunk.file, chunk.offset)
         elif chunk.file is not place.source or chunk.offset != place.end:
@@ -337,11 +362,19 @@ class TypstModuleSink:
         self._wrote_rows = True
 
     def _end_in_place(self) -> None:
-        """Copy the rows whose copy waited."""
+        """Copy the rows whose copy waited (unless they are in the module already)."""
         place, self._in_place = self._in_place, None
         if place is not None:
             try:
-                self._copy_from(place.fd, place.start, place.end - place.start)
+                if place.in_module is None:
+                    self._copy_from(place.fd, place.start, place.end - place.start)
+                elif place.end != place.in_module:
+                    raise SinkError(
+                        f"internal error: {place.end - place.start:,} bytes of rows came "
+                        f"before the first computed unit, not {place.in_module - place.start:,}"
+                    )
+                else:
+                    self._wrote_rows = True
             finally:
                 place.close()
 
@@ -354,7 +387,8 @@ class TypstModuleSink:
                 self._summary = summary
                 for group in summary.groups:
                     self._groups.write(group)
-            if self._in_place is not None and self._link_in_place(meta):
+            place = self._in_place
+            if place is not None and place.in_module is None and self._link_in_place(meta):
                 return
             self._end_in_place()
             self._write_rest(meta)
@@ -375,17 +409,15 @@ class TypstModuleSink:
         place = self._in_place
         self._write_rest(meta)
         self._file.flush()
-        rest = self._file.tell() - self._text_start
+        start = self.text_start
+        rest = self._file.tell() - start
         mine = self._file.fileno()
         if (
             os.fstat(place.fd).st_size == place.end + rest
-            and _same_bytes(place.fd, 0, mine, 0, self._text_start)
-            and _same_bytes(place.fd, place.end, mine, self._text_start, rest)
+            and _same_bytes(place.fd, 0, mine, 0, start)
+            and _same_bytes(place.fd, place.end, mine, start, rest)
         ):
-            # named as mkstemp would (a killed run's is removed as its other files are)
-            link = self._tmp.with_name(
-                f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-            )
+            link = self._tmp.with_name(self._temp_name())
             try:
                 link_open_file(place.fd, link)
             except OSError:  # /proc unmounted, or its last name is gone: copied
@@ -397,9 +429,14 @@ class TypstModuleSink:
                 self._in_place = None
                 place.close()
                 return True
-        self._file.truncate(self._text_start)  # the rows go first
-        self._file.seek(self._text_start)
+        self._file.truncate(start)  # the rows go first
+        self._file.seek(start)
         return False
+
+    def _temp_name(self) -> str:
+        """A new temporary name beside the module, as mkstemp would name it (a killed
+        run's is removed as its other files are)."""
+        return f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
     def _results(self) -> bytes:
         totals = encode_value(self._summary.totals, options=self._options)
@@ -459,10 +496,11 @@ class _TextInPlace:
     ``source`` (see :class:`TypstModuleSink`), held by a descriptor of its own (the
     cache closes its file before the module is finished)."""
 
-    def __init__(self, source: BinaryIO, start: int) -> None:
+    def __init__(self, source: BinaryIO, start: int, in_module: int | None = None) -> None:
         self.source = source
         self.fd = os.dup(source.fileno())
         self.start = self.end = start
+        self.in_module = in_module  # the module is ``source``: its rows end there
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

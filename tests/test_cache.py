@@ -683,11 +683,18 @@ def test_a_killed_run_resumes_from_its_finished_units(tmp_path, after_entries):
     done = len(list((cache / "entries").iterdir()))
     assert done >= after_entries
     assert not (tmp_path / "k.typ").exists()
+    (killed_text,) = (cache / "texts").iterdir()
     run(report, tmp_path / "cold.typ")
     # on a pool, as the killed run: starting one removes the killed pool's segments
+    summary = run_report(report, output=tmp_path / "k.typ", cache=cache, workers=2)
+    assert (tmp_path / "k.typ").read_bytes() == (tmp_path / "cold.typ").read_bytes()
+    # the killed run's module, written on from its last whole unit: nothing copied
+    assert (tmp_path / "k.typ").stat().st_ino == killed_text.stat().st_ino
+    assert summary.cache["reused_rows"] == done * 4000
+    assert assert_same_as_cold(report, tmp_path, cache)["reused_rows"] == 12 * 4000
     summary = run_report(report, output=tmp_path / "cached.typ", cache=cache, workers=2)
     assert (tmp_path / "cached.typ").read_bytes() == (tmp_path / "cold.typ").read_bytes()
-    assert summary.cache["reused_rows"] == done * 4000
+    assert summary.cache["reused_rows"] == 12 * 4000
     assert not list((cache / "tmp").iterdir())  # the killed run's half entry is gone
 
 
