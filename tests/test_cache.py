@@ -28,6 +28,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ashstream import Aggregate
 from ashstream import cache as cache_module
 from ashstream.cache import HEADER_BYTES, CacheStore, fingerprint
 from ashstream.cache_codec import CodecError, dumps, loads
@@ -544,6 +545,40 @@ def test_no_check_thread_outlives_a_run_and_a_replaced_entry_is_not_removed(days
     os.replace(replacement, path)
     store.discard(b"k", path, ValueError("bad"), (before.st_dev, before.st_ino))
     assert path.exists()
+
+
+class _Opaque:
+    """A state the cache's codec does not know."""
+
+    def __init__(self, n: int = 0) -> None:
+        self.n = n
+
+
+class OpaqueCount(Aggregate):
+    def init(self) -> _Opaque:
+        return _Opaque()
+
+    def update(self, state: _Opaque, values: pa.Array) -> _Opaque:
+        return _Opaque(state.n + len(values) - values.null_count)
+
+    def merge(self, left: _Opaque, right: _Opaque) -> _Opaque:
+        return _Opaque(left.n + right.n)
+
+    def finalize(self, state: _Opaque) -> int:
+        return state.n
+
+
+def test_a_state_the_codec_refuses_leaves_its_units_uncached(days, caplog):
+    spec = {"variables": [{"name": "n", "function": "opaque_count", "field": "note"}]}
+    report = load_report(report_file(days, spec), aggregates={"opaque_count": OpaqueCount})
+    cold, cache = days / "cold.typ", days / "cache"
+    run_report(report, output=cold, cache=False, inline_rows=10**9)
+    for name in ("a.typ", "b.typ"):
+        summary = run_report(report, output=days / name, cache=cache, inline_rows=10**9)
+        assert (days / name).read_bytes() == cold.read_bytes()
+        assert summary.cache["computed_rows"] == 1200 and summary.totals["n"] == 960
+    assert not list((cache / "entries").iterdir())
+    assert any("is not cached" in r.getMessage() for r in caplog.records)
 
 
 def test_the_folder_is_private_and_refused_when_not(tmp_path):
