@@ -313,7 +313,7 @@ def _read_entry(key: bytes, path: Path, texts: OpenTexts) -> Entry | None:
             text = texts.get(name.hex())
             if text is None:
                 raise GoneText("its text file is gone")
-            if os.fstat(text.fileno()).st_size < offset + text_bytes:
+            if text_bytes and os.fstat(text.fileno()).st_size < offset + text_bytes:
                 raise CorruptEntry("its text is truncated")
         except CorruptEntry as exc:
             exc.identity = identity
@@ -688,12 +688,13 @@ class CachePlan:
             for entry in reused:
                 entry.checked = self.checks.submit(entry.check, self.stop_checks)
 
-    def continued_text(self, head: bytes) -> tuple[str, BinaryIO, int] | None:
+    def continued_text(self, store: CacheStore, head: bytes) -> tuple[str, BinaryIO, int] | None:
         """The text a run can continue rather than copy, and where its reused rows end:
         a killed run's module, whose rows so far are all the reused units, in order,
         from where the module's start ``head`` ends, that starts with ``head``, that
-        has no name but the cache's (no one's output) and that no other run reads
-        (an exclusive lock, held until :meth:`close`). None if there is none."""
+        has no name but the cache's (no one's output), that no other run reads (an
+        exclusive lock, held until :meth:`close`) and that no other entry points into
+        (what it points to would change). None if there is none."""
         first = next((i for i, p in enumerate(self.units) if p.entry is None), None)
         if first is None or any(p.entry is not None for p in self.units[first:]):
             return None
@@ -711,7 +712,12 @@ class CachePlan:
             if os.fstat(fd).st_nlink != 1 or os.pread(fd, len(head), 0) != head:
                 return None
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            reused = {p.key.hex() for p in self.units[:first]}
+            entries, _ = store.listing()
         except OSError:
+            return None
+        if any(e[3] == found.text_name and e[0] not in reused for e in entries):
+            fcntl.flock(fd, fcntl.LOCK_SH)
             return None
         return found.text_name, found.text, end
 
@@ -1045,8 +1051,9 @@ class CacheMerge(OrderedMerge):
                 unit.text_crc,
                 dumps(meta),
             )
-        except (CodecError, OSError) as exc:
+        except Exception as exc:  # in the joiner: nothing else would see it
             logger.warning("cache: a unit is not cached: %s", exc)
+            logger.debug("the unit that is not cached", exc_info=True)
 
     def take(self, done: EncodedBatch) -> list[Chunk]:
         index, carry = loads(done.mark) if done.mark is not None else (0, None)

@@ -345,13 +345,17 @@ def _open_stream(
     plan = plan_run(report, store, check_cache_first)
     texts = merge = None
     try:
-        continued = plan.continued_text(sink.module_head)
-        if continued is None:
-            texts = RunTexts(store, sink.module_file, sink.text_start)
-        else:  # a killed run's module, its reused rows in place: written on, not copied
-            name, file, end = continued
-            sink.continue_in(file, end)
-            texts = RunTexts(store, sink.module_file, sink.text_start, continued=name)
+        continued = plan.continued_text(store, sink.module_head)
+        # a killed run's module, its reused rows in place: written on, not copied
+        if continued is not None and sink.continue_in(*continued[1:]):
+            texts = RunTexts(store, sink.module_file, sink.text_start, continued=continued[0])
+        else:
+            try:
+                texts = RunTexts(store, sink.module_file, sink.text_start)
+            except OSError as exc:
+                raise SettingsError(
+                    f"cache folder {store.root}: cannot be used: {exc.strerror or exc}"
+                ) from None
         merge = CacheMerge(report, size, plan, store, texts)
         if plan.report is None:
             yield CachedStream(merge, None), None
@@ -365,7 +369,10 @@ def _open_stream(
         plan.close()
         if texts is not None:
             texts.close()
-    store.tidy()
+    try:
+        store.tidy()
+    except OSError as exc:  # the run is done; the next one tidies
+        logger.warning("cache folder %s: not tidied (%s)", store.root, exc)
 
 
 @contextmanager

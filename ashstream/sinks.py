@@ -295,25 +295,37 @@ class TypstModuleSink:
         """Where the rows' text starts, after :attr:`module_head`."""
         return len(self._head)
 
-    def continue_in(self, file: BinaryIO, end: int) -> None:
+    def continue_in(self, file: BinaryIO, end: int) -> bool:
         """Make ``file`` the module, from ``end``: a killed run's module, whose rows'
         text so far is what the first chunks bring (they are then not copied). Its
-        own name is the cache's: it takes the temporary name of the module begun."""
-        with self._writing():
+        own name is the cache's: it takes the temporary name of the module begun.
+        Whether it did (not where it cannot be linked beside the module: another file
+        system; nothing is changed then)."""
+        link = self._tmp.with_name(self._temp_name())
+        try:
             fd = os.open(f"/proc/self/fd/{file.fileno()}", os.O_WRONLY | os.O_CLOEXEC)
-            module = os.fdopen(fd, "wb")
+        except OSError:
+            return False
+        module = os.fdopen(fd, "wb")
+        try:
+            link_open_file(fd, link)
+        except OSError:
+            module.close()
+            return False
+        with self._writing():
             try:
+                os.replace(link, self._tmp)
+                os.fchmod(fd, 0o666 & ~_umask())
                 module.truncate(end)  # what the killed run wrote of its last unit
                 module.seek(end)
-                link = self._tmp.with_name(self._temp_name())
-                link_open_file(fd, link)
-                os.replace(link, self._tmp)
             except BaseException:
                 module.close()
+                _unlink_quietly(link)
                 raise
             self._file.close()
             self._file = module
             self._in_place = _TextInPlace(file, self.text_start, in_module=end)
+        return True
 
     def write(self, chunk: Chunk) -> None:
         with self._writing():
@@ -412,8 +424,16 @@ class TypstModuleSink:
         start = self.text_start
         rest = self._file.tell() - start
         mine = self._file.fileno()
+        theirs = os.fstat(place.fd)
+        try:
+            here = os.stat(self.path, follow_symlinks=False)
+            same = (here.st_dev, here.st_ino) == (theirs.st_dev, theirs.st_ino)
+        except OSError:
+            same = False
+        alone = theirs.st_nlink == 1 or same  # outputs never share a file
         if (
-            os.fstat(place.fd).st_size == place.end + rest
+            alone
+            and theirs.st_size == place.end + rest
             and _same_bytes(place.fd, 0, mine, 0, start)
             and _same_bytes(place.fd, place.end, mine, start, rest)
         ):
@@ -423,6 +443,7 @@ class TypstModuleSink:
             except OSError:  # /proc unmounted, or its last name is gone: copied
                 pass
             else:
+                os.fchmod(place.fd, 0o666 & ~_umask())  # as a module written now
                 os.replace(link, self._tmp)
                 self._linked = True
                 self._file.close()
@@ -455,7 +476,7 @@ class TypstModuleSink:
             if self._linked:  # an earlier module, as it was: dated now
                 if os.path.lexists(self._tmp):  # it was at the path already: not moved
                     os.unlink(self._tmp)
-                os.utime(self.path)
+                os.utime(self.path, follow_symlinks=False)
         self._close_groups()
 
     def abort(self) -> None:

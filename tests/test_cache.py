@@ -626,8 +626,14 @@ def test_a_run_keeps_one_text_and_a_rerun_links_the_module(days):
     run(report, days / "a.typ", cache)
     (text,) = cache_files(cache)["texts"]
     assert text.stat().st_ino == (days / "a.typ").stat().st_ino
+    assert run(report, days / "a.typ", cache)["cache"]["computed_rows"] == 0
+    assert (days / "a.typ").stat().st_ino == text.stat().st_ino  # dated now, not copied
     assert run(report, days / "b.typ", cache)["cache"]["computed_rows"] == 0
-    assert (days / "b.typ").stat().st_ino == text.stat().st_ino
+    assert (days / "b.typ").stat().st_ino != text.stat().st_ino  # outputs share no file
+    assert (days / "b.typ").read_bytes() == (days / "a.typ").read_bytes()
+    (days / "a.typ").unlink()  # the cache's alone: it is linked again
+    assert run(report, days / "c.typ", cache)["cache"]["computed_rows"] == 0
+    assert (days / "c.typ").stat().st_ino == text.stat().st_ino
     assert cache_files(cache)["texts"] == [text]
     write_day(days / "data", 4)
     facts = assert_same_as_cold(report, days, cache)
