@@ -234,7 +234,7 @@ def _sigterm_cancels():
 @click.option(
     "--cache-max-size",
     metavar="SIZE",
-    help="The most the cache may hold, such as 20GiB; least recently used entries go first.",
+    help="The most the cache may hold, such as 20GiB; least recently used texts go first.",
 )
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")

@@ -168,7 +168,8 @@ def run_report(
             a folder, or True for the default one (``$XDG_CACHE_HOME/ashstream``);
             None: the report's ``pipeline.cache``; False: no cache.
         cache_max_size: bytes (or a size such as ``"20GiB"``) the cache may hold;
-            least recently used entries go first (default: the report's, else no bound).
+            least recently used texts (and their entries) go first (default: the
+            report's, else no bound).
 
     Returns:
         What the run did; the outputs are in place.
