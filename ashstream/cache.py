@@ -247,11 +247,6 @@ class GoneText(CorruptEntry):
     """An entry whose text file was removed (evicted, or by hand): dropped quietly."""
 
 
-def _identity(file: BinaryIO | int) -> tuple[int, int]:
-    info = os.fstat(file if isinstance(file, int) else file.fileno())
-    return (info.st_dev, info.st_ino)
-
-
 def _open_private(path: Path, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
     """A descriptor of a file in the cache folder, never through a link."""
     return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
@@ -288,7 +283,8 @@ def _read_entry(key: bytes, path: Path, texts: OpenTexts) -> Entry | None:
     except FileNotFoundError:
         return None
     with os.fdopen(fd, "rb") as file:
-        identity = _identity(fd)
+        info = os.fstat(fd)
+        identity = (info.st_dev, info.st_ino)
         try:
             _, _, name, offset, text_bytes, text_crc, meta_bytes, meta_crc, stored_key, _ = (
                 _read_header(file.read(HEADER_BYTES))
@@ -517,9 +513,9 @@ class CacheStore:
 
     def put(
         self, key: bytes, text_name: str, offset: int, length: int, crc: int, raw: bytes
-    ) -> int:
+    ) -> None:
         """Put the key's entry in place (its metadata ``raw``, its text ``length``
-        bytes at ``offset`` of ``texts/<text_name>``); its size in bytes."""
+        bytes at ``offset`` of ``texts/<text_name>``)."""
         head = _HEADER.pack(
             MAGIC,
             FORMAT_VERSION,
@@ -541,7 +537,6 @@ class CacheStore:
             with contextlib.suppress(OSError):
                 os.unlink(name)
             raise
-        return HEADER_BYTES + len(raw)
 
     def listing(self) -> tuple[list[tuple[str, int, float, str | None]], dict[str, int]]:
         """Every entry, (name, bytes, last use as a timestamp, its text file's name or
@@ -595,10 +590,10 @@ class CacheStore:
             items = [((name,), size, users.get(name, [])) for name, size in texts.items()]
             items += [((), 0, [entry]) for entry in users.get(None, [])]
             total = sum(size + sum(e[1] for e in group) for _, size, group in items)
-            # a text no entry points to yet is a run's that goes on: the newest
-            newest = [float("inf")]
+            # last use: its newest entry's; a text no entry points to yet is a run's
+            # that goes on, the newest of all
             for text, size, group in sorted(
-                items, key=lambda i: max([e[2] for e in i[2]] or newest)
+                items, key=lambda i: max((e[2] for e in i[2]), default=float("inf"))
             ):
                 if total <= self.max_size_bytes:
                     break
@@ -617,15 +612,12 @@ class CacheStore:
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False
-        else:
-            with contextlib.suppress(OSError):
-                os.unlink(self.texts_dir / name)
-                return True
+            os.unlink(self.texts_dir / name)
+        except OSError:  # held, or gone already
             return False
         finally:
             os.close(fd)
+        return True
 
     @staticmethod
     def _remove(path: Path, size: int) -> int:
@@ -876,7 +868,6 @@ class _Computing:
     planned: PlannedUnit
     cacheable: bool  # False: a state the codec refuses, or its text could not be kept
     carry_in: dict
-    first_row: int
     offset: int  # of its text, in the run's text file
     text_bytes: int = 0
     text_crc: int = 0
@@ -1011,9 +1002,7 @@ class CacheMerge(OrderedMerge):
         if self.row_numbers and not planned.key:
             identity = (*planned.unit.identity, self.rows)
             planned.key = hashlib.sha256(self.base + repr(identity).encode()).digest()
-        self.current = _Computing(
-            planned, True, dict(self.carry), self.rows, self.texts.place(self.bytes)
-        )
+        self.current = _Computing(planned, True, dict(self.carry), self.texts.place(self.bytes))
 
     def _commit(self) -> None:
         unit, self.current = self.current, None
