@@ -12,7 +12,6 @@ Same code, same bytes.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from ashstream.analysis.aggregate import (
     row_columns,
 )
 from ashstream.cache_codec import CodecError, dumps
+from ashstream.checksum import crc32
 from ashstream.encode import EncodeOptions, EncodeStats, encode_rows_text
 from ashstream.errors import INTERNAL_ERROR_ADVICE, AshstreamError, PipelineError
 from ashstream.report import Report
@@ -251,7 +251,7 @@ def encode_batch(
         for end in range(chunk_size, rows + chunk_size, chunk_size)
     )
     lossy = tuple((column, reason, n) for (column, reason), n in stats.counts.items())
-    text_crc = zlib.crc32(text) if mark is not None else None
+    text_crc = crc32(text) if mark is not None else None
     return EncodedBatch(text, rows, chunk_ends, lossy, partial, mark, text_crc)
 
 

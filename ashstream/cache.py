@@ -48,7 +48,6 @@ import stat
 import struct
 import tempfile
 import threading
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,6 +64,7 @@ from ashstream.analysis.aggregate import (
 )
 from ashstream.batch_job import EncodedBatch
 from ashstream.cache_codec import CodecError, dumps, loads
+from ashstream.checksum import crc32, crc32_combine
 from ashstream.chunks import Chunk, FileChunk, OrderedMerge
 from ashstream.errors import PipelineError, SettingsError
 from ashstream.procs import pid_alive
@@ -84,7 +84,7 @@ HEADER_BYTES = _HEADER.size
 # run of one big file resumes from its last unit, and a unit's partials stay small.
 # Smaller units cost a DuckDB query each (~1 ms) and an entry each.
 UNIT_ROWS = 1_000_000
-CHECK_THREADS = 2  # zlib.crc32 releases the GIL: entries' texts are checked in parallel
+CHECK_THREADS = 2  # crc32 releases the GIL: entries' texts are checked in parallel
 CHECK_BYTES = 2**22  # an entry's text is read through one buffer: no fresh pages to fault
 
 
@@ -230,7 +230,7 @@ class Entry:
             read = os.preadv(self.text.fileno(), [buffer[: min(CHECK_BYTES, end - offset)]], offset)
             if not read:
                 raise CorruptEntry("its text is truncated")
-            crc = zlib.crc32(buffer[:read], crc)
+            crc = crc32(buffer[:read], crc)
             offset += read
         if crc != self.text_crc:
             raise CorruptEntry("text checksum mismatch")
@@ -263,7 +263,7 @@ def _read_header(head: bytes) -> tuple:
     fields = _HEADER.unpack(head)
     if fields[0] != MAGIC:
         raise CorruptEntry("not an ashstream cache entry")
-    if zlib.crc32(head[:-4]) != fields[-1]:
+    if crc32(head[:-4]) != fields[-1]:
         raise CorruptEntry("header checksum mismatch")
     if fields[1] != FORMAT_VERSION:
         raise CorruptEntry(f"format version {fields[1]}, not {FORMAT_VERSION}")
@@ -294,7 +294,7 @@ def _read_entry(key: bytes, path: Path, texts: OpenTexts) -> Entry | None:
             if os.fstat(fd).st_size != HEADER_BYTES + meta_bytes:
                 raise CorruptEntry("truncated or extended")
             raw = file.read(meta_bytes)
-            if zlib.crc32(raw) != meta_crc:
+            if crc32(raw) != meta_crc:
                 raise CorruptEntry("metadata checksum mismatch")
             try:
                 meta = loads(raw)
@@ -524,14 +524,14 @@ class CacheStore:
             length,
             crc,
             len(raw),
-            zlib.crc32(raw),
+            crc32(raw),
             key,
             0,
         )[:-4]
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix=f"{os.getpid()}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as file:
-                file.write(head + struct.pack("<I", zlib.crc32(head)) + raw)
+                file.write(head + struct.pack("<I", crc32(head)) + raw)
             os.replace(name, self.entry_path(key))
         except BaseException:
             with contextlib.suppress(OSError):
@@ -1061,7 +1061,7 @@ class CacheMerge(OrderedMerge):
         if unit.cacheable:
             try:
                 self.texts.add(done.text)
-                crc = zlib.crc32(done.text) if done.text_crc is None else done.text_crc
+                crc = crc32(done.text) if done.text_crc is None else done.text_crc
                 unit.text_crc = crc32_combine(unit.text_crc, crc, len(done.text))
                 unit.text_bytes += len(done.text)
             except OSError as exc:
@@ -1196,42 +1196,6 @@ class CachedStream:
             "computed_rows": self.merge.computed_rows,
             "mode": self.merge.plan.mode,
         }
-
-
-def _multiply_mod_p(a: int, b: int) -> int:
-    """a·b modulo CRC-32's polynomial (bits reflected, as zlib's ``multmodp``)."""
-    product, bit = 0, 1 << 31
-    while a:
-        if a & bit:
-            product ^= b
-            a ^= bit
-        bit >>= 1
-        b = (b >> 1) ^ 0xEDB88320 if b & 1 else b >> 1
-    return product
-
-
-def _powers_of_x() -> list[int]:
-    """x^(2^k) modulo the polynomial, k = 0..63 (zlib's ``x2n_table``, longer)."""
-    powers = [1 << 30]  # x^1
-    for _ in range(63):
-        powers.append(_multiply_mod_p(powers[-1], powers[-1]))
-    return powers
-
-
-_X2N = _powers_of_x()
-
-
-def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
-    """The CRC-32 of two texts one after the other, from theirs and the second's length
-    (zlib's ``crc32_combine``, which Python's zlib does not offer): each batch's text is
-    checksummed by the transformer that wrote it, where it is still in the CPU's cache."""
-    shift, k = 1 << 31, 3  # x^0; the length in bits: 2^3 per byte
-    while length2:
-        if length2 & 1:
-            shift = _multiply_mod_p(_X2N[k], shift)
-        length2 >>= 1
-        k += 1
-    return _multiply_mod_p(shift, crc1) ^ crc2
 
 
 def _first_keys(partial: Any, levels: dict[str, int]) -> tuple:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the native encoder's differential tests (tests/test_native_encoder.py and
-# tests/test_encode.py, both encoders) against a build of ashstream._encoder with gcc's
+# Runs the C extensions' differential tests (tests/test_native_encoder.py and
+# tests/test_encode.py, both encoders; tests/test_checksum.py, the checksum against
+# zlib) against a build of ashstream._encoder and ashstream._checksum with gcc's
 # AddressSanitizer and UndefinedBehaviorSanitizer; any finding aborts the run.
 #
 #     bash scripts/sanitize.sh [pytest args]
@@ -27,9 +28,9 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so)"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:strict_string_checks=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 export ASHSTREAM_REQUIRE_NATIVE=1
-python -c "import ashstream._encoder as e; print('sanitized build:', e.__file__)"
+python -c "import ashstream._encoder as e, ashstream._checksum as c; print('sanitized builds:', e.__file__, c.__file__)"
 # --noconftest: these tests start no processes, and the shared-memory leak check would
 # see segments of any other ashstream on the machine.
 python -m pytest -q -p no:cacheprovider -o addopts="" --noconftest \
-    tests/test_native_encoder.py tests/test_encode.py "$@"
+    tests/test_native_encoder.py tests/test_encode.py tests/test_checksum.py "$@"
 echo "sanitizers: no finding"
