@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from ashstream import __version__
 from ashstream.analysis.aggregate import (
@@ -74,11 +74,11 @@ from ashstream.sources import has_order_by, parquet_footer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 4  # of the entries and of the codec: another is recomputed
+FORMAT_VERSION = 5  # of the entries and of the codec: another is recomputed
 MAGIC = b"ASHCACHE"
 # magic, version, text file, text offset, text bytes, text crc, meta bytes, meta crc,
-# key, header crc
-_HEADER = struct.Struct("<8sI16sQQIQI32sI")
+# key, report (its fingerprint's first 16 bytes: see CacheStore.tidy), header crc
+_HEADER = struct.Struct("<8sI16sQQIQI32s16sI")
 HEADER_BYTES = _HEADER.size
 # A file of more rows is cut into units of about this many (at row groups): a killed
 # run of one big file resumes from its last unit, and a unit's partials stay small.
@@ -120,6 +120,12 @@ def fingerprint(report: Report) -> bytes:
         report.pipeline.timezone,
     )
     return hashlib.sha256(repr(shaping).encode()).digest()
+
+
+def report_id(base: bytes) -> bytes:
+    """What an entry records of its report's :func:`fingerprint` ``base``: its units'
+    other entries are found by it (:meth:`CacheStore.tidy`)."""
+    return base[:16]
 
 
 def _footer_hash(path: str) -> bytes:
@@ -286,7 +292,7 @@ def _read_entry(key: bytes, path: Path, texts: OpenTexts) -> Entry | None:
         info = os.fstat(fd)
         identity = (info.st_dev, info.st_ino)
         try:
-            _, _, name, offset, text_bytes, text_crc, meta_bytes, meta_crc, stored_key, _ = (
+            _, _, name, offset, text_bytes, text_crc, meta_bytes, meta_crc, stored_key, _, _ = (
                 _read_header(file.read(HEADER_BYTES))
             )
             if stored_key != key:
@@ -422,6 +428,16 @@ class RunTexts:
             os.close(self.held)
 
 
+class Listed(NamedTuple):
+    """An entry as :meth:`CacheStore.listing` finds it."""
+
+    name: str
+    bytes: int
+    last_use: float  # its mtime, as a timestamp
+    text: str | None  # its text file's name; None: its header cannot be read
+    report: bytes | None  # its report's report_id; None: its header cannot be read
+
+
 class CacheStore:
     """A cache folder: ``entries/`` (one small file a key: its unit's metadata and
     where its text lies), ``texts/`` (the texts, one file a run: its module,
@@ -512,10 +528,18 @@ class CacheStore:
         self.discard(entry.key, entry.path, why, entry.identity)
 
     def put(
-        self, key: bytes, text_name: str, offset: int, length: int, crc: int, raw: bytes
+        self,
+        key: bytes,
+        report: bytes,
+        text_name: str,
+        offset: int,
+        length: int,
+        crc: int,
+        raw: bytes,
     ) -> None:
-        """Put the key's entry in place (its metadata ``raw``, its text ``length``
-        bytes at ``offset`` of ``texts/<text_name>``)."""
+        """Put the key's entry in place: of the report whose :func:`report_id` is
+        ``report``, its metadata ``raw``, its text ``length`` bytes at ``offset`` of
+        ``texts/<text_name>``."""
         head = _HEADER.pack(
             MAGIC,
             FORMAT_VERSION,
@@ -526,6 +550,7 @@ class CacheStore:
             len(raw),
             crc32(raw),
             key,
+            report,
             0,
         )[:-4]
         fd, name = tempfile.mkstemp(dir=self.tmp_dir, prefix=f"{os.getpid()}.", suffix=".tmp")
@@ -538,9 +563,8 @@ class CacheStore:
                 os.unlink(name)
             raise
 
-    def listing(self) -> tuple[list[tuple[str, int, float, str | None]], dict[str, int]]:
-        """Every entry, (name, bytes, last use as a timestamp, its text file's name or
-        None if unreadable), oldest use first; and every text file's bytes."""
+    def listing(self) -> tuple[list[Listed], dict[str, int]]:
+        """Every entry, oldest use first; and every text file's bytes."""
         entries = []
         with contextlib.suppress(FileNotFoundError):
             for item in os.scandir(self.entries_dir):
@@ -550,10 +574,11 @@ class CacheStore:
                         continue
                     with open(item.path, "rb") as file:
                         try:
-                            text = _read_header(file.read(HEADER_BYTES))[2].hex()
+                            fields = _read_header(file.read(HEADER_BYTES))
+                            text, report = fields[2].hex(), fields[9]
                         except CorruptEntry:
-                            text = None
-                    entries.append((item.name, info.st_size, info.st_mtime, text))
+                            text = report = None
+                    entries.append(Listed(item.name, info.st_size, info.st_mtime, text, report))
         texts = {}
         with contextlib.suppress(FileNotFoundError):
             for item in os.scandir(self.texts_dir):
@@ -561,47 +586,58 @@ class CacheStore:
                     info = item.stat(follow_symlinks=False)
                     if stat.S_ISREG(info.st_mode):
                         texts[item.name] = info.st_size
-        return sorted(entries, key=lambda e: e[2]), texts
+        return sorted(entries, key=lambda e: e.last_use), texts
 
     def size_bytes(self) -> int:
         entries, texts = self.listing()
-        return sum(e[1] for e in entries) + sum(texts.values())
+        return sum(e.bytes for e in entries) + sum(texts.values())
 
-    def tidy(self) -> int:
-        """Remove the entries whose text file is gone, the text files no entry points
-        to that no run holds, then, past ``max_size_bytes``, the least recently used
-        texts with their entries (an entry of another version is an item alone); the
+    def tidy(self, run: tuple[bytes, set[bytes]] | None = None) -> int:
+        """Remove what no run will use, and then what is past ``max_size_bytes``; the
         bytes removed. Under the folder's lock, so two runs ending at once do not both
-        remove for the same excess."""
+        remove for the same excess.
+
+        No run will use: an entry that cannot be read (damaged, or of another format
+        version, whose texts this version does not keep); an entry whose text file is
+        gone; an entry of the report that ``run`` (its :func:`report_id` and the keys of
+        its units) has just read whole, but not of those keys: the unit of a file since
+        rewritten, deleted or moved, or started from another running state (it would
+        keep a whole earlier module alive); a text file no entry points to that no run
+        holds. Past the bound, the least recently used texts go, with their entries."""
         removed = 0
+        report, keys = run if run is not None else (None, set())
+        used = {key.hex() for key in keys}
         with self.locked():
             entries, texts = self.listing()
-            users: dict[str | None, list] = {}
+            users: dict[str, list[Listed]] = {}
             for entry in entries:
-                if entry[3] is not None and entry[3] not in texts:
-                    removed += self._remove(self.entries_dir / entry[0], entry[1])
+                if (
+                    entry.text is None
+                    or entry.text not in texts
+                    or (entry.report == report and entry.name not in used)
+                ):
+                    removed += self._remove(self.entries_dir / entry.name, entry.bytes)
                 else:
-                    users.setdefault(entry[3], []).append(entry)
+                    users.setdefault(entry.text, []).append(entry)
             for name in [n for n in texts if n not in users]:
                 if self._remove_unheld(name):
                     removed += texts.pop(name)
             if self.max_size_bytes is None:
                 return removed
-            items = [((name,), size, users.get(name, [])) for name, size in texts.items()]
-            items += [((), 0, [entry]) for entry in users.get(None, [])]
-            total = sum(size + sum(e[1] for e in group) for _, size, group in items)
+            total = sum(texts.values()) + sum(e.bytes for group in users.values() for e in group)
             # last use: its newest entry's; a text no entry points to yet is a run's
             # that goes on, the newest of all
-            for text, size, group in sorted(
-                items, key=lambda i: max((e[2] for e in i[2]), default=float("inf"))
+            for name, size in sorted(
+                texts.items(),
+                key=lambda t: max((e.last_use for e in users.get(t[0], ())), default=float("inf")),
             ):
                 if total <= self.max_size_bytes:
                     break
+                group = users.get(name, [])
                 for entry in group:
-                    removed += self._remove(self.entries_dir / entry[0], entry[1])
-                for name in text:
-                    removed += self._remove(self.texts_dir / name, size)
-                total -= size + sum(e[1] for e in group)
+                    removed += self._remove(self.entries_dir / entry.name, entry.bytes)
+                removed += self._remove(self.texts_dir / name, size)
+                total -= size + sum(e.bytes for e in group)
         return removed
 
     def _remove_unheld(self, name: str) -> bool:
@@ -630,7 +666,7 @@ class CacheStore:
         """Remove every entry and text; (entries, bytes) removed."""
         with self.locked():
             entries, texts = self.listing()
-            size = sum(self._remove(self.entries_dir / e[0], e[1]) for e in entries)
+            size = sum(self._remove(self.entries_dir / e.name, e.bytes) for e in entries)
             size += sum(self._remove(self.texts_dir / n, s) for n, s in texts.items())
         return len(entries), size
 
@@ -708,7 +744,7 @@ class CachePlan:
             entries, _ = store.listing()
         except OSError:
             return None
-        if any(e[3] == found.text_name and e[0] not in reused for e in entries):
+        if any(e.text == found.text_name and e.name not in reused for e in entries):
             fcntl.flock(fd, fcntl.LOCK_SH)
             return None
         return found.text_name, found.text, end
@@ -918,6 +954,9 @@ class CacheMerge(OrderedMerge):
         self.columns: tuple[str, ...] | None = None  # from the cached entries
         self.stream_columns: Callable[[], tuple[str, ...] | None] = lambda: None  # the engine's
         self.computed_rows = 0
+        # once every unit is fed or committed: the report's id and its units' keys, for
+        # CacheStore.tidy to remove the report's other entries
+        self.finished: tuple[bytes, set[bytes]] | None = None
         # joins the computed units' partials and commits their entries, in order, off
         # the thread that takes the chunks (the run's busiest)
         self.joiner = ThreadPoolExecutor(1, thread_name_prefix="ashstream-cache-join")
@@ -1034,6 +1073,7 @@ class CacheMerge(OrderedMerge):
             meta["partial"] = dumps(unit.partial) if unit.partial is not None else None
             self.store.put(
                 unit.planned.key,
+                report_id(self.base),
                 self.texts.name,
                 unit.offset,
                 unit.text_bytes,
@@ -1110,6 +1150,7 @@ class CacheMerge(OrderedMerge):
             yield from self._advance_to(self.next_unit + 1)
         self.joiner.shutdown(wait=True)  # every entry committed
         self._repoint()
+        self.finished = (report_id(self.base), {p.key for p in self.plan.units})
         super().finish()
 
     def close(self) -> None:
@@ -1129,6 +1170,7 @@ class CacheMerge(OrderedMerge):
                     continue  # in the module it continued (CachePlan.continued_text)
                 self.store.put(
                     entry.key,
+                    report_id(self.base),
                     self.texts.name,
                     offset,
                     entry.text_bytes,

@@ -651,9 +651,12 @@ def cache_list(cache_dir, as_json) -> None:
 
     store = CacheStore(cache_dir).open()
     entries, texts = store.listing()
-    total = sum(e[1] for e in entries) + sum(texts.values())
+    total = sum(e.bytes for e in entries) + sum(texts.values())
     if as_json:
-        rows = [{"entry": n, "bytes": b, "last_used": t, "text": x} for n, b, t, x in entries]
+        rows = [
+            {"entry": e.name, "bytes": e.bytes, "last_used": e.last_use, "text": e.text}
+            for e in entries
+        ]
         click.echo(
             json.dumps(
                 {
@@ -666,11 +669,12 @@ def cache_list(cache_dir, as_json) -> None:
         )
         return
     out = Console(highlight=False)
-    for name, size, used, text in entries:
-        when = dt.datetime.fromtimestamp(used).isoformat(sep=" ", timespec="seconds")
-        where = f"text {text[:8]}" if text else "unreadable"
+    for entry in entries:
+        when = dt.datetime.fromtimestamp(entry.last_use).isoformat(sep=" ", timespec="seconds")
+        where = f"text {entry.text[:8]}" if entry.text else "unreadable"
         out.print(
-            f"{name[:16]}  {size / 2**10:>8,.1f} KiB  {where}  last used {when}", markup=False
+            f"{entry.name[:16]}  {entry.bytes / 2**10:>8,.1f} KiB  {where}  last used {when}",
+            markup=False,
         )
     for name, size in texts.items():
         out.print(f"text {name[:8]}  {size / 2**20:>10,.1f} MiB", markup=False)

@@ -371,7 +371,7 @@ def _open_stream(
         if texts is not None:
             texts.close()
     try:
-        store.tidy()
+        store.tidy(merge.finished)
     except OSError as exc:  # the run is done; the next one tidies
         logger.warning("cache folder %s: not tidied (%s)", store.root, exc)
 

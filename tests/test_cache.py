@@ -647,6 +647,33 @@ def test_a_run_keeps_one_text_and_a_rerun_links_the_module(days):
     assert not [p for p in days.iterdir() if p.name.startswith(".cached.typ.")]
 
 
+def test_entries_no_run_will_use_go_with_the_modules_they_kept(days):
+    """A file rewritten or deleted leaves its report's entries of it behind (and of
+    the units after it, whose first rows moved); the run that read the report whole
+    removes them, so that the earlier module they point into goes too. Another
+    report's entries stay."""
+    report, cache = report_file(days, GROUPED), days / "cache"
+    run(report_file(days, PLAIN, name="p.yaml"), days / "p.typ", cache)
+    theirs = cache_files(cache)
+    run(report, days / "a.typ", cache)
+    write_day(days / "data", 3, seed=1)
+    assert assert_same_as_cold(report, days, cache)["computed_rows"] == 300
+    files = cache_files(cache)
+    assert len(files["entries"]) == 8 and set(theirs["entries"]) < set(files["entries"])
+    assert files["texts"] == sorted([*theirs["texts"], days / "cache" / "texts" / text_of(days)])
+    (days / "data" / "d001.parquet").unlink()
+    assert assert_same_as_cold(report, days, cache)["reused_rows"] == 300  # the prefix
+    files = cache_files(cache)
+    assert len(files["entries"]) == 7 and set(theirs["entries"]) < set(files["entries"])
+    assert files["texts"] == sorted([*theirs["texts"], days / "cache" / "texts" / text_of(days)])
+
+
+def text_of(days: Path) -> str:
+    """The name in the cache of the text that is ``days/cached.typ``."""
+    inode = (days / "cached.typ").stat().st_ino
+    return next(p.name for p in (days / "cache" / "texts").iterdir() if p.stat().st_ino == inode)
+
+
 def test_a_cache_on_another_file_system_keeps_its_own_text(days, monkeypatch):
     """Where the module cannot be linked (EXDEV), the cache writes the texts itself."""
     real_link = os.link
