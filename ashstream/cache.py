@@ -382,6 +382,7 @@ class RunTexts:
         continued: str | None = None,
     ) -> None:
         self.name = continued or os.urandom(16).hex()
+        self.continued = continued is not None
         path = store.texts_dir / self.name
         self.module: BinaryIO | None = module if continued else None
         self.own: BinaryIO | None = None
@@ -418,8 +419,10 @@ class RunTexts:
 
     def sync(self) -> None:
         """Make the texts added so far readable by another process, before an entry
-        that points to them is committed."""
-        (self.module or self.own).flush()
+        that points to them is committed (a finished module is closed: written)."""
+        file = self.module or self.own
+        if not file.closed:
+            file.flush()
 
     def close(self) -> None:
         if self.own is not None:
@@ -923,11 +926,12 @@ class CacheMerge(OrderedMerge):
     :meth:`rest` feeds the cached units after it.
 
     When the run's texts are its module (linked), the reused entries are pointed at
-    their copies in it once all is written, so the texts of earlier runs are no longer
+    their copies in it once it is finished (:meth:`repoint`), so the texts of earlier runs are no longer
     needed (:meth:`CacheStore.tidy` removes them) and the cache holds one copy of each
     unit's text. Unless the module is the earlier text itself: a run that reuses all
-    of one text file, in place, from its start (the sink then links that file as the
-    module, :class:`~ashstream.sinks.TypstModuleSink`), leaves the entries as they are."""
+    of one text file, in place, from its start, and finds it is the module byte for
+    byte (the sink then links that file as the module,
+    :class:`~ashstream.sinks.TypstModuleSink`), leaves the entries as they are."""
 
     def __init__(
         self,
@@ -943,8 +947,6 @@ class CacheMerge(OrderedMerge):
         self.store = store
         self.texts = texts
         self.fed: list[tuple[Entry, int]] = []  # reused entries and their texts' new places
-        self.in_place: BinaryIO | None = None  # the one text file every chunk so far lies in
-        self.in_place_end = texts.start  # where the next chunk must start to stay in place
         self.levels = _running_levels(self.collector.analysis if self.collector else None)
         self.base = fingerprint(report)
         self.row_numbers = any(c.agg == "none" for c in report.charts)
@@ -960,6 +962,13 @@ class CacheMerge(OrderedMerge):
         # joins the computed units' partials and commits their entries, in order, off
         # the thread that takes the chunks (the run's busiest)
         self.joiner = ThreadPoolExecutor(1, thread_name_prefix="ashstream-cache-join")
+
+    @property
+    def may_stay_in_place(self) -> bool:
+        """Whether the module may be a file the reused texts lie in: a killed run's
+        module that this run continues, or an earlier module linked as this one (the
+        sink's rule, see there), which it cannot be where rows are computed."""
+        return self.plan.report is None or self.texts.continued
 
     # -- cached units
 
@@ -998,13 +1007,6 @@ class CacheMerge(OrderedMerge):
         self._next_chunk += meta["chunks"]
         self.fed.append((entry, self.texts.place(self.bytes)))
         self.bytes += entry.text_bytes
-        if entry.text_bytes and self.in_place_end is not None:  # the sink's rule, see there
-            if (self.in_place or entry.text) is entry.text and (
-                entry.text_offset == self.in_place_end
-            ):
-                self.in_place, self.in_place_end = entry.text, self.in_place_end + entry.text_bytes
-            else:
-                self.in_place_end = None
         return chunk
 
     def _wait_checked(self, entry: Entry) -> None:
@@ -1117,10 +1119,7 @@ class CacheMerge(OrderedMerge):
                 logger.warning("cache: a unit is not cached: %s", exc)
         unit.lossy.extend(done.lossy)
         self.computed_rows += done.rows
-        taken = super().take(done)
-        if taken:
-            self.in_place_end = None
-        return chunks + taken
+        return chunks + super().take(done)
 
     def _join(self, unit: _Computing, raw: bytes) -> None:
         """(In the joiner.) Join a batch's partial, as bytes, into the unit's; a state
@@ -1149,7 +1148,6 @@ class CacheMerge(OrderedMerge):
         while self.next_unit < len(self.plan.units):
             yield from self._advance_to(self.next_unit + 1)
         self.joiner.shutdown(wait=True)  # every entry committed
-        self._repoint()
         self.finished = (report_id(self.base), {p.key for p in self.plan.units})
         super().finish()
 
@@ -1158,10 +1156,11 @@ class CacheMerge(OrderedMerge):
         are, those queued are dropped)."""
         self.joiner.shutdown(wait=True, cancel_futures=True)
 
-    def _repoint(self) -> None:
-        """Point the reused entries at their copies in this run's module (see the
-        class's docstring); an entry that cannot be rewritten keeps its old place."""
-        if not self.texts.linked or not self.fed or self.in_place_end is not None:
+    def repoint(self, module_linked: bool) -> None:
+        """Once the module is finished: point the reused entries at their copies in
+        it (see the class's docstring), unless it is an earlier file, linked
+        (``module_linked``); an entry that cannot be rewritten keeps its old place."""
+        if module_linked or not self.texts.linked or not self.fed:
             return
         try:
             self.texts.sync()

@@ -231,7 +231,7 @@ def run_report(
                     "encoder": encoder,
                     "cache": handle.cache_facts() if store is not None else None,
                 }
-            sink.finish(columns, results)
+                sink.finish(columns, results)  # before the stream's end: see _open_stream
             seconds = time.perf_counter() - started
             if pdf_path:
                 tell(RunProgress(RunStage.COMPILING_PDF, sink.rows, path=str(pdf_path)))
@@ -337,7 +337,9 @@ def _open_stream(
 ) -> Iterator[tuple[Any, Pool | None]]:
     """The report's stream and its pool (see :func:`_open_engine`); with a cache, a
     stream of the cached units and, on an engine, the others (None without any), the
-    texts of the latter kept in ``sink``'s module (see :class:`~ashstream.cache.RunTexts`)."""
+    texts of the latter kept in ``sink``'s module (see :class:`~ashstream.cache.RunTexts`).
+    The caller finishes ``sink`` before the block ends: the cache's entries are then
+    pointed at the module, unless it is an earlier file, linked."""
     if store is None:
         with _open_engine(report, chunk_size, *engine_args) as opened:
             yield opened
@@ -358,12 +360,15 @@ def _open_stream(
                     f"cache folder {store.root}: cannot be used: {exc.strerror or exc}"
                 ) from None
         merge = CacheMerge(report, size, plan, store, texts)
+        if not merge.may_stay_in_place:
+            sink.copy_as_fed()
         if plan.report is None:
             yield CachedStream(merge, None), None
         else:
             with _open_engine(plan.report, size, *engine_args) as (handle, pool):
                 handle.use_merge(merge)
                 yield CachedStream(merge, handle), pool
+        merge.repoint(sink.linked)
     finally:
         if merge is not None:
             merge.close()

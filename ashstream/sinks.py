@@ -258,6 +258,7 @@ class TypstModuleSink:
         self._head = b""  # the module's first line and the rows' opening
         self._in_place: _TextInPlace | None = None  # rows whose copy waits
         self._wrote_rows = False  # rows' text was written here: it is not another file's
+        self._hold_for_link = True  # False: rows from a file are copied as they come
         self._linked = False  # the module is another file, linked (see _link_in_place)
 
     def _writing(self) -> contextlib.AbstractContextManager[None]:
@@ -327,6 +328,17 @@ class TypstModuleSink:
             self._in_place = _TextInPlace(file, self.text_start, in_module=end)
         return True
 
+    @property
+    def linked(self) -> bool:
+        """Whether the finished module is an earlier file, linked (nothing copied)."""
+        return self._linked
+
+    def copy_as_fed(self) -> None:
+        """Copy rows from a file as they come rather than hold them for a link: the
+        run computes rows too, so the module is no earlier file (each copy then
+        overlaps the check of the texts after it)."""
+        self._hold_for_link = False
+
     def write(self, chunk: Chunk) -> None:
         with self._writing():
             if isinstance(chunk, FileChunk):
@@ -358,7 +370,7 @@ class TypstModuleSink:
             return True
         place = self._in_place
         if place is None:
-            if self._wrote_rows or chunk.offset != self.text_start:
+            if self._wrote_rows or not self._hold_for_link or chunk.offset != self.text_start:
                 return False
             self._in_place = place = _TextInPlace(chunk.file, chunk.offset)
         elif chunk.file is not place.source or chunk.offset != place.end:
