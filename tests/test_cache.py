@@ -532,6 +532,32 @@ def test_texts_found_damaged_as_they_are_copied_restart_the_run_once(days, caplo
     assert assert_same_as_cold(report, days, cache)["reused_rows"] == 1200
 
 
+@pytest.mark.parametrize("damaged", [False, True])
+def test_a_text_written_on_is_checked_all_the_same(days, damaged, caplog):
+    """A run that writes on in the file its reused texts lie in (the cache's alone, as
+    a killed run leaves it) copies none of them, yet a damaged one restarts the run."""
+    report, cache = report_file(days, GROUPED), days / "cache"
+    run(report, days / "a.typ", cache)
+    (days / "a.typ").unlink()
+    (text,) = cache_files(cache)["texts"]
+    write_day(days / "data", 4)
+    if damaged:
+        entry = next(e for e in (cache / "entries").iterdir() if text_place(e)[2])
+        _, offset, _ = text_place(entry)
+        flip(text, offset + 5, 0x20)
+    caplog.set_level("INFO", logger="ashstream")
+    facts = run(report, days / "b.typ", cache)["cache"]
+    run(report, days / "cold.typ")
+    assert (days / "b.typ").read_bytes() == (days / "cold.typ").read_bytes()
+    restarts = [r for r in caplog.records if "running again" in r.getMessage()]
+    assert len(restarts) == int(damaged)
+    if not damaged:  # the old text is the module, written on
+        assert (days / "b.typ").stat().st_ino == text.stat().st_ino
+        assert facts["computed_rows"] == 300
+    else:
+        assert facts["computed_rows"] > 300
+
+
 def test_no_check_thread_outlives_a_run_and_a_replaced_entry_is_not_removed(days):
     report, cache = report_file(days, PLAIN), days / "cache"
     run(report, days / "warm.typ", cache)
