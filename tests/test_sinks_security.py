@@ -119,6 +119,19 @@ def test_a_link_at_the_target_is_replaced_not_written_through(tmp_path):
 
 
 @pytest.mark.process
+@pytest.mark.timeout(60)
+def test_a_fifo_at_the_target_neither_blocks_the_run_nor_is_written_through(tmp_path):
+    """The run drops the cached pages of the file it will replace: it opens what is at
+    the target without blocking (a FIFO) and replaces it, never writing into it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / "out.typ")
+    report = write_report(tmp_path, {"name": "s", "source": {"duckdb": {"query": TEN_ROWS}}})
+    run(report, out)
+    assert (out / "out.typ").is_file() and (out / "out.typ").read_text().count(",\n") >= 10
+
+
+@pytest.mark.process
 @needs_a_second_user
 @pytest.mark.parametrize(
     "shared_folder", [0o1777, 0o777], ids=["sticky folder", "open folder"], indirect=True
