@@ -47,7 +47,7 @@ class OptionalBuildExt(build_ext):
             raise exc
         print(
             f"WARNING: {name} was not built ({exc}); ashstream will use its pure-Python "
-            "reference instead (the encoder's is about 4x slower, zlib.crc32 about 5x).",
+            "reference instead (the encoder's is about 4x slower, zlib.crc32 about 4x).",
             file=sys.stderr,
         )
 

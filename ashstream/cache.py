@@ -122,10 +122,16 @@ def fingerprint(report: Report) -> bytes:
     return hashlib.sha256(repr(shaping).encode()).digest()
 
 
-def report_id(base: bytes) -> bytes:
-    """What an entry records of its report's :func:`fingerprint` ``base``: its units'
-    other entries are found by it (:meth:`CacheStore.tidy`)."""
-    return base[:16]
+def report_id(report: Report, base: bytes) -> bytes:
+    """What an entry records of its report: its :func:`fingerprint` ``base`` with
+    where the report and its source are (two reports alike but for their files are
+    two; the same report over a grown or shrunk folder is one), by which its units'
+    other entries are found (:meth:`CacheStore.tidy`)."""
+    src = report.source
+    folders = {os.path.dirname(os.path.abspath(f)) for f in src.parquet}
+    files_in = os.path.commonpath(folders) if folders else None
+    where = (report.name, report.path, report.base_dir, src.database, files_in)
+    return hashlib.sha256(base + repr(where).encode()).digest()[:16]
 
 
 def _footer_hash(path: str) -> bytes:
@@ -949,6 +955,7 @@ class CacheMerge(OrderedMerge):
         self.fed: list[tuple[Entry, int]] = []  # reused entries and their texts' new places
         self.levels = _running_levels(self.collector.analysis if self.collector else None)
         self.base = fingerprint(report)
+        self.report_id = report_id(report, self.base)
         self.row_numbers = any(c.agg == "none" for c in report.charts)
         self.next_unit = 0  # in plan.units: the first not yet fed or committed
         self.carry = dict(plan.carry_in) if plan.report is not None else {}
@@ -1075,7 +1082,7 @@ class CacheMerge(OrderedMerge):
             meta["partial"] = dumps(unit.partial) if unit.partial is not None else None
             self.store.put(
                 unit.planned.key,
-                report_id(self.base),
+                self.report_id,
                 self.texts.name,
                 unit.offset,
                 unit.text_bytes,
@@ -1148,7 +1155,7 @@ class CacheMerge(OrderedMerge):
         while self.next_unit < len(self.plan.units):
             yield from self._advance_to(self.next_unit + 1)
         self.joiner.shutdown(wait=True)  # every entry committed
-        self.finished = (report_id(self.base), {p.key for p in self.plan.units})
+        self.finished = (self.report_id, {p.key for p in self.plan.units})
         super().finish()
 
     def close(self) -> None:
@@ -1169,7 +1176,7 @@ class CacheMerge(OrderedMerge):
                     continue  # in the module it continued (CachePlan.continued_text)
                 self.store.put(
                     entry.key,
-                    report_id(self.base),
+                    self.report_id,
                     self.texts.name,
                     offset,
                     entry.text_bytes,

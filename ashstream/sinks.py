@@ -365,8 +365,7 @@ class TypstModuleSink:
         return self._rows
 
     def _keep_in_place(self, chunk: FileChunk) -> bool:
-        """Whether the chunk's copy can wait (see the class's docstring; the cache's
-        merge follows the same rule, :class:`~ashstream.cache.CacheMerge`)."""
+        """Whether the chunk's copy can wait (see the class's docstring)."""
         if not chunk.length:
             return True
         place = self._in_place
@@ -579,14 +578,15 @@ def _drop_cached_pages(path: Path) -> None:
     if not hasattr(os, "posix_fadvise"):
         return
 
-    def alone(info: os.stat_result) -> bool:
-        return stat.S_ISREG(info.st_mode) and info.st_nlink == 1
+    def alone(info: os.stat_result) -> bool:  # and this user's: no one else's to drop
+        return stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == os.geteuid()
 
     try:
         if not alone(os.stat(path, follow_symlinks=False)):
             return  # a link, a FIFO, a device or a cache's text: not opened
         # not blocking, not through a link: what is there may have changed since
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        fd = os.open(path, flags)
     except OSError:
         return  # none, or not ours to read: nothing to drop
     try:
@@ -621,7 +621,8 @@ def _copy_range(source: int, offset: int, length: int, target: int) -> None:
                 raise OSError(errno.EIO, "the cache entry ended early")
             copied = os.write(target, piece)
         if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(source, offset, copied, os.POSIX_FADV_DONTNEED)
+            with contextlib.suppress(OSError):  # only a hint
+                os.posix_fadvise(source, offset, copied, os.POSIX_FADV_DONTNEED)
         offset += copied
 
 

@@ -644,6 +644,21 @@ def test_eviction_removes_the_least_recently_used_texts_first(days):
     assert run(grouped, days / "d.typ", cache)["cache"]["computed_rows"] == 1200
 
 
+def test_reports_alike_but_for_their_files_keep_each_others_entries(days):
+    """A run removes the entries of its own report that it did not use, never those of
+    a report with the same options over other files, sharing the cache."""
+    other = days / "other"
+    (other / "data").mkdir(parents=True)
+    for day in range(10, 13):
+        write_day(other / "data", day)
+    cache = days / "cache"
+    mine, theirs = report_file(days, GROUPED), report_file(other, GROUPED)
+    run(mine, days / "a.typ", cache)
+    run(theirs, other / "a.typ", cache)
+    assert run(mine, days / "b.typ", cache)["cache"]["computed_rows"] == 0
+    assert run(theirs, other / "b.typ", cache)["cache"]["computed_rows"] == 0
+
+
 def test_a_run_keeps_one_text_and_a_rerun_links_the_module(days):
     """A cold run's module is the cache's text (one write); a re-run over the same
     data links it as its module (none); one that must copy it (into another output,
