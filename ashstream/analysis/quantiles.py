@@ -2,11 +2,12 @@
 
 ``method: exact`` keeps a group's valid values as numbers (floats as float64, integers
 as int64 or uint64, decimals as unscaled integers, dates as days, timestamps as ticks),
-sorted per batch in the transformers. The parent keeps a few sorted runs per group,
-merging the newest two while the older is at most twice the newer (so ``log2`` of the
-rows runs, each value copied ``log2`` times), and sorts them once at the end. Equal
-values stay in row order (every sort is stable), so ``-0.0`` against ``0.0`` or NaN
-payloads cannot depend on the batch bounds. The result is DuckDB's:
+in a few runs per group, unsorted: the parent joins the newest two while the older is
+at most twice the newer (so ``log2`` of the rows runs, each value copied ``log2``
+times), and at the end selects the values at the quantiles' ranks (``np.partition``,
+linear: a sort of a month's 3M values took the parent 0.2-0.3 s). Equal values are
+equal bits (``-0.0`` becomes ``0.0``, every NaN one NaN), so the value at a rank cannot
+depend on the batch bounds. The result is DuckDB's:
 
 - ``quantile_disc``: the value at index ``max(1, n - floor(n - q*n)) - 1`` of the
   sorted values (DuckDB's own float expression, which differs from ``ceil(q*n)`` on
@@ -99,15 +100,11 @@ def from_number(t: pa.DataType, number: Any) -> Any:
     return int(number)
 
 
-def _split_sorted(values: np.ndarray, ids: np.ndarray, n: int) -> list[np.ndarray]:
-    """Per id 0..n-1, its values sorted (stably: equal values in row order)."""
+def _split_by_id(values: np.ndarray, ids: np.ndarray, n: int) -> list[np.ndarray]:
+    """Per id 0..n-1, its values."""
     if n == 1:
-        return [np.sort(values, kind="stable")]
-    if values.dtype == object:
-        order = np.array(sorted(range(len(values)), key=lambda i: (ids[i], values[i])), dtype=int)
-    else:
-        order = np.lexsort((values, ids))
-    ordered = values[order]
+        return [values]
+    ordered = values[np.argsort(ids, kind="stable")]
     return [ordered[a:b] for a, b in id_spans(ids, n)]
 
 
@@ -138,7 +135,7 @@ class ExactQuantile(BatchAggregate):
         numbers = as_numbers(values, valid)
         if not len(numbers):
             return [(values.type, ())] * n
-        runs = _split_sorted(numbers, ids[valid], n)
+        runs = _split_by_id(numbers, ids[valid], n)
         return [(values.type, (run,) if len(run) else ()) for run in runs]
 
     def merge(self, left: tuple, right: tuple) -> tuple:
@@ -148,7 +145,7 @@ class ExactQuantile(BatchAggregate):
         runs = [*left[1], *right[1]]
         while len(runs) >= 2 and len(runs[-2]) <= 2 * len(runs[-1]):
             newer = runs.pop()
-            runs.append(np.sort(np.concatenate([runs.pop(), newer]), kind="stable"))
+            runs.append(np.concatenate([runs.pop(), newer]))
         return (kind, tuple(runs))
 
     def held_bytes(self, state: tuple) -> int:
@@ -158,24 +155,30 @@ class ExactQuantile(BatchAggregate):
         kind, runs = state
         if not runs:
             return None
-        values = runs[0] if len(runs) == 1 else np.sort(np.concatenate(runs), kind="stable")
+        values = np.concatenate(runs) if len(runs) > 1 else runs[0].copy()  # to reorder
         interpolate = self.interpolate
         if interpolate is None:
             interpolate = pa.types.is_floating(kind)
-        found = [self._at(values, q, kind, interpolate) for q in self.qs]
+        n = len(values)
+        if interpolate:
+            positions = [(n - 1) * q for q in self.qs]
+            around = {r for p in positions for r in (math.floor(p), math.ceil(p))}
+            values.partition(sorted(around))  # each rank's value at its place
+            found = [_interpolated(values, p) for p in positions]
+        else:
+            ranks = [disc_index(n, q) for q in self.qs]
+            values.partition(sorted(set(ranks)))
+            found = [from_number(kind, values[r]) for r in ranks]
         return found if self.listed else found[0]
 
-    @staticmethod
-    def _at(values: np.ndarray, q: float, kind: pa.DataType, interpolate: bool) -> Any:
-        n = len(values)
-        if not interpolate:
-            return from_number(kind, values[disc_index(n, q)])
-        position = (n - 1) * q
-        lo, hi = math.floor(position), math.ceil(position)
-        low = float(values[lo])
-        if lo == hi:
-            return low
-        return interpolate_between(low, float(values[hi]), position - lo)
+
+def _interpolated(ranked: np.ndarray, position: float) -> float:
+    """quantile_cont at ``position`` of values whose ranks around it are in place."""
+    lo, hi = math.floor(position), math.ceil(position)
+    low = float(ranked[lo])
+    if lo == hi:
+        return low
+    return interpolate_between(low, float(ranked[hi]), position - lo)
 
 
 def interpolate_between(low: float, high: float, d: float) -> float:
