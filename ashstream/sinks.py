@@ -602,21 +602,30 @@ def _copy_range(source: int, offset: int, length: int, target: int) -> None:
     """Append ``length`` bytes at ``offset`` of ``source`` to ``target``: in the kernel
     where it can (no copy through this process), else read and written.
 
+    Where the file system shares blocks between files (XFS, Btrfs), the kernel shares
+    them rather than copy, but only from and to block boundaries: the bytes up to the
+    source's next boundary go first, alone, so that where the target's end lies alike
+    within a block (a run's reused rows, from where an earlier module's start, to where
+    this one's do), the rest is shared (a 3.9 GB text in no time, against
+    1 s on XFS and 2.2-2.6 s on ext4, which copies either way).
+
     The source's cached pages are dropped behind the copy: a cache's text is read once,
     and the pages it frees are those the copy's writes take, so the page cache does not
     grow by the text's size. Allocating fresh pages costs more than the copy itself
     where the host reclaims a VM's free memory (0.2-0.8 GB/s against 1.6-2.2 GB/s for
     a 3.9 GB text, benchmarks/bench_cache.py's one day appended)."""
     end = offset + length
+    block = os.fstat(target).st_blksize
     while offset < end:
+        step = -offset % block or COPY_STEP  # to the next boundary first
         try:
-            copied = os.copy_file_range(source, target, min(end - offset, COPY_STEP), offset)
+            copied = os.copy_file_range(source, target, min(end - offset, step), offset)
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
             copied = 0
         if not copied:  # another file system, or none in this kernel: by hand
-            piece = os.pread(source, min(end - offset, 2**24), offset)
+            piece = os.pread(source, min(end - offset, step, 2**24), offset)
             if not piece:
                 raise OSError(errno.EIO, "the cache entry ended early")
             copied = os.write(target, piece)

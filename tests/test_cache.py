@@ -738,6 +738,35 @@ def test_a_cache_on_another_file_system_keeps_its_own_text(days, monkeypatch):
     assert len(cache_files(cache)["texts"]) == 2
 
 
+@pytest.mark.parametrize("offset", [0, 1, 4095, 4096, 4097, 10_000])
+@pytest.mark.parametrize("length", [0, 1, 5000, 40_000])
+def test_a_copied_range_is_its_bytes_with_shareable_blocks_after_the_first(
+    tmp_path, monkeypatch, offset, length
+):
+    """Every kernel copy after the first starts on a block boundary of the source: a
+    file system that shares blocks (XFS, Btrfs) then shares them rather than copy."""
+    from ashstream import sinks
+
+    monkeypatch.setattr(sinks, "COPY_STEP", 8192)
+    data = os.urandom(60_000)
+    (tmp_path / "source").write_bytes(data)
+    starts = []
+    real_copy = os.copy_file_range
+
+    def seen(src, dst, count, offset_src=None, *args):
+        starts.append(offset_src)
+        return real_copy(src, dst, count, offset_src, *args)
+
+    monkeypatch.setattr(os, "copy_file_range", seen)
+    with open(tmp_path / "source", "rb") as source, open(tmp_path / "target", "wb") as target:
+        target.write(data[:offset])
+        target.flush()
+        block = os.fstat(target.fileno()).st_blksize
+        sinks._copy_range(source.fileno(), offset, length, target.fileno())
+    assert (tmp_path / "target").read_bytes() == data[: offset + length]
+    assert all(start % block == 0 for start in starts[1:]), starts
+
+
 def test_cache_list_and_clear(days):
     from click.testing import CliRunner
 
