@@ -151,7 +151,7 @@ class _Job:
             self.send(SourceDone(job.stream_id, seq, first_row - start))
         finally:
             source.close()  # also when the stream stopped before its first batch
-        logger.debug("stream %s: %d rows in %d batches read", job.stream_id, first_row, seq)
+        logger.debug("stream %s: %d rows in %d batches read", job.stream_id, first_row - start, seq)
 
     def _connected(self, connection: Any) -> None:
         self.connection = connection
