@@ -914,11 +914,12 @@ class _Computing:
     cacheable: bool  # False: a state the codec refuses, or its text could not be kept
     carry_in: dict
     offset: int  # of its text, in the run's text file
+    first_row: int  # of the run's rows
     text_bytes: int = 0
     text_crc: int = 0
     rows: int = 0
     chunks: int = 0
-    partial: BatchPartial | None = None  # the unit's batches' partials joined
+    partial: BatchPartial | None = None  # the unit's batches' partials joined, as they come
     lossy: list = field(default_factory=list)
     first_keys: tuple | None = None
     carry_out: dict | None = None
@@ -930,6 +931,11 @@ class CacheMerge(OrderedMerge):
     as its batches are taken, committed when the next unit starts (so a killed run's
     successor finds every unit that was complete). The stream's end is not the run's:
     :meth:`rest` feeds the cached units after it.
+
+    A computed unit's batches' partials are joined as they come, and the collector
+    takes the unit's partial when it is complete, as it takes a cached unit's: each
+    state is merged once and stored once (the groups the unit closed go with the next
+    chunk, after the unit's rows, in order).
 
     When the run's texts are its module (linked), the reused entries are pointed at
     their copies in it once it is finished (:meth:`repoint`), so the texts of earlier runs are no longer
@@ -960,15 +966,16 @@ class CacheMerge(OrderedMerge):
         self.next_unit = 0  # in plan.units: the first not yet fed or committed
         self.carry = dict(plan.carry_in) if plan.report is not None else {}
         self.current: _Computing | None = None
+        self.closed: list[ClosedGroup] = []  # by committed units, for the next chunk
         self.columns: tuple[str, ...] | None = None  # from the cached entries
         self.stream_columns: Callable[[], tuple[str, ...] | None] = lambda: None  # the engine's
         self.computed_rows = 0
         # once every unit is fed or committed: the report's id and its units' keys, for
         # CacheStore.tidy to remove the report's other entries
         self.finished: tuple[bytes, set[bytes]] | None = None
-        # joins the computed units' partials and commits their entries, in order, off
-        # the thread that takes the chunks (the run's busiest)
-        self.joiner = ThreadPoolExecutor(1, thread_name_prefix="ashstream-cache-join")
+        # commits the computed units' entries, in order, off the thread that takes the
+        # chunks (the run's busiest)
+        self.joiner = ThreadPoolExecutor(1, thread_name_prefix="ashstream-cache-put")
 
     @property
     def may_stay_in_place(self) -> bool:
@@ -981,7 +988,7 @@ class CacheMerge(OrderedMerge):
 
     def _feed(self, entry: Entry) -> Chunk:
         meta = entry.meta
-        closed: list[ClosedGroup] = []
+        closed, self.closed = self.closed, []
         first = self.rows
         if meta["partial"] is not None:
             try:
@@ -992,7 +999,7 @@ class CacheMerge(OrderedMerge):
                     "remove it (ashstream cache clear) and run again"
                 ) from None
             if self.collector is not None:
-                closed = self.collector.add(partial, self.rows)
+                closed += self.collector.add(partial, self.rows)
         self.rows += meta["rows"]
         for column, reason, n in meta["lossy"]:
             self.lossy.add(column, reason, n)
@@ -1050,12 +1057,24 @@ class CacheMerge(OrderedMerge):
         if self.row_numbers and not planned.key:
             identity = (*planned.unit.identity, self.rows)
             planned.key = hashlib.sha256(self.base + repr(identity).encode()).digest()
-        self.current = _Computing(planned, True, dict(self.carry), self.texts.place(self.bytes))
+        offset = self.texts.place(self.bytes)
+        self.current = _Computing(planned, True, dict(self.carry), offset, self.rows)
 
     def _commit(self) -> None:
         unit, self.current = self.current, None
         if unit.first_keys is not None and unit.carry_out is not None:
             self.carry = unit.carry_out
+        partial = None
+        if unit.partial is not None:
+            if unit.cacheable:
+                try:  # before the collector takes the state (its merges may change it)
+                    partial = dumps(unit.partial)
+                except Exception as exc:  # a user aggregate's state the codec refuses
+                    unit.cacheable = False
+                    logger.warning("cache: a unit is not cached: %s", exc)
+            if self.collector is not None:
+                self.closed += self.collector.add(unit.partial, unit.first_row)
+            unit.partial = None
         if not unit.cacheable:
             return
         meta = {
@@ -1072,14 +1091,12 @@ class CacheMerge(OrderedMerge):
         except OSError as exc:
             logger.warning("cache: a unit is not cached: %s", exc)
             return
+        meta["partial"] = partial
         self.joiner.submit(self._put, unit, meta)
 
     def _put(self, unit: _Computing, meta: dict) -> None:
-        """(In the joiner, after the unit's joins.) Commit the unit's entry."""
-        if not unit.cacheable:
-            return
+        """(In the joiner.) Commit the unit's entry."""
         try:
-            meta["partial"] = dumps(unit.partial) if unit.partial is not None else None
             self.store.put(
                 unit.planned.key,
                 self.report_id,
@@ -1114,35 +1131,22 @@ class CacheMerge(OrderedMerge):
                 unit.text_crc = crc32_combine(unit.text_crc, crc, len(done.text))
                 unit.text_bytes += len(done.text)
             except OSError as exc:
-                unit.cacheable, unit.partial = False, None
+                unit.cacheable = False
                 logger.warning("cache: cannot keep a unit's text (%s); the run goes on", exc)
         unit.rows += done.rows
         unit.chunks += len(done.chunk_ends)
-        if unit.cacheable and done.partial is not None:
-            try:  # a copy, as bytes (the collector takes and may change the original)
-                self.joiner.submit(self._join, unit, dumps(done.partial))
-            except Exception as exc:  # a user aggregate's state: refused now, not later
-                unit.cacheable, unit.partial = False, None
-                logger.warning("cache: a unit is not cached: %s", exc)
+        if done.partial is not None:  # the collector takes it with its unit's (_commit)
+            if unit.partial is None:
+                unit.partial = done.partial
+            else:
+                unit.partial = join_partials(self.collector.analysis, unit.partial, done.partial)
         unit.lossy.extend(done.lossy)
         self.computed_rows += done.rows
-        return chunks + super().take(done)
-
-    def _join(self, unit: _Computing, raw: bytes) -> None:
-        """(In the joiner.) Join a batch's partial, as bytes, into the unit's; a state
-        that cannot be joined leaves the unit uncached, and the run goes on."""
-        if not unit.cacheable:
-            return
-        try:
-            mine = loads(raw)
-            if unit.partial is None:
-                unit.partial = mine
-            else:
-                unit.partial = join_partials(self.collector.analysis, unit.partial, mine)
-        except Exception as exc:  # a user aggregate's merge
-            unit.cacheable, unit.partial = False, None
-            logger.warning("cache: a unit is not cached: %s", exc)
-            logger.debug("the state that is not cached", exc_info=True)
+        chunks += super().take(dataclasses.replace(done, partial=None))
+        if self.closed and chunks:  # before the groups this batch's rows close
+            chunks[0].groups[:0] = self.closed
+            self.closed = []
+        return chunks
 
     def finish(self) -> None:
         """The stream's end: its last units are complete (they are committed later,
@@ -1157,6 +1161,8 @@ class CacheMerge(OrderedMerge):
         self.joiner.shutdown(wait=True)  # every entry committed
         self.finished = (self.report_id, {p.key for p in self.plan.units})
         super().finish()
+        self.final_groups[:0] = self.closed  # by the last unit, if no chunk came after it
+        self.closed = []
 
     def close(self) -> None:
         """The run's end, whatever it was: the joiner stops (entries being committed
