@@ -86,6 +86,9 @@ HEADER_BYTES = _HEADER.size
 UNIT_ROWS = 1_000_000
 CHECK_THREADS = 2  # crc32 releases the GIL: entries' texts are checked in parallel
 CHECK_BYTES = 2**18  # read through one buffer that stays in the L2 cache for the checksum
+# batches of a computed unit the collector takes at once at most (CacheMerge._hand_over):
+# its checks of memory and order run that often
+SEGMENT_BATCHES = 64
 
 
 def default_cache_dir() -> Path:
@@ -914,12 +917,14 @@ class _Computing:
     cacheable: bool  # False: a state the codec refuses, or its text could not be kept
     carry_in: dict
     offset: int  # of its text, in the run's text file
-    first_row: int  # of the run's rows
     text_bytes: int = 0
     text_crc: int = 0
     rows: int = 0
     chunks: int = 0
-    partial: BatchPartial | None = None  # the unit's batches' partials joined, as they come
+    partial: BatchPartial | None = None  # its batches' partials since the last segment
+    batches: int = 0  # in partial
+    segments: list[bytes] = field(default_factory=list)  # the partials the collector took
+    segment_row: int = 0  # where partial's rows start
     lossy: list = field(default_factory=list)
     first_keys: tuple | None = None
     carry_out: dict | None = None
@@ -1058,23 +1063,29 @@ class CacheMerge(OrderedMerge):
             identity = (*planned.unit.identity, self.rows)
             planned.key = hashlib.sha256(self.base + repr(identity).encode()).digest()
         offset = self.texts.place(self.bytes)
-        self.current = _Computing(planned, True, dict(self.carry), offset, self.rows)
+        self.current = _Computing(planned, True, dict(self.carry), offset, segment_row=self.rows)
+
+    def _hand_over(self, unit: _Computing) -> None:
+        """Give the collector the unit's batches' partials joined since the last time,
+        a segment of the unit, kept as bytes for its entry first (the collector's
+        merges may change the states)."""
+        if unit.partial is None:
+            return
+        if unit.cacheable:
+            try:
+                unit.segments.append(dumps(unit.partial))
+            except Exception as exc:  # a user aggregate's state the codec refuses
+                unit.cacheable = False
+                logger.warning("cache: a unit is not cached: %s", exc)
+        partial, unit.partial = unit.partial, None
+        self.closed += self.collector.add(partial, unit.segment_row, unit.batches)
+        unit.segment_row, unit.batches = self.rows, 0
 
     def _commit(self) -> None:
         unit, self.current = self.current, None
+        self._hand_over(unit)
         if unit.first_keys is not None and unit.carry_out is not None:
             self.carry = unit.carry_out
-        partial = None
-        if unit.partial is not None:
-            if unit.cacheable:
-                try:  # before the collector takes the state (its merges may change it)
-                    partial = dumps(unit.partial)
-                except Exception as exc:  # a user aggregate's state the codec refuses
-                    unit.cacheable = False
-                    logger.warning("cache: a unit is not cached: %s", exc)
-            if self.collector is not None:
-                self.closed += self.collector.add(unit.partial, unit.first_row)
-            unit.partial = None
         if not unit.cacheable:
             return
         meta = {
@@ -1091,12 +1102,20 @@ class CacheMerge(OrderedMerge):
         except OSError as exc:
             logger.warning("cache: a unit is not cached: %s", exc)
             return
-        meta["partial"] = partial
         self.joiner.submit(self._put, unit, meta)
 
     def _put(self, unit: _Computing, meta: dict) -> None:
-        """(In the joiner.) Commit the unit's entry."""
+        """(In the joiner.) Commit the unit's entry, its segments' partials joined."""
         try:
+            segments = [loads(raw) for raw in unit.segments[1:]]
+            joined = unit.segments[0] if unit.segments else None
+            if segments:
+                analysis = self.collector.analysis
+                partial = loads(joined)
+                for segment in segments:
+                    partial = join_partials(analysis, partial, segment)
+                joined = dumps(partial)
+            meta["partial"] = joined
             self.store.put(
                 unit.planned.key,
                 self.report_id,
@@ -1135,22 +1154,28 @@ class CacheMerge(OrderedMerge):
                 logger.warning("cache: cannot keep a unit's text (%s); the run goes on", exc)
         unit.rows += done.rows
         unit.chunks += len(done.chunk_ends)
-        if done.partial is not None:  # the collector takes it with its unit's (_commit)
+        if done.partial is not None:  # the collector takes it with a segment (_hand_over)
             if unit.partial is None:
                 unit.partial = done.partial
             else:
                 unit.partial = join_partials(self.collector.analysis, unit.partial, done.partial)
+            unit.batches += 1
         unit.lossy.extend(done.lossy)
         self.computed_rows += done.rows
         chunks += super().take(dataclasses.replace(done, partial=None))
-        if self.closed and chunks:  # before the groups this batch's rows close
-            chunks[0].groups[:0] = self.closed
+        if unit.batches >= SEGMENT_BATCHES:
+            self._hand_over(unit)
+        if self.closed and chunks:  # after the groups of the units fed before these rows
+            chunks[-1].groups.extend(self.closed)
             self.closed = []
         return chunks
 
     def finish(self) -> None:
         """The stream's end: its last units are complete (they are committed later,
-        with the cached units after them, by :meth:`rest`)."""
+        with the cached units after them, by :meth:`rest`); the collector takes the
+        last one's partial now, so that what it finds wrong fails the stream."""
+        if self.current is not None:
+            self._hand_over(self.current)
 
     def rest(self) -> Iterator[Chunk]:
         """The cached units after the stream's (all of them without a stream), one at a

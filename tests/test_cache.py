@@ -333,6 +333,48 @@ def test_cached_runs_write_the_bytes_of_a_cold_run(days, spec):
     assert again == {"reused_rows": 1200, "computed_rows": 300, "mode": "units"}
 
 
+def test_units_the_collector_takes_in_segments_write_the_bytes_of_a_cold_run(days, monkeypatch):
+    """A unit of more batches than SEGMENT_BATCHES reaches the collector in pieces
+    (its checks run that often); its entry holds the pieces joined."""
+    monkeypatch.setattr(cache_module, "SEGMENT_BATCHES", 1)
+    segments = []
+    put = cache_module.CacheMerge._put
+
+    def counted(merge, unit, meta):
+        segments.append(len(unit.segments))
+        put(merge, unit, meta)
+
+    monkeypatch.setattr(cache_module.CacheMerge, "_put", counted)
+    report = report_file(days, {**GROUPED, "pipeline": {"chunk_size": 40}})
+    cache = days / "cache"
+    assert assert_same_as_cold(report, days, cache)["computed_rows"] == 1200
+    assert len(segments) == 4 and max(segments) > 1, segments
+    assert assert_same_as_cold(report, days, cache)["reused_rows"] == 1200
+    write_day(days / "data", 4)
+    assert assert_same_as_cold(report, days, cache)["computed_rows"] == 300
+
+
+def test_keys_out_of_order_inside_a_unit_fail_a_cached_run_as_a_cold_one(days):
+    """With source.sorted, a key that goes back within one file fails the run, with
+    the cache as without it, naming the same row."""
+    import pyarrow.parquet as pq
+
+    from ashstream.errors import AshstreamError
+
+    day = pq.read_table(days / "data" / "d002.parquet")  # 2024-01-27, 300 rows
+    back = pa.array([dt.date(2024, 1, 28)] * 150 + [dt.date(2024, 1, 27)] * 150)
+    day = day.set_column(day.schema.get_field_index("day"), "day", back)
+    pq.write_table(day, days / "data" / "d002.parquet", row_group_size=100)
+    report = report_file(days, {**GROUPED, "pipeline": {"chunk_size": 40}})
+    with pytest.raises(AshstreamError) as cold:
+        run(report, days / "cold.typ")
+    with pytest.raises(AshstreamError) as cached:
+        run(report, days / "cached.typ", days / "cache")
+    assert "sorted" in str(cold.value)
+    assert str(cached.value) == str(cold.value)
+    assert not (days / "cached.typ").exists()
+
+
 def test_on_a_pool_and_any_chunk_size(days, pools):
     report, cache = report_file(days, GROUPED), days / "cache"
     cold = days / "cold.typ"

@@ -387,9 +387,10 @@ class Collector:
         self._budget: int | None = None
         self._chart_held: dict[str, int] = {}
 
-    def add(self, partial: BatchPartial, first_row: int) -> list[ClosedGroup]:
-        """Merge the partials of the next batch, which starts at ``first_row``; return the
-        groups it closed, in row order (inner before outer when both end on one row)."""
+    def add(self, partial: BatchPartial, first_row: int, batches: int = 1) -> list[ClosedGroup]:
+        """Merge the partials of the next batch (or of ``batches`` batches joined, a
+        cache's), which starts at ``first_row``; return the groups it closed, in row
+        order (inner before outer when both end on one row)."""
         closed = []
         for level, runs in enumerate(partial.levels, start=1):
             variables = self.level_vars[level]
@@ -409,12 +410,12 @@ class Collector:
         for chart, points in zip(self.charts, partial.charts, strict=True):
             chart.add(points)
         self.rows = first_row + partial.rows
-        self.batches += 1
-        self._check_held()
+        before, self.batches = self.batches, self.batches + batches
+        self._check_held(charts_due=self.batches // CHART_CHECK_EVERY > before // CHART_CHECK_EVERY)
         closed.sort(key=lambda g: (g.last_row, -g.level))
         return closed
 
-    def _check_held(self) -> None:
+    def _check_held(self, charts_due: bool) -> None:
         """Stop before the open groups' values outgrow memory (see the module's
         docstring), naming what holds the most."""
         held: dict[str, int] = {}
@@ -425,7 +426,7 @@ class Collector:
                 for v, state in zip(variables, states, strict=True):
                     label = f"variable {v.name!r}"
                     held[label] = held.get(label, 0) + aggregate_of(v).held_bytes(state)
-        if self.batches % CHART_CHECK_EVERY == 0:
+        if charts_due:
             self._chart_held = {f"chart {c.chart.name!r}": c.held_bytes() for c in self.charts}
         held.update(self._chart_held)
         total = sum(held.values())

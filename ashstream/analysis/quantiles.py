@@ -101,9 +101,9 @@ def from_number(t: pa.DataType, number: Any) -> Any:
 
 
 def _split_by_id(values: np.ndarray, ids: np.ndarray, n: int) -> list[np.ndarray]:
-    """Per id 0..n-1, its values."""
+    """Per id 0..n-1, its values (its own: not a view that holds a batch's buffer)."""
     if n == 1:
-        return [values]
+        return [values if values.base is None else values.copy()]
     ordered = values[np.argsort(ids, kind="stable")]
     return [ordered[a:b] for a, b in id_spans(ids, n)]
 
