@@ -27,7 +27,8 @@ from (only the part that reached its first group) and is used only with the same
 **Entries** are one small file each: a header with checksums and where the unit's
 text lies (a byte range of a file in ``texts/``, copied into the module with
 ``os.copy_file_range``), then its metadata in :mod:`ashstream.cache_codec` (never
-pickle), with the unit's batches' partials joined into one. The texts are modules:
+pickle), with the unit's batches' partials joined into a few segments (one per 64
+batches, :data:`SEGMENT_BATCHES`), as the collector took them. The texts are modules:
 each run's is hard-linked into the cache (:class:`RunTexts`), so text is written once.
 Written to a temporary file and renamed. Headers and metadata are checked as the run
 plans, texts in the background before each is copied (a text found bad then starts the
@@ -74,7 +75,7 @@ from ashstream.sources import has_order_by, parquet_footer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 5  # of the entries and of the codec: another is recomputed
+FORMAT_VERSION = 6  # of the entries and of the codec: another is recomputed
 MAGIC = b"ASHCACHE"
 # magic, version, text file, text offset, text bytes, text crc, meta bytes, meta crc,
 # key, report (its fingerprint's first 16 bytes: see CacheStore.tidy), header crc
@@ -223,7 +224,7 @@ class Entry:
     text_bytes: int
     text_crc: int
     raw_meta: bytes  # as stored: an entry pointed at another text keeps it
-    meta: dict  # rows, chunks, partial, lossy, columns, first_keys, carry_used, carry_out
+    meta: dict  # rows, chunks, segments, lossy, columns, first_keys, carry_used, carry_out
     checked: Future | None = None  # of check(), once scheduled
 
     @property
@@ -249,6 +250,17 @@ class Entry:
             offset += read
         if crc != self.text_crc:
             raise CorruptEntry("text checksum mismatch")
+
+
+def _segments_shape(segments: object) -> bool:
+    """Whether an entry's ``segments`` are (state bytes, batches) pairs."""
+    return isinstance(segments, list) and all(
+        isinstance(pair, tuple)
+        and len(pair) == 2
+        and isinstance(pair[0], bytes)
+        and isinstance(pair[1], int)
+        for pair in segments
+    )
 
 
 class CorruptEntry(Exception):
@@ -318,7 +330,7 @@ def _read_entry(key: bytes, path: Path, texts: OpenTexts) -> Entry | None:
             if (
                 not isinstance(meta, dict)
                 or not isinstance(meta.get("rows"), int)
-                or not isinstance(meta.get("partial", 0), bytes | None)
+                or not _segments_shape(meta.get("segments"))
             ):
                 raise CorruptEntry("metadata of another shape")
             text = texts.get(name.hex())
@@ -923,7 +935,7 @@ class _Computing:
     chunks: int = 0
     partial: BatchPartial | None = None  # its batches' partials since the last segment
     batches: int = 0  # in partial
-    segments: list[bytes] = field(default_factory=list)  # the partials the collector took
+    segments: list[tuple[bytes, int]] = field(default_factory=list)  # taken: state, batches
     segment_row: int = 0  # where partial's rows start
     lossy: list = field(default_factory=list)
     first_keys: tuple | None = None
@@ -938,9 +950,10 @@ class CacheMerge(OrderedMerge):
     :meth:`rest` feeds the cached units after it.
 
     A computed unit's batches' partials are joined as they come, and the collector
-    takes the unit's partial when it is complete, as it takes a cached unit's: each
-    state is merged once and stored once (the groups the unit closed go with the next
-    chunk, after the unit's rows, in order).
+    takes them in segments (at most :data:`SEGMENT_BATCHES` batches, the rest of the
+    unit, the last at the stream's end), stored as taken: a re-run feeds the collector
+    the same segments, and each state is merged once (the groups a segment closed go
+    with the next chunk, in order).
 
     When the run's texts are its module (linked), the reused entries are pointed at
     their copies in it once it is finished (:meth:`repoint`), so the texts of earlier runs are no longer
@@ -995,16 +1008,18 @@ class CacheMerge(OrderedMerge):
         meta = entry.meta
         closed, self.closed = self.closed, []
         first = self.rows
-        if meta["partial"] is not None:
+        row = first
+        for raw, batches in meta["segments"]:
             try:
-                partial = loads(meta["partial"])
+                partial = loads(raw)
             except CodecError as exc:  # checksummed: only a file planted with a valid one
                 raise PipelineError(
                     f"cache entry {entry.path} holds an unreadable partial ({exc}); "
                     "remove it (ashstream cache clear) and run again"
                 ) from None
             if self.collector is not None:
-                closed += self.collector.add(partial, self.rows)
+                closed += self.collector.add(partial, row, batches)
+            row += partial.rows
         self.rows += meta["rows"]
         for column, reason, n in meta["lossy"]:
             self.lossy.add(column, reason, n)
@@ -1073,7 +1088,7 @@ class CacheMerge(OrderedMerge):
             return
         if unit.cacheable:
             try:
-                unit.segments.append(dumps(unit.partial))
+                unit.segments.append((dumps(unit.partial), unit.batches))
             except Exception as exc:  # a user aggregate's state the codec refuses
                 unit.cacheable = False
                 logger.warning("cache: a unit is not cached: %s", exc)
@@ -1096,6 +1111,7 @@ class CacheMerge(OrderedMerge):
             "first_keys": unit.first_keys,
             "carry_used": effective_carry(unit.carry_in, unit.first_keys, self.levels),
             "carry_out": self.carry,
+            "segments": unit.segments,
         }
         try:
             self.texts.sync()
@@ -1105,17 +1121,8 @@ class CacheMerge(OrderedMerge):
         self.joiner.submit(self._put, unit, meta)
 
     def _put(self, unit: _Computing, meta: dict) -> None:
-        """(In the joiner.) Commit the unit's entry, its segments' partials joined."""
+        """(In the joiner.) Commit the unit's entry."""
         try:
-            segments = [loads(raw) for raw in unit.segments[1:]]
-            joined = unit.segments[0] if unit.segments else None
-            if segments:
-                analysis = self.collector.analysis
-                partial = loads(joined)
-                for segment in segments:
-                    partial = join_partials(analysis, partial, segment)
-                joined = dumps(partial)
-            meta["partial"] = joined
             self.store.put(
                 unit.planned.key,
                 self.report_id,

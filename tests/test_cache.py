@@ -335,7 +335,7 @@ def test_cached_runs_write_the_bytes_of_a_cold_run(days, spec):
 
 def test_units_the_collector_takes_in_segments_write_the_bytes_of_a_cold_run(days, monkeypatch):
     """A unit of more batches than SEGMENT_BATCHES reaches the collector in pieces
-    (its checks run that often); its entry holds the pieces joined."""
+    (its checks run that often); its entry holds them as taken, fed so again."""
     monkeypatch.setattr(cache_module, "SEGMENT_BATCHES", 1)
     segments = []
     put = cache_module.CacheMerge._put
