@@ -142,6 +142,28 @@ def test_exact_quantiles_are_duckdbs_for_any_cut_of_the_batches(column, qs, inte
         assert same(ours[g], theirs[g]), (g, ours[g], theirs[g])
 
 
+@pytest.mark.parametrize("kind", ["int", "float", "wide"])
+def test_exact_quantiles_over_hundreds_of_batches_are_duckdbs(kind):
+    """Past RUNS_KEPT runs a group's runs are joined: the result stays DuckDB's."""
+    rng = np.random.default_rng(7)
+    draws = {
+        "int": lambda: int(rng.integers(-50, 50)),
+        "float": lambda: float(rng.choice([rng.normal(), -0.0, 0.0, math.nan])),
+        "wide": lambda: int(rng.integers(-(10**15), 10**15)) * 10**20,
+    }
+    values = column_values(kind, [None if i % 11 == 0 else draws[kind]() for i in range(900)])
+    ids = rng.integers(0, GROUPS, len(values))
+    cuts = list(range(2, len(values), 2))  # 449 batches
+    aggregate = ExactQuantile((0.0, 0.25, 0.5, 0.9, 1.0), None)
+    ours = reduced(aggregate, values, ids, cuts)
+    cont = kind == "float"
+    theirs = oracle(
+        values, ids, f"quantile_{'cont' if cont else 'disc'}(v, [0, 0.25, 0.5, 0.9, 1])"
+    )
+    for g in range(GROUPS):
+        assert same(ours[g], theirs[g]), (g, ours[g], theirs[g])
+
+
 def test_disc_takes_duckdbs_rank_where_rounding_moves_it():
     """0.136 * 875 is 118.99999999999999: ceil gives rank 119, DuckDB's formula 118."""
     values = pa.array(np.arange(875, dtype=np.int64))

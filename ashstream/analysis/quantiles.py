@@ -2,9 +2,10 @@
 
 ``method: exact`` keeps a group's valid values as numbers (floats as float64, integers
 as int64 or uint64, decimals as unscaled integers, dates as days, timestamps as ticks),
-in a few runs per group, unsorted: the parent joins the newest two while the older is
-at most twice the newer (so ``log2`` of the rows runs, each value copied ``log2``
-times), and at the end selects the values at the quantiles' ranks (``np.partition``,
+in runs per group, unsorted: past :data:`RUNS_KEPT` runs the parent joins the newest
+two while the older is at most twice the newer (so about ``log2`` of the batches runs
+at most, each value copied ``log2`` times; a group of up to ``RUNS_KEPT`` batches or
+cached units is copied only once, at the end), and at the end selects the values at the quantiles' ranks (``np.partition``,
 linear: a sort of a month's 3M values took the parent 0.2-0.3 s). Equal values are
 equal bits (``-0.0`` becomes ``0.0``, every NaN one NaN), so the value at a rank cannot
 depend on the batch bounds. The result is DuckDB's:
@@ -50,6 +51,7 @@ from ashstream.analysis.protocol import BatchAggregate, id_spans
 __all__ = ["ExactQuantile", "QuantileSketch", "disc_index"]
 
 _OBJECT_BYTES = 40  # a Python int in an object array: pointer and object
+RUNS_KEPT = 32  # a group's runs before they are joined (each join copies fresh memory)
 
 
 def disc_index(n: int, q: float) -> int:
@@ -143,7 +145,7 @@ class ExactQuantile(BatchAggregate):
         if not right[1]:
             return (kind, left[1])
         runs = [*left[1], *right[1]]
-        while len(runs) >= 2 and len(runs[-2]) <= 2 * len(runs[-1]):
+        while len(runs) > RUNS_KEPT and len(runs[-2]) <= 2 * len(runs[-1]):
             newer = runs.pop()
             runs.append(np.concatenate([runs.pop(), newer]))
         return (kind, tuple(runs))
