@@ -993,7 +993,7 @@ class CacheMerge(OrderedMerge):
         self.finished: tuple[bytes, set[bytes]] | None = None
         # commits the computed units' entries, in order, off the thread that takes the
         # chunks (the run's busiest)
-        self.joiner = ThreadPoolExecutor(1, thread_name_prefix="ashstream-cache-put")
+        self.committer = ThreadPoolExecutor(1, thread_name_prefix="ashstream-cache-put")
 
     @property
     def may_stay_in_place(self) -> bool:
@@ -1118,10 +1118,10 @@ class CacheMerge(OrderedMerge):
         except OSError as exc:
             logger.warning("cache: a unit is not cached: %s", exc)
             return
-        self.joiner.submit(self._put, unit, meta)
+        self.committer.submit(self._put, unit, meta)
 
     def _put(self, unit: _Computing, meta: dict) -> None:
-        """(In the joiner.) Commit the unit's entry."""
+        """(In the committer.) Commit the unit's entry."""
         try:
             self.store.put(
                 unit.planned.key,
@@ -1132,7 +1132,7 @@ class CacheMerge(OrderedMerge):
                 unit.text_crc,
                 dumps(meta),
             )
-        except Exception as exc:  # in the joiner: nothing else would see it
+        except Exception as exc:  # in the committer: nothing else would see it
             logger.warning("cache: a unit is not cached: %s", exc)
             logger.debug("the unit that is not cached", exc_info=True)
 
@@ -1190,16 +1190,16 @@ class CacheMerge(OrderedMerge):
         run's merge."""
         while self.next_unit < len(self.plan.units):
             yield from self._advance_to(self.next_unit + 1)
-        self.joiner.shutdown(wait=True)  # every entry committed
+        self.committer.shutdown(wait=True)  # every entry committed
         self.finished = (self.report_id, {p.key for p in self.plan.units})
         super().finish()
         self.final_groups[:0] = self.closed  # by the last unit, if no chunk came after it
         self.closed = []
 
     def close(self) -> None:
-        """The run's end, whatever it was: the joiner stops (entries being committed
+        """The run's end, whatever it was: the committer stops (entries being committed
         are, those queued are dropped)."""
-        self.joiner.shutdown(wait=True, cancel_futures=True)
+        self.committer.shutdown(wait=True, cancel_futures=True)
 
     def repoint(self, module_linked: bool) -> None:
         """Once the module is finished: point the reused entries at their copies in

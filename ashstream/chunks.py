@@ -25,8 +25,10 @@ class Chunk:
     """A run of consecutive rows, encoded: each row's Typst dictionary and ``,\\n``.
 
     ``groups`` holds the groups whose end this chunk revealed: each ended on the row
-    before one of this chunk's rows (a group's end is known only when the next key is).
-    The groups still open at the end come in :attr:`Summary.groups`.
+    before one of this chunk's rows (a group's end is known only when the next key is);
+    in a cached run, those a unit's states closed, which may have ended before this
+    chunk (:class:`~ashstream.cache.CacheMerge`). Either way in row order, chunk after
+    chunk. The groups still open at the end come in :attr:`Summary.groups`.
 
     Its text may lie where the engine put it (a shared-memory slot, the batch's
     buffer): :attr:`text` copies it out as ``bytes`` once, and an engine that reuses

@@ -2,13 +2,14 @@
 
 ``method: exact`` keeps a group's valid values as numbers (floats as float64, integers
 as int64 or uint64, decimals as unscaled integers, dates as days, timestamps as ticks),
-in runs per group, unsorted: past :data:`RUNS_KEPT` runs the parent joins the newest
-two while the older is at most twice the newer (so about ``log2`` of the batches runs
-at most, each value copied ``log2`` times; a group of up to ``RUNS_KEPT`` batches or
-cached units is copied only once, at the end), and at the end selects the values at the quantiles' ranks (``np.partition``,
-linear: a sort of a month's 3M values took the parent 0.2-0.3 s). Equal values are
-equal bits (``-0.0`` becomes ``0.0``, every NaN one NaN), so the value at a rank cannot
-depend on the batch bounds. The result is DuckDB's:
+in runs per group, unsorted. Past :data:`RUNS_KEPT` runs the parent joins the newest
+two while the older is at most twice the newer (so about ``RUNS_KEPT + log2`` of the
+batches runs, each value copied ``log2`` times; a group of up to ``RUNS_KEPT`` batches
+or cached units is copied once, at the end). At the end it selects the values at the
+quantiles' ranks (``np.partition``, linear: a sort of a month's 3M values took the
+parent 0.2-0.3 s). Equal values are equal bits (``-0.0`` becomes ``0.0``, every NaN
+one NaN), so the value at a rank cannot depend on the batch bounds. The result is
+DuckDB's:
 
 - ``quantile_disc``: the value at index ``max(1, n - floor(n - q*n)) - 1`` of the
   sorted values (DuckDB's own float expression, which differs from ``ceil(q*n)`` on
