@@ -984,7 +984,7 @@ class CacheMerge(OrderedMerge):
         self.next_unit = 0  # in plan.units: the first not yet fed or committed
         self.carry = dict(plan.carry_in) if plan.report is not None else {}
         self.current: _Computing | None = None
-        self.closed: list[ClosedGroup] = []  # by committed units, for the next chunk
+        self.closed: list[ClosedGroup] = []  # by segments the collector took, for the next chunk
         self.columns: tuple[str, ...] | None = None  # from the cached entries
         self.stream_columns: Callable[[], tuple[str, ...] | None] = lambda: None  # the engine's
         self.computed_rows = 0
