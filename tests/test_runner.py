@@ -4,13 +4,15 @@ module and summary, its progress steps, and nothing left behind when it stops.""
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import duckdb
 import pytest
 from click.testing import CliRunner
 
-from ashstream import RunProgress, RunStage, SettingsError, run_report
+from ashstream import RunProgress, RunStage, SettingsError, run_report, sinks
 from ashstream.cli import main
 from tests.conftest import write_report
 
@@ -96,6 +98,44 @@ def test_an_interrupt_leaves_no_output(report, tmp_path, stage):
     with pytest.raises(KeyboardInterrupt):
         run_report(report, output=tmp_path / "r.typ", chunk_size=500, progress=interrupt)
     assert sorted(tmp_path.iterdir()) == before
+
+
+def _write_back_threads() -> int:
+    return sum(t.name == "ashstream-write-behind" for t in threading.enumerate())
+
+
+@pytest.mark.skipif(sinks._sync_file_range() is None, reason="no sync_file_range here")
+@pytest.mark.parametrize("interrupted", [False, True], ids=["committed", "interrupted"])
+def test_the_modules_write_back_begins_as_it_grows_and_ends_with_it(
+    report, tmp_path, monkeypatch, interrupted
+):
+    """The module's write-back is asked for as it grows (here every 4 KiB), by a thread
+    with a descriptor of its own: both are gone once the module is in place, or
+    removed after an interrupt, and the module is what a run writes without it."""
+    plain = run_report(report, output=tmp_path / "plain.typ", chunk_size=500)
+    monkeypatch.setattr(sinks, "WRITE_BEHIND_BYTES", 4096)
+    seen = []
+
+    def watch(step: RunProgress) -> None:
+        if step.stage is RunStage.CHUNK_WRITTEN:
+            seen.append(_write_back_threads())
+        elif step.stage is RunStage.STREAM_ENDED and interrupted:
+            raise KeyboardInterrupt
+
+    descriptors = len(os.listdir("/proc/self/fd"))
+    module = tmp_path / "behind.typ"
+    if interrupted:
+        with pytest.raises(KeyboardInterrupt):
+            run_report(report, output=module, chunk_size=500, progress=watch)
+        assert not module.exists()
+    else:
+        run_report(report, output=module, chunk_size=500, progress=watch)
+        assert module.read_bytes() == Path(plain.typst_path).read_bytes()
+        assert module.stat().st_size > 20 * 4096  # asked for in many steps
+    assert seen and set(seen) == {1}
+    assert _write_back_threads() == 0
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 @pytest.mark.parametrize(
