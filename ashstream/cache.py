@@ -1043,6 +1043,12 @@ class CacheMerge(OrderedMerge):
         self.bytes += entry.text_bytes
         return chunk
 
+    def lead(self) -> list[Chunk]:
+        """The chunks of the cached units before the first computed one, fed now: while
+        the engine starts, rather than when its first batch comes."""
+        first = next((i for i, p in enumerate(self.plan.units) if p.entry is None), None)
+        return [] if first is None else self._advance_to(first)
+
     def _wait_checked(self, entry: Entry) -> None:
         """Before the entry's text is used: its check's outcome.
 
@@ -1230,15 +1236,18 @@ class CachedStream:
     chunks of the computed units (with the cached ones fed between them by the
     merge), then the cached units after them."""
 
-    def __init__(self, merge: CacheMerge, handle: Any) -> None:
+    def __init__(self, merge: CacheMerge, handle: Any, lead: list[Chunk] | None = None) -> None:
         self.merge = merge
         self.handle = handle  # the engine's stream of the computed units, or None
+        self.lead = lead or []  # the cached units' chunks before it (CacheMerge.lead)
         if handle is not None:
             merge.stream_columns = lambda: handle.columns
         self.peak_memory_bytes = 0
         self.read_on = None
 
     def __iter__(self) -> Iterator[Chunk]:
+        while self.lead:
+            yield self.lead.pop(0)
         if self.handle is not None:
             yield from self.handle
         yield from self.merge.rest()

@@ -365,9 +365,14 @@ def _open_stream(
         if plan.report is None:
             yield CachedStream(merge, None), None
         else:
+            if not runs_inline(plan.report, engine_args[-1]):
+                from ashstream.engines.local.children import start_fork_server
+
+                start_fork_server()  # it starts while the reused units before are fed
+            lead = merge.lead()
             with _open_engine(plan.report, size, *engine_args) as (handle, pool):
                 handle.use_merge(merge)
-                yield CachedStream(merge, handle), pool
+                yield CachedStream(merge, handle, lead), pool
         merge.repoint(sink.linked)
     finally:
         if merge is not None:

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from ashstream.engines.local.main_guard import check_main_guard, line_is_guarded
@@ -100,6 +101,26 @@ def test_unguarded_script_is_refused_naming_script_and_line(tmp_path, body):
     result = run_python([str(script)], tmp_path)
     assert_refused(result, script, line)
     assert "reached" not in result.stdout
+
+
+@pytest.mark.process
+@pytest.mark.timeout(60)
+def test_an_unguarded_cached_run_is_refused_with_the_one_clear_error(tmp_path):
+    """A cached run that computes units starts the fork server ahead of its pool
+    (children.start_fork_server), and checks the guard first, as the pool does."""
+    query = "SELECT range AS i FROM range(100)"
+    duckdb.sql(f"COPY ({query}) TO '{tmp_path / 'data.parquet'}' (FORMAT parquet)")
+    (tmp_path / "r.yaml").write_text("name: r\nsource: {parquet: data.parquet, sorted: true}\n")
+    body = f"""
+        from ashstream import run_report
+
+        run_report("r.yaml", cache="cache", workers=1)  {MARK}
+        """
+    script, line = write(tmp_path / "job.py", body + "print('reached')\n")
+    result = run_python([str(script)], tmp_path)
+    assert_refused(result, script, line)
+    assert "reached" not in result.stdout
+    assert not (tmp_path / "r.typ").exists()
 
 
 @pytest.mark.process

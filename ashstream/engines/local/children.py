@@ -31,6 +31,7 @@ import psutil
 from ashstream import telemetry
 from ashstream.engines.local.child import ChildParams, Faults
 from ashstream.engines.local.comms import READY, STOP, LogLine
+from ashstream.engines.local.main_guard import check_children_can_start
 from ashstream.engines.local.producer import run_producer
 from ashstream.engines.local.scheduling import RestartBudget, death_action
 from ashstream.engines.local.shm import shm_free_text
@@ -394,6 +395,23 @@ def _stop_process(child: Child, signals: bool) -> None:
         while _running(child.pid) and time.monotonic() < deadline:
             time.sleep(0.01)
     child.process.join(0)  # reap it, when it is this process's own child (spawn)
+
+
+def start_fork_server() -> None:
+    """Start the fork server a pool's children come from (the default start method),
+    ahead of the pool: its imports take 0.3 s, which the caller spends on other work
+    before it opens the pool (a cached run merges the reused units' states).
+
+    Raises:
+        PipelineError: as opening the pool would, before the fork server starts (where
+            Python's fork server imports the main script, unguarded it would run the
+            caller again; 3.11's passes it no ``main_path`` and imports it not).
+    """
+    from multiprocessing import forkserver
+
+    check_children_can_start()
+    _preload_in_forkserver()
+    forkserver.ensure_running()
 
 
 def _preload_in_forkserver() -> None:

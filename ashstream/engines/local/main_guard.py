@@ -59,6 +59,19 @@ def check_main_guard() -> None:
         )
 
 
+def check_children_can_start() -> None:
+    """Raises PipelineError where a pool's children would fail as they start: opened
+    from the unguarded top level of the main script (:func:`check_main_guard`), or a
+    main script that is no file for them to re-import."""
+    check_main_guard()
+    main_file = getattr(sys.modules["__main__"], "__file__", None)
+    if main_file is not None and not os.path.exists(main_file):
+        raise PipelineError(
+            f"cannot start worker processes: the main script {main_file!r} is not a "
+            "file (code read from stdin?). Save it to a file and run that."
+        )
+
+
 def line_is_guarded(source: str | bytes, lineno: int) -> bool:
     """Whether line ``lineno`` of ``source`` lies in an ``if`` testing ``__name__`` or in a body
     of a function or class; raises SyntaxError or ValueError when ``source`` does not parse."""

@@ -41,7 +41,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import secrets
-import sys
 import threading
 import time
 import weakref
@@ -56,7 +55,7 @@ from ashstream.engines.local.admission import Admission
 from ashstream.engines.local.children import PRODUCER, TRANSFORMER, ChildSet, Deferred
 from ashstream.engines.local.comms import ProducerJob, TaskDone
 from ashstream.engines.local.dispatcher import Dispatcher
-from ashstream.engines.local.main_guard import check_main_guard
+from ashstream.engines.local.main_guard import check_children_can_start
 from ashstream.engines.local.registry import Registry
 from ashstream.engines.local.scheduling import (
     CALLER_WAIT_S,
@@ -129,14 +128,7 @@ class Supervisor:
 
     def open(self) -> None:
         """Start the registry, every child and the dispatcher; see :meth:`ChildSet.start`."""
-        check_main_guard()
-        main_file = getattr(sys.modules["__main__"], "__file__", None)
-        if main_file is not None and not os.path.exists(main_file):
-            # spawn and forkserver children re-import the main script by path
-            raise PipelineError(
-                f"cannot start worker processes: the main script {main_file!r} is not a "
-                "file (code read from stdin?). Save it to a file and run that."
-            )
+        check_children_can_start()
         sweep_stale_segments()
         sweep_stale_spill_dirs()
         self.children.preload()
