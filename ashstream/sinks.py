@@ -614,27 +614,45 @@ def _drop_cached_pages(path: Path) -> None:
 
 WRITE_BEHIND_BYTES = 2**26  # the module's write-back is asked for each 64 MiB written
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start the write-out, wait for nothing
+_EXT_SUPER_MAGIC = 0xEF53  # <linux/magic.h>: ext2, ext3 and ext4
 
 
 @functools.cache
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``sync_file_range`` (Linux; Python's os does not offer it), or None."""
+def _libc(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """A call of libc's that Python's os does not offer (Linux's), or None."""
     try:
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+        call = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (AttributeError, OSError):
         return None
-    call.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    call.argtypes = list(argtypes)
     call.restype = ctypes.c_int
     return call
+
+
+def _sync_file_range() -> Callable[..., int] | None:
+    return _libc(
+        "sync_file_range", ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint
+    )
+
+
+def _starts_write_back_in_rename(fd: int) -> bool:
+    """Whether the file system of ``fd`` starts the write-back of a file renamed over
+    another in the rename: ext4 does (``auto_da_alloc``, on unless mounted without)."""
+    fstatfs = _libc("fstatfs", ctypes.c_int, ctypes.c_char_p)
+    info = ctypes.create_string_buffer(512)  # a struct statfs, f_type (a long) first
+    if fstatfs is None or fstatfs(fd, info) != 0:
+        return False
+    return ctypes.c_long.from_buffer(info).value == _EXT_SUPER_MAGIC
 
 
 class _WriteBehind:
     """Starts the write-back of the module's pages behind its writes, from a thread of
     its own (each call waits for the disk's queue only, the thread holds a descriptor
-    of its own). ext4 starts it in the rename of a file that replaces another (its
-    ``auto_da_alloc``), at the very end of the run, 0.3 s per GB still dirty (the
-    rename of benchmarks/bench_cache.py's 3.9 GB module: 0.73 s, 0.11 s with this);
-    begun as the module grows, that work overlaps the run, and few pages stay dirty."""
+    of its own), where the file system would start it in the rename of a file that
+    replaces another, at the very end of the run: ext4 (its ``auto_da_alloc``), 0.3 s
+    per GB still dirty (the rename of benchmarks/bench_cache.py's 3.9 GB module: 0.73
+    s, 0.11 s with this). Elsewhere it would only move into the run what the kernel
+    does after it (on XFS a re-run after a kill took 0.3 s longer)."""
 
     def __init__(self, fd: int, written: int = 0) -> None:
         self._call = _sync_file_range()
@@ -642,7 +660,7 @@ class _WriteBehind:
         self._ranges: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._abandoned = False
-        if self._call is None:
+        if self._call is None or not _starts_write_back_in_rename(fd):
             return
         self._fd = os.dup(fd)
         self._thread = threading.Thread(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -104,14 +106,23 @@ def _write_back_threads() -> int:
     return sum(t.name == "ashstream-write-behind" for t in threading.enumerate())
 
 
-@pytest.mark.skipif(sinks._sync_file_range() is None, reason="no sync_file_range here")
+def _starts_write_back_in_rename(folder: Path) -> bool:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        return sinks._sync_file_range() is not None and sinks._starts_write_back_in_rename(fd)
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("interrupted", [False, True], ids=["committed", "interrupted"])
 def test_the_modules_write_back_begins_as_it_grows_and_ends_with_it(
     report, tmp_path, monkeypatch, interrupted
 ):
-    """The module's write-back is asked for as it grows (here every 4 KiB), by a thread
-    with a descriptor of its own: both are gone once the module is in place, or
-    removed after an interrupt, and the module is what a run writes without it."""
+    """On ext4, the module's write-back is asked for as it grows (here every 4 KiB), by
+    a thread with a descriptor of its own: both are gone once the module is in place,
+    or removed after an interrupt, and the module is what a run writes without it."""
+    if not _starts_write_back_in_rename(tmp_path):
+        pytest.skip("the temporary folder is not on ext4")
     plain = run_report(report, output=tmp_path / "plain.typ", chunk_size=500)
     monkeypatch.setattr(sinks, "WRITE_BEHIND_BYTES", 4096)
     seen = []
@@ -136,6 +147,25 @@ def test_the_modules_write_back_begins_as_it_grows_and_ends_with_it(
     assert _write_back_threads() == 0
     assert len(os.listdir("/proc/self/fd")) == descriptors
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no tmpfs at /dev/shm")
+def test_no_write_back_is_asked_for_where_the_rename_would_not_start_it(report, monkeypatch):
+    """tmpfs (as XFS) starts no write-back in the rename: the run asks for none."""
+    monkeypatch.setattr(sinks, "WRITE_BEHIND_BYTES", 4096)
+    seen = []
+
+    def watch(step: RunProgress) -> None:
+        if step.stage is RunStage.CHUNK_WRITTEN:
+            seen.append(_write_back_threads())
+
+    folder = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        assert not _starts_write_back_in_rename(folder)
+        run_report(report, output=folder / "m.typ", chunk_size=500, progress=watch)
+    finally:
+        shutil.rmtree(folder)
+    assert seen and set(seen) == {0}
 
 
 @pytest.mark.parametrize(
