@@ -39,6 +39,7 @@ entries (:meth:`CacheStore.tidy`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -1044,8 +1045,9 @@ class CacheMerge(OrderedMerge):
         return chunk
 
     def lead(self) -> list[Chunk]:
-        """The chunks of the cached units before the first computed one, fed now: while
-        the engine starts, rather than when its first batch comes."""
+        """The chunks of the cached units before the first computed one, fed now (the
+        runner does it while the pool's fork server starts) rather than when the
+        engine's first batch comes."""
         first = next((i for i, p in enumerate(self.plan.units) if p.entry is None), None)
         return [] if first is None else self._advance_to(first)
 
@@ -1233,21 +1235,22 @@ class CacheMerge(OrderedMerge):
 
 class CachedStream:
     """What the runner iterates in a cached run, as it would an engine's stream: the
-    chunks of the computed units (with the cached ones fed between them by the
-    merge), then the cached units after them."""
+    chunks of the cached units before the first computed one (:meth:`CacheMerge.lead`),
+    those of the computed units (with the cached ones fed between them by the merge),
+    then the cached units after them."""
 
     def __init__(self, merge: CacheMerge, handle: Any, lead: list[Chunk] | None = None) -> None:
         self.merge = merge
         self.handle = handle  # the engine's stream of the computed units, or None
-        self.lead = lead or []  # the cached units' chunks before it (CacheMerge.lead)
+        self.lead = collections.deque(lead or ())  # the cached units' chunks before it
         if handle is not None:
             merge.stream_columns = lambda: handle.columns
         self.peak_memory_bytes = 0
         self.read_on = None
 
     def __iter__(self) -> Iterator[Chunk]:
-        while self.lead:
-            yield self.lead.pop(0)
+        while self.lead:  # popped: a chunk yielded is not held here
+            yield self.lead.popleft()
         if self.handle is not None:
             yield from self.handle
         yield from self.merge.rest()

@@ -286,7 +286,7 @@ class TypstModuleSink:
             )
             self._file.write(head)
             self._head = head
-            self._behind = _WriteBehind(self._file.fileno())
+            self._behind = _WriteBehind(self._file.fileno(), os.path.lexists(self.path))
 
     @property
     def module_file(self) -> BinaryIO:
@@ -333,7 +333,8 @@ class TypstModuleSink:
             self._file = module
             self._in_place = _TextInPlace(file, self.text_start, in_module=end)
             self._behind.close()
-            self._behind = _WriteBehind(fd, end)  # the killed run's writes may be dirty yet
+            # the killed run's writes may be dirty yet
+            self._behind = _WriteBehind(fd, os.path.lexists(self.path), end)
         return True
 
     @property
@@ -654,21 +655,26 @@ class _WriteBehind:
     s, 0.11 s with this). Elsewhere it would only move into the run what the kernel
     does after it (on XFS a re-run after a kill took 0.3 s longer)."""
 
-    def __init__(self, fd: int, written: int = 0) -> None:
+    def __init__(self, fd: int, replaces: bool, written: int = 0) -> None:
         self._call = _sync_file_range()
         self._asked = 0  # the bytes from the start whose write-back was asked for
         self._ranges: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._abandoned = False
-        if self._call is None or not _starts_write_back_in_rename(fd):
-            return
+        if not replaces or self._call is None or not _starts_write_back_in_rename(fd):
+            return  # ext4 starts it in the rename only where a file is replaced
         self._fd = os.dup(fd)
-        self._thread = threading.Thread(
+        thread = threading.Thread(
             target=self._run,
             name="ashstream-write-behind",
-            daemon=True,  # a sink never closed
+            daemon=True,  # a sink never closed; one abandoned
         )
-        self._thread.start()
+        try:
+            thread.start()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._thread = thread
         self.wrote(written)
 
     def wrote(self, end: int, last: bool = False) -> None:
@@ -688,12 +694,14 @@ class _WriteBehind:
             os.close(self._fd)
 
     def close(self, abandon: bool = False) -> None:
-        """Wait for the write-back asked for so far to be under way; ``abandon``: for
-        none of what is not yet (the module is being removed)."""
+        """Wait for the write-back asked for so far to be under way; ``abandon``: ask
+        for no more and wait for nothing (the module is being removed, maybe on a
+        second Ctrl-C: the thread closes its descriptor as it ends)."""
         if self._thread is not None:
             self._abandoned = self._abandoned or abandon
             self._ranges.put(None)
-            self._thread.join()
+            if not abandon:
+                self._thread.join()
             self._thread = None
 
 

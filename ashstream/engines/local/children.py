@@ -403,9 +403,9 @@ def start_fork_server() -> None:
     before it opens the pool (a cached run merges the reused units' states).
 
     Raises:
-        PipelineError: as opening the pool would, before the fork server starts (where
-            Python's fork server imports the main script, unguarded it would run the
-            caller again; 3.11's passes it no ``main_path`` and imports it not).
+        PipelineError: as opening the pool would, before the fork server starts (a
+            fork server that imports the main script itself would run an unguarded
+            caller again; 3.11's does not, only its children do).
     """
     from multiprocessing import forkserver
 
