@@ -689,7 +689,7 @@ class _WriteBehind:
                 if self._abandoned:
                     continue
                 if self._call(self._fd, *asked, _SYNC_FILE_RANGE_WRITE) != 0:
-                    self._abandoned = True  # a file system without it: the rename does it
+                    self._abandoned = True  # an I/O error: the rename does the rest
         finally:
             os.close(self._fd)
 

@@ -2,7 +2,7 @@
 
 With the forkserver and spawn start methods every child process re-runs the main script,
 under the name ``__mp_main__`` (CPython's multiprocessing/spawn.py, ``_fixup_main_from_path``
-and ``_fixup_main_from_name``; forkserver.py preloads it the same way). A script that opens a
+and ``_fixup_main_from_name``; a forkserver's children do the same). A script that opens a
 pool outside ``if __name__ == "__main__":`` thus opens one again in each child, and the parent
 sees a cascade of EOFError tracebacks. ``check_main_guard`` turns that into one clear error.
 """
