@@ -260,7 +260,8 @@ class Supervisor:
                 self.dispatcher.wake()
 
     def _next_batch(self, stream: StreamState) -> tuple[Any, int, TaskDone | None] | None:
-        """Wait for the stream's next result in order; None at its end."""
+        """Wait for the stream's next result in order; None at its end (the merge
+        finished then, outside the lock: a cached run's last unit is merged there)."""
         with self.dispatcher.cond:
             while True:
                 if stream.error is not None:
@@ -270,16 +271,17 @@ class Supervisor:
                 if stream.results.has_next():
                     return stream.results.take()
                 if stream.results.finished():
-                    if not stream.merge_finished:
-                        stream.merge.finish()
-                        stream.merge_finished = True
-                    return None
+                    break
                 if self.dispatcher.stopping:
                     raise PipelineError("the pool was closed while a stream was running")
                 if stream.work.producer is None and not stream.caller_waits:
                     stream.caller_waits = True  # queued: its turn may come sooner
                     self.dispatcher.wake()
                 self.dispatcher.cond.wait(CALLER_POLL_S)
+        if not stream.merge_finished:
+            stream.merge.finish()
+            stream.merge_finished = True
+        return None
 
     @staticmethod
     def _encoded(stream: StreamState, result: TaskDone) -> EncodedBatch:
