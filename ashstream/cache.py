@@ -50,6 +50,7 @@ import stat
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -453,6 +454,16 @@ class RunTexts:
             os.close(self.held)
 
 
+class FinishedRun(NamedTuple):
+    """A run that read its report's units whole, as :meth:`CacheStore.tidy` takes it."""
+
+    report: bytes  # its report_id
+    keys: set[bytes]  # its units' keys: their entries are the report's that stay
+    # when it looked them up: an entry of the report written or reused since (its
+    # mtime) is another run's, over the source as that run found it
+    began: float
+
+
 class Listed(NamedTuple):
     """An entry as :meth:`CacheStore.listing` finds it."""
 
@@ -617,20 +628,20 @@ class CacheStore:
         entries, texts = self.listing()
         return sum(e.bytes for e in entries) + sum(texts.values())
 
-    def tidy(self, run: tuple[bytes, set[bytes]] | None = None) -> int:
+    def tidy(self, run: FinishedRun | None = None) -> int:
         """Remove what no run will use, and then what is past ``max_size_bytes``; the
         bytes removed. Under the folder's lock, so two runs ending at once do not both
         remove for the same excess.
 
         No run will use: an entry that cannot be read (damaged, or of another format
         version, whose texts this version does not keep); an entry whose text file is
-        gone; an entry of the report that ``run`` (its :func:`report_id` and the keys of
-        its units) has just read whole, but not of those keys: the unit of a file since
-        rewritten, deleted or moved, or started from another running state (it would
-        keep a whole earlier module alive); a text file no entry points to that no run
-        holds. Past the bound, the least recently used texts go, with their entries."""
+        gone; an entry of the report that ``run`` has just read whole, but not of its
+        units' keys, and not used since it began: the unit of a file since rewritten,
+        deleted or moved, or started from another running state (it would keep a whole
+        earlier module alive); a text file no entry points to that no run holds. Past
+        the bound, the least recently used texts go, with their entries."""
         removed = 0
-        report, keys = run if run is not None else (None, set())
+        report, keys, began = run if run is not None else (None, set(), 0.0)
         used = {key.hex() for key in keys}
         with self.locked():
             entries, texts = self.listing()
@@ -639,7 +650,9 @@ class CacheStore:
                 if (
                     entry.text is None
                     or entry.text not in texts
-                    or (entry.report == report and entry.name not in used)
+                    or (
+                        entry.report == report and entry.name not in used and entry.last_use < began
+                    )
                 ):
                     removed += self._remove(self.entries_dir / entry.name, entry.bytes)
                 else:
@@ -727,6 +740,7 @@ class CachePlan:
     texts: OpenTexts  # the text files the reused entries point into
     checks: ThreadPoolExecutor | None = None  # checking the reused entries' texts
     stop_checks: threading.Event = field(default_factory=threading.Event)
+    began: float = 0.0  # when the units were looked up (time.time(); see FinishedRun)
 
     @property
     def reused_rows(self) -> int:
@@ -822,6 +836,7 @@ def plan_run(report: Report, store: CacheStore, check_first: bool = False) -> Ca
     from ashstream.errors import SourceError
     from ashstream.sources import check_parquet_files
 
+    began = time.time()
     mode = "units" if by_units(report) else "whole"
     try:
         if report.source.parquet:
@@ -870,7 +885,7 @@ def plan_run(report: Report, store: CacheStore, check_first: bool = False) -> Ca
     if computed:
         first_row = sum(p.entry.rows for p in planned[: planned.index(computed[0])])
         compute_report = _restricted(report, mode, [p.unit for p in computed], carry, first_row)
-    plan = CachePlan(mode, planned, carry, compute_report, texts)
+    plan = CachePlan(mode, planned, carry, compute_report, texts, began=began)
     if not check_first:
         plan.start_checks()
     return plan
@@ -989,9 +1004,8 @@ class CacheMerge(OrderedMerge):
         self.columns: tuple[str, ...] | None = None  # from the cached entries
         self.stream_columns: Callable[[], tuple[str, ...] | None] = lambda: None  # the engine's
         self.computed_rows = 0
-        # once every unit is fed or committed: the report's id and its units' keys, for
-        # CacheStore.tidy to remove the report's other entries
-        self.finished: tuple[bytes, set[bytes]] | None = None
+        # once every unit is fed or committed: for CacheStore.tidy
+        self.finished: FinishedRun | None = None
         # commits the computed units' entries, in order, off the thread that takes the
         # chunks (the run's busiest)
         self.committer = ThreadPoolExecutor(1, thread_name_prefix="ashstream-cache-put")
@@ -1199,7 +1213,9 @@ class CacheMerge(OrderedMerge):
         while self.next_unit < len(self.plan.units):
             yield from self._advance_to(self.next_unit + 1)
         self.committer.shutdown(wait=True)  # every entry committed
-        self.finished = (self.report_id, {p.key for p in self.plan.units})
+        self.finished = FinishedRun(
+            self.report_id, {p.key for p in self.plan.units}, self.plan.began
+        )
         super().finish()
         self.final_groups[:0] = self.closed  # by the last unit, if no chunk came after it
         self.closed = []

@@ -33,7 +33,7 @@ from ashstream import cache as cache_module
 from ashstream.cache import HEADER_BYTES, CacheStore, fingerprint
 from ashstream.cache_codec import CodecError, dumps, loads
 from ashstream.report import load_report
-from ashstream.runner import run_report
+from ashstream.runner import RunStage, run_report
 from tests.example_aggregates import Collected
 
 GROUPED = {
@@ -752,6 +752,30 @@ def test_entries_no_run_will_use_go_with_the_modules_they_kept(days):
     files = cache_files(cache)
     assert len(files["entries"]) == 7 and set(theirs["entries"]) < set(files["entries"])
     assert files["texts"] == sorted([*theirs["texts"], days / "cache" / "texts" / text_of(days)])
+
+
+@pytest.mark.parametrize("used", [False, True], ids=["unused", "used-meanwhile"])
+def test_an_entry_another_run_used_meanwhile_stays(days, used):
+    """The run that read a report whole removes its entries of a file gone since, but
+    not one that another run wrote or reused after this one began (its mtime): two
+    runs at once over a dataset, one seeing a day the other does not, keep each
+    other's entries."""
+    report, cache = report_file(days, GROUPED), days / "cache"
+    run(report, days / "a.typ", cache)
+    before = set(os.listdir(cache / "entries"))
+    day = write_day(days / "data", 4)
+    run(report, days / "a.typ", cache)
+    (added,) = set(os.listdir(cache / "entries")) - before
+    day.rename(days / "away.parquet")  # as it was: its identity stays
+
+    def other_run(step) -> None:  # as one over the five days would, before this one tidies
+        if used and step.stage is RunStage.STREAM_ENDED:
+            os.utime(cache / "entries" / added)
+
+    assert run(report, days / "a.typ", cache, progress=other_run)["cache"]["reused_rows"] == 1200
+    assert (added in os.listdir(cache / "entries")) is used
+    (days / "away.parquet").rename(day)
+    assert assert_same_as_cold(report, days, cache)["computed_rows"] == (0 if used else 300)
 
 
 def text_of(days: Path) -> str:
