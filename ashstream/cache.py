@@ -639,7 +639,8 @@ class CacheStore:
         units' keys, and not used since it began: the unit of a file since rewritten,
         deleted or moved, or started from another running state (it would keep a whole
         earlier module alive); a text file no entry points to that no run holds. Past
-        the bound, the least recently used texts go, with their entries."""
+        the bound, the least recently used texts go, with their entries, but not one
+        that a run holds (reads, or writes its module in): the next one goes instead."""
         removed = 0
         report, keys, began = run if run is not None else (None, set(), 0.0)
         used = {key.hex() for key in keys}
@@ -671,10 +672,12 @@ class CacheStore:
             ):
                 if total <= self.max_size_bytes:
                     break
+                if not self._remove_unheld(name):
+                    continue  # a run reads or writes it now: in use, it stays
                 group = users.get(name, [])
                 for entry in group:
                     removed += self._remove(self.entries_dir / entry.name, entry.bytes)
-                removed += self._remove(self.texts_dir / name, size)
+                removed += size
                 total -= size + sum(e.bytes for e in group)
         return removed
 
@@ -708,6 +711,32 @@ class CacheStore:
             size += sum(self._remove(self.texts_dir / n, s) for n, s in texts.items())
         return len(entries), size
 
+    def now(self) -> float:
+        """The time as the folder's file system dates the files it touches, from its
+        clock (an NFS server's) in its grain (Linux's ticks: 4 ms), just past a tick:
+        an entry written before has an older mtime, one touched after one as new or
+        newer. Waits 20 ms at most for the tick (a file system dating in whole seconds
+        ties then: such an entry is taken as touched after)."""
+        try:
+            fd = _open_private(self.root / "lock", os.O_RDWR | os.O_CREAT)
+        except OSError:
+            return time.time()
+        try:
+            os.utime(fd)
+            first = os.fstat(fd).st_mtime
+            deadline = time.monotonic() + 0.02
+            while time.monotonic() < deadline:
+                time.sleep(0.001)
+                os.utime(fd)
+                touched = os.fstat(fd).st_mtime
+                if touched != first:
+                    return touched
+            return first
+        except OSError:
+            return time.time()
+        finally:
+            os.close(fd)
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         fd = _open_private(self.root / "lock", os.O_RDWR | os.O_CREAT)
@@ -738,9 +767,9 @@ class CachePlan:
     carry_in: dict  # the running state before the first computed unit
     report: Report | None  # the source restricted to the computed units; None: none
     texts: OpenTexts  # the text files the reused entries point into
+    began: float  # when the units were looked up (CacheStore.now(); see FinishedRun)
     checks: ThreadPoolExecutor | None = None  # checking the reused entries' texts
     stop_checks: threading.Event = field(default_factory=threading.Event)
-    began: float = 0.0  # when the units were looked up (time.time(); see FinishedRun)
 
     @property
     def reused_rows(self) -> int:
@@ -836,7 +865,7 @@ def plan_run(report: Report, store: CacheStore, check_first: bool = False) -> Ca
     from ashstream.errors import SourceError
     from ashstream.sources import check_parquet_files
 
-    began = time.time()
+    began = store.now()
     mode = "units" if by_units(report) else "whole"
     try:
         if report.source.parquet:
@@ -885,7 +914,7 @@ def plan_run(report: Report, store: CacheStore, check_first: bool = False) -> Ca
     if computed:
         first_row = sum(p.entry.rows for p in planned[: planned.index(computed[0])])
         compute_report = _restricted(report, mode, [p.unit for p in computed], carry, first_row)
-    plan = CachePlan(mode, planned, carry, compute_report, texts, began=began)
+    plan = CachePlan(mode, planned, carry, compute_report, texts, began)
     if not check_first:
         plan.start_checks()
     return plan

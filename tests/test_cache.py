@@ -686,6 +686,28 @@ def test_eviction_removes_the_least_recently_used_texts_first(days):
     assert run(grouped, days / "d.typ", cache)["cache"]["computed_rows"] == 1200
 
 
+def test_eviction_passes_over_a_text_a_run_holds(days):
+    """A text that a run still holds (its shared lock, as a run reading it takes) is in
+    use: past the bound the others go, it stays with its entries, and it goes once
+    it is free."""
+    import fcntl
+
+    plain, grouped = report_file(days, PLAIN), report_file(days, GROUPED, name="g.yaml")
+    cache = days / "cache"
+    run(grouped, days / "g.typ", cache)  # the least recently used: first out
+    (held,) = cache_files(cache)["texts"]
+    grouped_entries = cache_files(cache)["entries"]
+    run(plain, days / "a.typ", cache)
+    store = CacheStore(cache, max_size_bytes=1).open()
+    with open(held, "rb") as reading:
+        fcntl.flock(reading.fileno(), fcntl.LOCK_SH)
+        assert store.tidy() > 0
+        assert cache_files(cache) == {"entries": grouped_entries, "texts": [held]}
+    assert run(grouped, days / "g2.typ", cache)["cache"]["reused_rows"] == 1200
+    store.tidy()
+    assert cache_files(cache) == {"entries": [], "texts": []}
+
+
 def test_reports_alike_but_for_their_files_keep_each_others_entries(days):
     """A run removes the entries of its own report that it did not use, never those of
     a report with the same options over other files, sharing the cache."""
@@ -766,6 +788,8 @@ def test_an_entry_another_run_used_meanwhile_stays(days, used):
     day = write_day(days / "data", 4)
     run(report, days / "a.typ", cache)
     (added,) = set(os.listdir(cache / "entries")) - before
+    written = time.time() - 60  # before the next run: in the clock's grain or not
+    os.utime(cache / "entries" / added, (written, written))
     day.rename(days / "away.parquet")  # as it was: its identity stays
 
     def other_run(step) -> None:  # as one over the five days would, before this one tidies
