@@ -72,6 +72,32 @@ def test_chunks_held_by_killed_transformers_are_dispatched_again(tolerant_pool, 
     assert entry["redispatched"] >= 1
 
 
+def test_a_failure_once_every_batch_is_taken_does_not_fail_the_stream(tolerant_pool, mixed):
+    """The caller finishes the merge outside the dispatcher's lock (a cached run merges
+    its last unit there); a failure raised meanwhile (the memory breaker, a child's
+    death) finds every row taken: the stream completes, its summary is there."""
+    report, table = mixed
+    handle = tolerant_pool.start(report, chunk_size=1000)
+    merge = handle._state.merge
+    finish = merge.finish
+    raised = []
+
+    def fail_then_finish() -> None:
+        failing = threading.Thread(
+            target=tolerant_pool._supervisor.fail, args=(handle._state, PipelineError("late"))
+        )
+        failing.start()
+        failing.join(10)
+        raised.append(not failing.is_alive())  # the lock was free
+        finish()
+
+    merge.finish = fail_then_finish
+    assert b"".join(c.text for c in handle) == text_of(table)
+    assert raised == [True]
+    assert tolerant_pool.status(handle.id)["status"] == "completed"
+    assert handle.summary.totals == {}
+
+
 @pytest.fixture
 def crash_at_row(monkeypatch):
     """Transformers started after this SIGKILL themselves on any batch holding row

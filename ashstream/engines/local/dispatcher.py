@@ -441,11 +441,13 @@ class Dispatcher:
             self.fail(stream, broken.stream_error())
 
     def fail(self, stream: StreamState, error: AshstreamError) -> None:
-        """A stream being closed keeps the status its caller gave it. A failed stream's
-        reading stops at once, before its caller closes it: nothing of it will run
-        again, and a queued stream may take its place (a dead producer's outbox drops
-        the message)."""
-        if stream.settled():
+        """A stream being closed keeps the status its caller gave it, and so does one
+        whose caller has taken every batch (it finishes its merge outside the lock,
+        with every row: a child's death or the memory breaker then fails it no more).
+        A failed stream's reading stops at once, before its caller closes it: nothing
+        of it will run again, and a queued stream may take its place (a dead
+        producer's outbox drops the message)."""
+        if stream.settled() or stream.results.finished():
             return
         stream.error = error
         stream.status = "failed"
