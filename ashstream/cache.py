@@ -459,9 +459,7 @@ class FinishedRun(NamedTuple):
 
     report: bytes  # its report_id
     keys: set[bytes]  # its units' keys: their entries are the report's that stay
-    # when it looked them up: an entry of the report written or reused since (its
-    # mtime) is another run's, over the source as that run found it
-    began: float
+    began: float  # when it looked them up: an entry written or reused since is another run's
 
 
 class Listed(NamedTuple):
@@ -659,8 +657,10 @@ class CacheStore:
                 else:
                     users.setdefault(entry.text, []).append(entry)
             for name in [n for n in texts if n not in users]:
-                if self._remove_unheld(name):
-                    removed += texts.pop(name)
+                freed = self._remove_unheld(name, texts[name])
+                if freed is not None:
+                    removed += freed
+                    del texts[name]
             if self.max_size_bytes is None:
                 return removed
             total = sum(texts.values()) + sum(e.bytes for group in users.values() for e in group)
@@ -672,29 +672,34 @@ class CacheStore:
             ):
                 if total <= self.max_size_bytes:
                     break
-                if not self._remove_unheld(name):
+                freed = self._remove_unheld(name, size)
+                if freed is None:
                     continue  # a run reads or writes it now: in use, it stays
                 group = users.get(name, [])
                 for entry in group:
                     removed += self._remove(self.entries_dir / entry.name, entry.bytes)
-                removed += size
+                removed += freed
                 total -= size + sum(e.bytes for e in group)
         return removed
 
-    def _remove_unheld(self, name: str) -> bool:
-        """Remove a text file unless a run holds it; whether it was removed."""
+    def _remove_unheld(self, name: str, size: int) -> int | None:
+        """Remove a text file of ``size`` bytes unless a run holds it (its lock): the
+        bytes removed (0: gone already), None when it is held."""
+        path = self.texts_dir / name
         try:
-            fd = _open_private(self.texts_dir / name)
-        except OSError:
-            return False
+            fd = _open_private(path)
+        except FileNotFoundError:
+            return 0
+        except OSError:  # no permission: no run can read it either
+            return self._remove(path, size)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.unlink(self.texts_dir / name)
-        except OSError:  # held, or gone already
-            return False
+        except OSError:  # held (or no lock to be had here: taken as held)
+            return None
+        try:
+            return self._remove(path, size)
         finally:
             os.close(fd)
-        return True
 
     @staticmethod
     def _remove(path: Path, size: int) -> int:
@@ -711,16 +716,17 @@ class CacheStore:
             size += sum(self._remove(self.texts_dir / n, s) for n, s in texts.items())
         return len(entries), size
 
-    def now(self) -> float:
-        """The time as the folder's file system dates the files it touches, from its
-        clock (an NFS server's) in its grain (Linux's ticks: 4 ms), just past a tick:
-        an entry written before has an older mtime, one touched after one as new or
-        newer. Waits 20 ms at most for the tick (a file system dating in whole seconds
-        ties then: such an entry is taken as touched after)."""
+    def folder_time(self) -> float:
+        """The time as the folder's file system dates a file it touches (its clock: an
+        NFS server's; its grain: a kernel tick, 1-10 ms, or finer), read just past a
+        change of it, so that an entry written before is dated earlier and one
+        touched after as late or later. Waits 20 ms at most: on a file system that
+        dates in whole seconds, an entry of the same second ties, and is kept.
+        -inf when the folder cannot be dated (nothing then counts as unused since)."""
         try:
             fd = _open_private(self.root / "lock", os.O_RDWR | os.O_CREAT)
         except OSError:
-            return time.time()
+            return float("-inf")
         try:
             os.utime(fd)
             first = os.fstat(fd).st_mtime
@@ -733,7 +739,7 @@ class CacheStore:
                     return touched
             return first
         except OSError:
-            return time.time()
+            return float("-inf")
         finally:
             os.close(fd)
 
@@ -767,7 +773,7 @@ class CachePlan:
     carry_in: dict  # the running state before the first computed unit
     report: Report | None  # the source restricted to the computed units; None: none
     texts: OpenTexts  # the text files the reused entries point into
-    began: float  # when the units were looked up (CacheStore.now(); see FinishedRun)
+    began: float  # when the units were looked up (CacheStore.folder_time(); see FinishedRun)
     checks: ThreadPoolExecutor | None = None  # checking the reused entries' texts
     stop_checks: threading.Event = field(default_factory=threading.Event)
 
@@ -865,7 +871,7 @@ def plan_run(report: Report, store: CacheStore, check_first: bool = False) -> Ca
     from ashstream.errors import SourceError
     from ashstream.sources import check_parquet_files
 
-    began = store.now()
+    began = store.folder_time()
     mode = "units" if by_units(report) else "whole"
     try:
         if report.source.parquet:
