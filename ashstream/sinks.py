@@ -264,6 +264,7 @@ class TypstModuleSink:
         self._hold_for_link = True  # False: rows from a file are copied as they come
         self._linked = False  # the module is another file, linked (see _link_in_place)
         self._behind: _WriteBehind | None = None  # the module's write-back, begun as it grows
+        self._left_over = 0  # the end of what a killed run wrote past its units (continue_in)
 
     def _writing(self) -> contextlib.AbstractContextManager[None]:
         """Every write to the module goes through this: an OSError becomes a SinkError
@@ -323,7 +324,10 @@ class TypstModuleSink:
             try:
                 os.replace(link, self._tmp)
                 os.fchmod(fd, 0o666 & ~_umask())
-                module.truncate(end)  # what the killed run wrote of its last unit
+                # what the killed run wrote of its last unit is written over, and cut
+                # in finish() if the module ends before it: a truncate now would make
+                # XFS flush the whole module as it is closed
+                self._left_over = os.fstat(fd).st_size
                 module.seek(end)
             except BaseException:
                 module.close()
@@ -390,8 +394,9 @@ class TypstModuleSink:
 
     def _copy_from(self, source: int, offset: int, length: int) -> None:
         self._file.flush()
-        _copy_range(source, offset, length, self._file.fileno())
-        self._behind.wrote(self._file.seek(0, os.SEEK_END))  # the buffer's idea of it too
+        fd = self._file.fileno()
+        _copy_range(source, offset, length, fd)
+        self._behind.wrote(self._file.seek(os.lseek(fd, 0, os.SEEK_CUR)))  # the buffer's too
         self._wrote_rows = True
 
     def _end_in_place(self) -> None:
@@ -425,6 +430,8 @@ class TypstModuleSink:
                 return
             self._end_in_place()
             self._write_rest(meta)
+            if self._file.tell() < self._left_over:
+                self._file.truncate()  # a killed run's bytes past the module's end
             self._file.flush()
             self._behind.wrote(self._file.tell(), last=True)
             _close_with_plain_mode(self._file)

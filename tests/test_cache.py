@@ -885,6 +885,22 @@ def ashstream(*args: str, **kwargs) -> subprocess.Popen:
     )
 
 
+def test_a_continued_module_ends_where_its_rows_end_before_what_was_past_them(days):
+    """A run continues the cache's text of a module no one has any more (as a killed
+    run's), writing over what lay past its last reused unit: where that was longer
+    than the rest of the module (a killed run's half unit, an earlier trailer), the
+    module is cut at its own end, byte for byte a cold run's."""
+    report, cache = report_file(days, GROUPED), days / "cache"
+    run(report, days / "a.typ", cache)
+    (text,) = cache_files(cache)["texts"]
+    (days / "a.typ").unlink()  # the cache's alone now
+    with open(text, "ab") as file:
+        file.write(b"x" * 2**20)  # past the units: no entry's, longer than what follows
+    write_day(days / "data", 4)
+    assert assert_same_as_cold(report, days, cache)["reused_rows"] == 1200
+    assert (days / "cached.typ").stat().st_ino == text.stat().st_ino  # continued
+
+
 @pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize("after_entries", [1, 5])
