@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import decimal
+import fcntl
 import fractions
 import itertools
 import json
@@ -690,8 +691,6 @@ def test_eviction_passes_over_a_text_a_run_holds(days):
     """A text that a run still holds (its shared lock, as a run reading it takes) is in
     use: past the bound the others go, it stays with its entries, and it goes once
     it is free."""
-    import fcntl
-
     plain, grouped = report_file(days, PLAIN), report_file(days, GROUPED, name="g.yaml")
     cache = days / "cache"
     run(grouped, days / "g.typ", cache)  # the least recently used: first out
